@@ -1,0 +1,1 @@
+"""LoRA adapters: train, library, merge, route, adapter-aware hooks."""

@@ -1,0 +1,170 @@
+"""LoRA factors as the science sees them: per module, ΔW = s·B·A.
+
+A PEFT LoRA adapter stores, for each targeted ``nn.Linear`` (weight ``[d_out, d_in]``),
+``lora_A.weight`` ``[r, d_in]`` and ``lora_B.weight`` ``[d_out, r]``, plus a scale
+``s = lora_alpha / r`` (or ``lora_alpha / √r`` with rsLoRA; per-module ``rank_pattern`` /
+``alpha_pattern`` override both). This module reads them — safetensors only — into
+:class:`LoraDelta` objects keyed by the module's path in the base model
+(``model.layers.3.self_attn.q_proj``), the common currency of merge, route and subspace code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+from pathlib import Path
+
+import torch
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+PICKLE_WEIGHTS = "adapter_model.bin"
+
+_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.(?P<name>[^.]+))?\.weight$")
+_LAYER = re.compile(r"\.layers\.(\d+)\.|\.h\.(\d+)\.|\.blocks\.(\d+)\.")
+
+
+class AdapterFormatError(ValueError):
+    """An adapter directory is missing files or holds tensors that are not a LoRA."""
+
+
+@dataclasses.dataclass
+class LoraDelta:
+    """One module's low-rank update ΔW = scale · B @ A.
+
+    Attributes:
+        A: ``[r, d_in]`` down-projection (PEFT ``lora_A.weight``).
+        B: ``[d_out, r]`` up-projection (PEFT ``lora_B.weight``).
+        scale: ``s`` (``lora_alpha / r``, or ``/ √r`` with rsLoRA).
+    """
+
+    A: torch.Tensor
+    B: torch.Tensor
+    scale: float
+
+    def __post_init__(self) -> None:
+        if self.A.dim() != 2 or self.B.dim() != 2 or self.A.shape[0] != self.B.shape[1]:
+            raise AdapterFormatError(
+                f"LoRA factors do not fit: A {tuple(self.A.shape)} (r × d_in) and "
+                f"B {tuple(self.B.shape)} (d_out × r)")
+
+    @property
+    def rank(self) -> int:
+        return int(self.A.shape[0])
+
+    @property
+    def d_in(self) -> int:
+        return int(self.A.shape[1])
+
+    @property
+    def d_out(self) -> int:
+        return int(self.B.shape[0])
+
+    def dense(self) -> torch.Tensor:
+        """ΔW ``[d_out, d_in]`` in float64 (forms the full matrix: only for checks and small d)."""
+        return self.scale * (self.B.double() @ self.A.double())
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        """ΔW x for activations ``[..., d_in]`` -> ``[..., d_out]`` without forming ΔW."""
+        return self.scale * ((x @ self.A.T.to(x.dtype)) @ self.B.T.to(x.dtype))
+
+    def frobenius_sq(self) -> float:
+        """‖ΔW‖_F² from the factors: s² · tr((BᵀB)(AAᵀ))."""
+        A, B = self.A.double(), self.B.double()
+        return float(self.scale ** 2 * torch.sum((B.T @ B) * (A @ A.T)))
+
+
+def layer_of(module: str) -> int | None:
+    """Transformer layer index of a module path (``model.layers.7.mlp.up_proj`` -> 7)."""
+    m = _LAYER.search("." + module + ".")
+    if not m:
+        return None
+    return int(next(g for g in m.groups() if g is not None))
+
+
+def short_module(module: str) -> str:
+    """Projection name of a module path (``model.layers.7.mlp.up_proj`` -> ``up_proj``)."""
+    return module.rsplit(".", 1)[-1]
+
+
+def read_adapter_config(adapter_dir: str | Path) -> dict:
+    """The adapter's ``adapter_config.json`` as a dict.
+
+    Raises:
+        AdapterFormatError: the directory or the config is missing or unreadable.
+    """
+    d = Path(adapter_dir)
+    if not d.is_dir():
+        raise AdapterFormatError(f"adapter directory {d} does not exist")
+    p = d / ADAPTER_CONFIG
+    if not p.is_file():
+        raise AdapterFormatError(f"adapter directory {d} has no {ADAPTER_CONFIG}")
+    try:
+        return json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise AdapterFormatError(f"{p} is not valid JSON: {e}") from e
+
+
+def _scale_for(module: str, rank: int, cfg: dict) -> float:
+    alpha = cfg.get("lora_alpha", 8)
+    for pat, a in (cfg.get("alpha_pattern") or {}).items():
+        if re.fullmatch(rf"(.*\.)?{pat}", module) or module.endswith(pat):
+            alpha = a
+    return alpha / math.sqrt(rank) if cfg.get("use_rslora") else alpha / rank
+
+
+def read_adapter(adapter_dir: str | Path, allow_pickle: bool = False) -> dict[str, LoraDelta]:
+    """Read a PEFT LoRA adapter directory into ``{module_path: LoraDelta}``.
+
+    Module paths are relative to the base model (PEFT's ``base_model.model.`` prefix removed).
+
+    Args:
+        adapter_dir: directory with ``adapter_config.json`` and ``adapter_model.safetensors``.
+        allow_pickle: also accept a pickle ``adapter_model.bin`` (loaded with
+            ``torch.load(weights_only=True)``). Off by default: pickles from untrusted sources
+            can run code.
+
+    Raises:
+        AdapterFormatError: missing files, a pickle without opt-in, not a LoRA, or A/B
+            factors that do not pair up.
+    """
+    from safetensors.torch import load_file
+
+    d = Path(adapter_dir)
+    cfg = read_adapter_config(d)
+    if cfg.get("peft_type", "LORA") != "LORA":
+        raise AdapterFormatError(f"{d} is a {cfg.get('peft_type')} adapter, not LORA")
+    st = d / ADAPTER_WEIGHTS
+    if st.is_file():
+        try:
+            tensors = load_file(str(st))
+        except Exception as e:  # noqa: BLE001
+            raise AdapterFormatError(f"{st} is not a readable safetensors file: {e}") from e
+    elif (d / PICKLE_WEIGHTS).is_file():
+        if not allow_pickle:
+            raise AdapterFormatError(
+                f"{d} holds only a pickle {PICKLE_WEIGHTS}; pickles can execute code. Convert it to "
+                "safetensors, or pass allow_pickle=True if you trust its source")
+        tensors = torch.load(d / PICKLE_WEIGHTS, map_location="cpu", weights_only=True)
+    else:
+        raise AdapterFormatError(f"adapter directory {d} has no {ADAPTER_WEIGHTS}")
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    for key, t in tensors.items():
+        m = _KEY.match(key)
+        if not m:
+            continue
+        parts.setdefault(m["module"], {})[m["ab"]] = t.detach().float()
+    if not parts:
+        raise AdapterFormatError(f"{d} contains no lora_A/lora_B tensors")
+    out: dict[str, LoraDelta] = {}
+    for module, ab in sorted(parts.items()):
+        if set(ab) != {"A", "B"}:
+            raise AdapterFormatError(f"{d}: module {module} has lora_{''.join(ab)} but not both factors")
+        rank = int(ab["A"].shape[0])
+        for pat, r in (cfg.get("rank_pattern") or {}).items():
+            if module.endswith(pat) and r != rank:
+                raise AdapterFormatError(f"{d}: {module} has rank {rank}, rank_pattern says {r}")
+        out[module] = LoraDelta(ab["A"], ab["B"], _scale_for(module, rank, cfg))
+    return out
