@@ -1,0 +1,184 @@
+"""The study's configuration: a TOML file validated against typed dataclasses.
+
+Unknown keys and wrong types are refused with a message naming the key, so a typo never runs a
+30-minute study with a default silently substituted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import tomllib
+import typing
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A study config has an unknown key, a wrong type or an impossible value."""
+
+
+@dataclasses.dataclass
+class StudySection:
+    model: str = "smollm2-135m"
+    seed: int = 0
+    device: str = "cpu"
+
+
+@dataclasses.dataclass
+class WorldSection:
+    n_chains_per_tier: int = 64
+    n_ac_chains_per_tier: int = 32
+    tiers: list[str] = dataclasses.field(default_factory=lambda: ["F", "H", "R"])
+    verify_familiarity: bool = True  # needs a pretrained base; off for random-init tiny models
+    seed: int = 0
+
+
+@dataclasses.dataclass
+class TrainingSection:
+    r: int = 8
+    lora_alpha: int = 16
+    lr: float = 2e-3
+    epochs: int = 12
+    max_steps: int = 0  # 0 = no cap
+    batch_size: int = 16
+    target_modules: list[str] = dataclasses.field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    seed: int = 0
+
+
+@dataclasses.dataclass
+class MethodsSection:
+    # Variants evaluated; see interp.study.VARIANTS for what each name means.
+    variants: list[str] = dataclasses.field(default_factory=lambda: [
+        "base", "expert_ab", "expert_bc", "expert_ac", "uniform", "task_arithmetic", "ties",
+        "peft_linear", "arrow", "mixture", "oracle", "uniform+ac", "arrow+ac", "joint_12", "joint_all"])
+    task_arithmetic_lambda: float = 1.0
+    ties_density: float = 0.5
+    arrow_top_k: int = 1
+    arrow_temperature: float = 1.0
+
+
+@dataclasses.dataclass
+class EvaluationSection:
+    batch_size: int = 32
+    held_out_templates: bool = True
+
+
+@dataclasses.dataclass
+class MechanismsSection:
+    variants: list[str] = dataclasses.field(default_factory=lambda: [
+        "base", "expert_ab", "expert_bc", "uniform", "arrow", "joint_all"])
+    n_examples: int = 24          # two-hop queries per tier for the lens
+    n_patching_pairs: int = 6     # clean/corrupted pairs per variant
+    patching_variants: list[str] = dataclasses.field(default_factory=lambda: ["base", "uniform", "joint_all"])
+    probes: bool = True
+    patchscope: bool = True
+    backpatch: bool = True
+
+
+@dataclasses.dataclass
+class Config:
+    study: StudySection = dataclasses.field(default_factory=StudySection)
+    world: WorldSection = dataclasses.field(default_factory=WorldSection)
+    training: TrainingSection = dataclasses.field(default_factory=TrainingSection)
+    methods: MethodsSection = dataclasses.field(default_factory=MethodsSection)
+    evaluation: EvaluationSection = dataclasses.field(default_factory=EvaluationSection)
+    mechanisms: MechanismsSection = dataclasses.field(default_factory=MechanismsSection)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def section_hash(self, *sections: str) -> str:
+        """Stable short hash of the named sections (the cache key of a step)."""
+        d = self.to_dict()
+        blob = json.dumps({s: d[s] for s in sections}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _check_type(value: Any, tp: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"config key {key!r} must be a list, got {type(value).__name__} {value!r}")
+        return [_check_type(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, float) and isinstance(value, bool):
+        raise ConfigError(f"config key {key!r} must be {tp.__name__}, got a boolean")
+    if not isinstance(value, tp):
+        raise ConfigError(f"config key {key!r} must be {tp.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - fields)
+    if unknown:
+        raise ConfigError(f"unknown config key {prefix + unknown[0]!r} (allowed in [{prefix.rstrip('.') or 'top'}]: "
+                          f"{', '.join(sorted(fields))})")
+    kwargs = {}
+    for name, value in data.items():
+        tp = hints[name]
+        key = prefix + name
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(value, dict):
+                raise ConfigError(f"config key {key!r} must be a table [{key}]")
+            kwargs[name] = _build(tp, value, key + ".")
+        else:
+            kwargs[name] = _check_type(value, tp, key)
+    return cls(**kwargs)
+
+
+def validate(cfg: Config) -> Config:
+    """Value checks beyond types. Raises :class:`ConfigError` naming the key."""
+    from interp.study import VARIANTS
+
+    if cfg.world.n_chains_per_tier < 2:
+        raise ConfigError("world.n_chains_per_tier must be >= 2")
+    bad = [t for t in cfg.world.tiers if t not in ("F", "H", "R")]
+    if bad or not cfg.world.tiers:
+        raise ConfigError(f"world.tiers must be a non-empty subset of F, H, R (got {cfg.world.tiers})")
+    for key, names in (("methods.variants", cfg.methods.variants),
+                       ("mechanisms.variants", cfg.mechanisms.variants),
+                       ("mechanisms.patching_variants", cfg.mechanisms.patching_variants)):
+        unknown = [n for n in names if n not in VARIANTS]
+        if unknown:
+            raise ConfigError(f"{key} has unknown variant {unknown[0]!r}; known: {', '.join(VARIANTS)}")
+    for key, v in (("training.r", cfg.training.r), ("training.batch_size", cfg.training.batch_size),
+                   ("training.epochs", cfg.training.epochs), ("evaluation.batch_size", cfg.evaluation.batch_size)):
+        if v <= 0:
+            raise ConfigError(f"{key} must be positive, got {v}")
+    if not 0 < cfg.methods.ties_density <= 1:
+        raise ConfigError("methods.ties_density must be in (0, 1]")
+    if cfg.study.device not in ("cpu", "cuda") and not cfg.study.device.startswith("cuda:"):
+        raise ConfigError(f"study.device must be cpu or cuda[:N], got {cfg.study.device!r}")
+    return cfg
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
+    """Read and validate a study config (TOML). ``None`` gives the defaults.
+
+    Args:
+        path: TOML file with tables ``[study] [world] [training] [methods] [evaluation] [mechanisms]``.
+        overrides: ``{"study.model": "tiny-llama", ...}`` applied after the file.
+
+    Raises:
+        ConfigError: missing file, TOML syntax error, unknown key, wrong type, impossible value.
+    """
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} does not exist")
+        try:
+            data = tomllib.loads(p.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{p} is not valid TOML: {e}") from e
+    for dotted, value in (overrides or {}).items():
+        sec, _, key = dotted.partition(".")
+        data.setdefault(sec, {})[key] = value
+    return validate(_build(Config, data, ""))

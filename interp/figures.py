@@ -1,0 +1,232 @@
+"""Plotly figure builders in one house style, and their export (interactive HTML + static PNG).
+
+Conventions, so every mechanism figure reads the same way:
+
+* signed effects (patching, differences between variants) use the diverging ``RdBu`` scale
+  centred at 0 (blue = restores the clean answer, red = pushes away from it);
+* layer is always on the y axis of heatmaps (layer 0 at the bottom), token/position labels on x;
+* one facet per model variant (base, experts, merges, routers), intervals drawn wherever the
+  table carries them (Wilson 95% for accuracies, ±1 s.e.m. bands for per-example means).
+
+Every builder takes a tidy :mod:`pandas` table as written by :mod:`interp.study` and returns a
+``plotly.graph_objects.Figure``; :func:`save_figures` writes ``NAME.html`` and ``NAME.png``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+import pandas as pd
+import plotly.express as px
+import plotly.graph_objects as go
+import plotly.io as pio
+
+# Method colours stay fixed across figures so a reader can track a variant by colour.
+PALETTE = ["#4C72B0", "#DD8452", "#55A868", "#C44E52", "#8172B3", "#937860", "#DA8BC3",
+           "#8C8C8C", "#CCB974", "#64B5CD", "#1B9E77", "#D95F02", "#7570B3", "#E7298A"]
+DIVERGING = "RdBu"
+
+pio.templates["interp"] = go.layout.Template(
+    layout=go.Layout(
+        font=dict(family="Inter, Helvetica, Arial, sans-serif", size=13, color="#222"),
+        title=dict(font=dict(size=16), x=0.0, xanchor="left"),
+        paper_bgcolor="white", plot_bgcolor="white", colorway=PALETTE,
+        xaxis=dict(showgrid=True, gridcolor="#eee", zeroline=False, linecolor="#999", ticks="outside"),
+        yaxis=dict(showgrid=True, gridcolor="#eee", zeroline=False, linecolor="#999", ticks="outside"),
+        legend=dict(bgcolor="rgba(255,255,255,0.8)", borderwidth=0),
+        margin=dict(l=70, r=30, t=70, b=60),
+        hoverlabel=dict(font_size=12),
+    ))
+pio.templates.default = "plotly_white+interp"
+
+
+def _color_map(methods: Iterable[str]) -> dict[str, str]:
+    return {m: PALETTE[i % len(PALETTE)] for i, m in enumerate(dict.fromkeys(methods))}
+
+
+def _require(df: pd.DataFrame, cols: Iterable[str], what: str) -> None:
+    missing = [c for c in cols if c not in df.columns]
+    if missing:
+        raise ValueError(f"{what}: table lacks columns {missing} (has {list(df.columns)})")
+
+
+def accuracy_figure(acc: pd.DataFrame, metric: str = "first_token", hop: str = "two_hop") -> go.Figure:
+    """Accuracy by method × test set with Wilson 95% intervals.
+
+    Args:
+        acc: ``accuracy.csv`` rows (method, library, test_set, hop, n, accuracy, ci_low, ci_high,
+            metric).
+        metric: which accuracy (``first_token`` or ``exact``).
+        hop: which query kind to show (``two_hop``, ``hop1``, ``hop2``, ``chain``...).
+    """
+    _require(acc, ["method", "test_set", "hop", "accuracy", "ci_low", "ci_high"], "accuracy_figure")
+    d = acc[(acc["hop"] == hop) & ((acc["metric"] == metric) if "metric" in acc else True)].copy()
+    if d.empty:
+        raise ValueError(f"accuracy_figure: no rows for hop={hop!r}, metric={metric!r}")
+    d["err_plus"] = d["ci_high"] - d["accuracy"]
+    d["err_minus"] = d["accuracy"] - d["ci_low"]
+    fig = px.bar(d, x="method", y="accuracy", color="test_set", barmode="group",
+                 error_y="err_plus", error_y_minus="err_minus",
+                 category_orders={"test_set": sorted(d["test_set"].unique())},
+                 hover_data=["n", "ci_low", "ci_high"] + (["library"] if "library" in d else []),
+                 title=f"{hop} accuracy ({metric.replace('_', ' ')}) by method and test set, Wilson 95% CI")
+    fig.update_yaxes(range=[0, 1.05], title="accuracy")
+    fig.update_xaxes(title=None, tickangle=-30)
+    return fig
+
+
+def lens_figure(lens: pd.DataFrame, value: str = "logprob", position: str = "final") -> go.Figure:
+    """EntRec curves: logit-lens log-prob (or rank) of e₂ and e₃ by layer, one line per method.
+
+    Args:
+        lens: rows (method, layer, position, target, logprob, rank) — one per example or
+            pre-aggregated; means ± s.e.m. are drawn.
+        value: ``logprob`` or ``rank`` (rank is shown on a log axis).
+        position: which read-out position (``final`` or ``e1_last``).
+    """
+    _require(lens, ["method", "layer", "position", "target", value], "lens_figure")
+    d = lens[lens["position"] == position]
+    if d.empty:
+        raise ValueError(f"lens_figure: no rows at position {position!r}")
+    g = d.groupby(["method", "target", "layer"])[value]
+    agg = g.mean().rename("mean").to_frame().join(g.sem().fillna(0).rename("sem")).reset_index()
+    targets = sorted(agg["target"].unique())
+    fig = go.Figure()
+    colors = _color_map(agg["method"])
+    from plotly.subplots import make_subplots
+
+    fig = make_subplots(rows=1, cols=len(targets), shared_yaxes=True,
+                        subplot_titles=[f"{t} ({'bridge entity' if t == 'e2' else 'answer'})" for t in targets])
+    for j, t in enumerate(targets, start=1):
+        for m, sub in agg[agg["target"] == t].groupby("method", sort=False):
+            c = colors[m]
+            x = sub["layer"].to_numpy()
+            y, s = sub["mean"].to_numpy(), sub["sem"].to_numpy()
+            fig.add_trace(go.Scatter(x=np.concatenate([x, x[::-1]]), y=np.concatenate([y + s, (y - s)[::-1]]),
+                                     fill="toself", fillcolor=c, opacity=0.15, line=dict(width=0),
+                                     hoverinfo="skip", showlegend=False, legendgroup=m), row=1, col=j)
+            fig.add_trace(go.Scatter(x=x, y=y, mode="lines+markers", name=m, line=dict(color=c),
+                                     marker=dict(size=4), legendgroup=m, showlegend=(j == 1)), row=1, col=j)
+    label = "EntRec log-prob (logit lens)" if value == "logprob" else "rank of entity's first token"
+    fig.update_yaxes(title_text=label, row=1, col=1)
+    if value == "rank":
+        fig.update_yaxes(type="log", autorange="reversed")
+    fig.update_xaxes(title_text="layer")
+    fig.update_layout(title=f"Where are the bridge entity e₂ and the answer e₃ decodable? "
+                            f"({position} position, mean ± s.e.m.)")
+    return fig
+
+
+def heatmap_figure(df: pd.DataFrame, value: str, facet: str = "method", x: str = "position_label",
+                   y: str = "layer", title: str = "", signed: bool = True,
+                   x_order: list[str] | None = None) -> go.Figure:
+    """Layer × position (or any two-key) heatmaps, one facet per variant, RdBu centred at 0.
+
+    Args:
+        df: tidy rows with columns ``facet``, ``x``, ``y``, ``value``; duplicates are averaged.
+        signed: diverging scale centred at 0 (effects); else sequential ``Viridis``.
+    """
+    _require(df, [facet, x, y, value], "heatmap_figure")
+    facets = list(dict.fromkeys(df[facet]))
+    from plotly.subplots import make_subplots
+
+    cols = min(len(facets), 4)
+    rows = int(np.ceil(len(facets) / cols))
+    fig = make_subplots(rows=rows, cols=cols, subplot_titles=facets, shared_yaxes=True,
+                        horizontal_spacing=0.04, vertical_spacing=0.12)
+    vmax = float(np.nanmax(np.abs(df[value].to_numpy()))) if len(df) else 1.0
+    vmax = vmax if vmax > 0 else 1.0
+    for k, f in enumerate(facets):
+        sub = df[df[facet] == f]
+        piv = sub.pivot_table(index=y, columns=x, values=value, aggfunc="mean", sort=False)
+        if x_order:
+            piv = piv.reindex(columns=[c for c in x_order if c in piv.columns])
+        piv = piv.sort_index()
+        kw = dict(colorscale=DIVERGING, zmid=0, zmin=-vmax, zmax=vmax) if signed else dict(colorscale="Viridis")
+        fig.add_trace(go.Heatmap(z=piv.to_numpy(), x=[str(c) for c in piv.columns], y=piv.index.tolist(),
+                                 showscale=(k == 0), colorbar=dict(title=value), hovertemplate=
+                                 f"{x}=%{{x}}<br>{y}=%{{y}}<br>{value}=%{{z:.3f}}<extra>{f}</extra>", **kw),
+                      row=k // cols + 1, col=k % cols + 1)
+    fig.update_yaxes(title_text=y, col=1)
+    fig.update_layout(title=title, height=max(380, 320 * rows))
+    return fig
+
+
+def line_figure(df: pd.DataFrame, x: str, y: str, color: str, title: str, facet: str | None = None,
+                y_title: str | None = None, log_y: bool = False, band: str | None = None) -> go.Figure:
+    """Lines (one per ``color`` value) with an optional ± ``band`` column, optional facets."""
+    _require(df, [x, y, color] + ([facet] if facet else []) + ([band] if band else []), "line_figure")
+    fig = px.line(df, x=x, y=y, color=color, facet_col=facet, markers=True, log_y=log_y, title=title,
+                  color_discrete_map=_color_map(df[color]))
+    if band:
+        for tr in list(fig.data):
+            sub = df[df[color] == tr.name]
+            if facet and len(df[facet].unique()) > 1:
+                continue
+            xs, ys, bs = sub[x].to_numpy(), sub[y].to_numpy(), sub[band].to_numpy()
+            fig.add_trace(go.Scatter(x=np.concatenate([xs, xs[::-1]]), y=np.concatenate([ys + bs, (ys - bs)[::-1]]),
+                                     fill="toself", fillcolor=tr.line.color, opacity=0.15, line=dict(width=0),
+                                     hoverinfo="skip", showlegend=False))
+    if y_title:
+        fig.update_yaxes(title_text=y_title)
+    return fig
+
+
+def bar_figure(df: pd.DataFrame, x: str, y: str, color: str | None, title: str, y_title: str | None = None,
+               error: str | None = None, barmode: str = "group") -> go.Figure:
+    """Grouped bars with optional symmetric error column."""
+    _require(df, [x, y] + ([color] if color else []), "bar_figure")
+    fig = px.bar(df, x=x, y=y, color=color, barmode=barmode, error_y=error, title=title)
+    if y_title:
+        fig.update_yaxes(title_text=y_title)
+    fig.update_xaxes(tickangle=-30, title=None)
+    return fig
+
+
+def matrix_figure(mat: pd.DataFrame, title: str, value_name: str, zmin: float = 0.0, zmax: float = 1.0,
+                  signed: bool = False) -> go.Figure:
+    """A labelled square matrix (e.g. subspace similarity φ between adapters), values annotated."""
+    kw = dict(colorscale=DIVERGING, zmid=0) if signed else dict(colorscale="Blues")
+    fig = go.Figure(go.Heatmap(z=mat.to_numpy(), x=list(mat.columns), y=list(mat.index), zmin=zmin, zmax=zmax,
+                               colorbar=dict(title=value_name), text=np.round(mat.to_numpy(), 2),
+                               texttemplate="%{text}", **kw))
+    fig.update_layout(title=title, yaxis=dict(autorange="reversed"), height=420 + 20 * len(mat))
+    return fig
+
+
+def save_figures(figs: dict[str, go.Figure], out_dir: str | os.PathLike, png: bool = True,
+                 scale: float = 2.0) -> dict[str, list[str]]:
+    """Write each figure as ``NAME.html`` (interactive; ``plotly.min.js`` written once beside it) and
+    ``NAME.png`` (static, via kaleido + headless Chromium), each file written atomically.
+
+    Returns ``{name: [paths]}``. If PNG export is impossible (no Chromium), the HTML files are
+    still written and the error is re-raised with what to install.
+    """
+    from interp.models import atomic_write_bytes, atomic_write_text
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written: dict[str, list[str]] = {}
+    js = out / "plotly.min.js"
+    if figs and not js.is_file():  # "directory" mode expects it beside the pages; offline, no CDN
+        from plotly.offline import get_plotlyjs
+
+        atomic_write_text(js, get_plotlyjs())
+    for name, fig in figs.items():
+        path = out / f"{name}.html"
+        atomic_write_text(path, fig.to_html(include_plotlyjs="directory", full_html=True))
+        written[name] = [str(path)]
+    if png and figs:
+        try:
+            for name, fig in figs.items():
+                data = pio.to_image(fig, format="png", scale=scale, width=1100,
+                                    height=int(fig.layout.height or 520))
+                atomic_write_bytes(out / f"{name}.png", data)
+                written[name].append(str(out / f"{name}.png"))
+        except Exception as e:  # noqa: BLE001
+            raise RuntimeError(f"static PNG export failed ({e}); install Chromium (Debian: apt-get install "
+                               "chromium) for kaleido, or pass png=False") from e
+    return written
