@@ -1,0 +1,219 @@
+"""Adapter-aware hook points: each adapter's own contribution and the router weights, per LoRA site.
+
+A *LoRA site* is one PEFT ``lora.Linear`` (one projection of one layer). :func:`install_lora_hooks`
+replaces each site's forward by an equivalent one that computes, for every adapter ``e`` loaded
+at the site (in the site's adapter order)::
+
+    w   = hook_router(router.weights(site, x))          # [batch, pos, n_adapters]
+    c_e = hook_delta_e( w[..., e] · s_e · B_e A_e x )     # [batch, pos, d_out]
+    out = base_layer(x) + Σ_e c_e
+
+and registers TransformerLens ``HookPoint`` s in the bridge, so ``bridge.run_with_cache``,
+``run_with_hooks`` and ``bridge.hooks`` see them:
+
+* ``blocks.{l}.{site}.lora.{adapter}.hook_delta`` — ``[batch, pos, d_out]``: adapter's
+  contribution to the projection's output, *router weight included* (``w_e·s_e·B_e·A_e·x``; with
+  one active adapter and no router this is exactly ``s·B·A·x``). The contributions at a site sum to
+  adapted output − base output; zeroing one removes that adapter at that site.
+* ``blocks.{l}.{site}.lora.hook_router`` — ``[batch, pos, n_adapters]``: the weight of each
+  adapter at each token (order: :attr:`LoraSite.adapters`, also ``hm.info["router_adapters"]``).
+
+``{site}`` follows the bridge's own component names: ``attn.q``, ``attn.k``, ``attn.v``,
+``attn.o``, ``mlp.gate``, ``mlp.in`` (``up_proj``), ``mlp.out`` (``down_proj``); other projections
+use their module name. Adapters with weight exactly 0 everywhere (inactive) are skipped: their
+``hook_delta`` does not fire.
+
+With one active adapter and ``router=None`` the arithmetic is PEFT's own (``result + B(A(x))·s``),
+so logits equal PEFT's forward bit for bit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import types
+from typing import Any, Callable, Protocol
+
+import torch
+
+SITE_NAMES = {
+    "q_proj": "attn.q", "k_proj": "attn.k", "v_proj": "attn.v", "o_proj": "attn.o",
+    "gate_proj": "mlp.gate", "up_proj": "mlp.in", "down_proj": "mlp.out",
+}
+_ADAPTER_NAME = re.compile(r"^[A-Za-z0-9_\-]+$")
+
+
+class Router(Protocol):
+    """Gives per-token adapter weights at a site (see :mod:`interp.adapters.route`)."""
+
+    def weights(self, site: "LoraSite", x: torch.Tensor) -> torch.Tensor:  # [batch, pos, n]
+        ...
+
+
+def check_adapter_name(name: str) -> str:
+    """Adapter names become hook-name components: letters, digits, ``_`` and ``-`` only.
+
+    Raises:
+        ValueError: any other character (a dot would break hook names).
+    """
+    if not isinstance(name, str) or not _ADAPTER_NAME.match(name):
+        raise ValueError(f"adapter name {name!r} must match [A-Za-z0-9_-]+ (it becomes part of hook names)")
+    return name
+
+
+def site_name(module_path: str) -> str:
+    """Bridge-style site name of a module path: ``model.layers.3.self_attn.q_proj`` -> ``blocks.3.attn.q``.
+
+    Raises:
+        ValueError: the path has no layer index.
+    """
+    m = re.search(r"\.layers\.(\d+)\.", "." + module_path + ".")
+    if not m:
+        raise ValueError(f"module {module_path!r} is not inside a transformer layer")
+    proj = module_path.rsplit(".", 1)[-1]
+    return f"blocks.{int(m.group(1))}.{SITE_NAMES.get(proj, proj)}"
+
+
+def delta_hook_name(module_path: str, adapter: str) -> str:
+    """``blocks.{l}.{site}.lora.{adapter}.hook_delta`` for a module path and adapter name."""
+    return f"{site_name(module_path)}.lora.{adapter}.hook_delta"
+
+
+def router_hook_name(module_path: str) -> str:
+    """``blocks.{l}.{site}.lora.hook_router`` for a module path."""
+    return f"{site_name(module_path)}.lora.hook_router"
+
+
+@dataclasses.dataclass
+class LoraSite:
+    """One PEFT ``lora.Linear`` with its hook points.
+
+    Attributes:
+        module_path: path in the base model (``model.layers.0.self_attn.q_proj``).
+        name: bridge-style site name (``blocks.0.attn.q``).
+        layer: the PEFT ``lora.Linear`` module.
+        adapters: adapter names at this site, in router order.
+        hook_delta: adapter -> ``HookPoint`` of its contribution.
+        hook_router: ``HookPoint`` of the router weights.
+        cache: free slot for routers (e.g. Arrow prototypes ``[n, d_in]``).
+    """
+
+    module_path: str
+    name: str
+    layer: Any
+    adapters: list[str]
+    hook_delta: dict[str, Any]
+    hook_router: Any
+    cache: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+class LoraRuntime:
+    """The installed sites and the current router of one hooked model.
+
+    ``router=None`` means "PEFT's active adapters at weight 1" (``set_adapter`` is honoured).
+    Set :attr:`override` (a callable ``(site, x) -> [batch, pos, n]``) to take precedence over
+    any router (used by :func:`interp.adapters.route.route_tokens`).
+    """
+
+    def __init__(self, sites: list[LoraSite], router: Router | None = None):
+        self.sites = sites
+        self.router = router
+        self.override: Callable[[LoraSite, torch.Tensor], torch.Tensor] | None = None
+
+    def weights(self, site: LoraSite, x: torch.Tensor) -> torch.Tensor | None:
+        if self.override is not None:
+            return self.override(site, x)
+        if self.router is not None:
+            return self.router.weights(site, x)
+        return None
+
+    def hook_names(self) -> list[str]:
+        out = []
+        for s in self.sites:
+            out += [h.name for h in s.hook_delta.values()] + [s.hook_router.name]
+        return out
+
+
+def _active_weights(site: LoraSite, x: torch.Tensor) -> torch.Tensor:
+    active = set(site.layer.active_adapters)
+    w = torch.tensor([1.0 if a in active else 0.0 for a in site.adapters], dtype=x.dtype, device=x.device)
+    return w.expand(*x.shape[:-1], len(site.adapters))
+
+
+def _make_forward(site: LoraSite, runtime: LoraRuntime, original: Callable) -> Callable:
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if (kwargs.get("adapter_names") is not None or self.disable_adapters or self.merged
+                or getattr(self, "lora_arrow", None)):
+            return original(x, *args, **kwargs)
+        kwargs.pop("adapter_names", None)
+        result = self.base_layer(x, *args, **kwargs)
+        w = runtime.weights(site, x)
+        static_active = w is None
+        if static_active:
+            w = _active_weights(site, x)
+        if w.shape != (*x.shape[:-1], len(site.adapters)):
+            raise ValueError(f"router weights at {site.name} have shape {tuple(w.shape)}, expected "
+                             f"{(*x.shape[:-1], len(site.adapters))} ([batch, pos, n_adapters])")
+        w = site.hook_router(w)
+        for i, a in enumerate(site.adapters):
+            wi = w[..., i:i + 1]
+            if not bool((wi != 0).any()):
+                continue
+            lora_A, lora_B = self.lora_A[a], self.lora_B[a]
+            xa = self._cast_input_dtype(x, lora_A.weight.dtype)
+            d = lora_B(lora_A(self.lora_dropout[a](xa))) * self.scaling[a]
+            if not (static_active and bool((wi == 1).all())):
+                d = wi.to(d.dtype) * d
+            result = result + site.hook_delta[a](d).to(result.dtype)
+        return result
+
+    return forward
+
+
+def install_lora_hooks(peft_inner_model: Any, bridge: Any, router: Router | None = None,
+                       adapters: list[str] | None = None) -> LoraRuntime:
+    """Wrap every PEFT ``lora.Linear`` of a (bridged) PEFT model and register its hook points.
+
+    Call after ``interp.models.bridge_model(pm.base_model.model, ...)``. Module paths are read
+    with the bridge's ``_original_component`` segments removed.
+
+    Args:
+        peft_inner_model: ``peft_model.base_model.model`` (the HF model with LoRA layers).
+        bridge: the ``TransformerBridge`` wrapping it; hook points join ``bridge.hook_dict``.
+        router: weights per token (``None``: PEFT's active adapters at weight 1).
+        adapters: adapter order at every site (default: all adapters of the layer, load order;
+            PEFT's internal ``arrow_router`` is never included).
+
+    Returns:
+        The :class:`LoraRuntime` (its ``router`` / ``override`` can be changed later).
+
+    Raises:
+        ValueError: an adapter name unusable in a hook name; no LoRA layers found.
+    """
+    from peft.tuners.lora import Linear as LoraLinear
+    from transformer_lens.hook_points import HookPoint
+
+    runtime = LoraRuntime([], router)
+    for name, mod in peft_inner_model.named_modules():
+        if not isinstance(mod, LoraLinear) or hasattr(mod, "_interp_site"):
+            continue
+        path = name.replace("._original_component", "").replace(".original_component", "")
+        names = [a for a in (adapters or list(mod.lora_A.keys())) if a in mod.lora_A and a != "arrow_router"]
+        for a in names:
+            check_adapter_name(a)
+        hooks = {}
+        for a in names:
+            hp = HookPoint()
+            hp.name = delta_hook_name(path, a)
+            hooks[a] = hp
+        rp = HookPoint()
+        rp.name = router_hook_name(path)
+        site = LoraSite(path, site_name(path), mod, names, hooks, rp)
+        mod._interp_site = site
+        mod.forward = types.MethodType(_make_forward(site, runtime, mod.forward), mod)
+        runtime.sites.append(site)
+        for hp in [*hooks.values(), rp]:
+            bridge._hook_registry[hp.name] = hp
+    if not runtime.sites:
+        raise ValueError("no PEFT LoRA layers found to hook")
+    return runtime

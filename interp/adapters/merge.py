@@ -1,0 +1,352 @@
+"""Parameter-space merges of LoRA experts, exact in ΔW space, plus peft's factor-space variants.
+
+Every function here works on adapters as ``dict[module_path, LoraDelta]`` (see
+:mod:`interp.adapters.factors`), one dict per expert. Write ``ΔWᵢ = sᵢ·Bᵢ·Aᵢ`` for expert ``i``
+at one module (``Aᵢ`` ``[rᵢ, d_in]``, ``Bᵢ`` ``[d_out, rᵢ]``).
+
+Two families:
+
+* **Exact ΔW-space linear merges** (:func:`weighted_average`, :func:`uniform`,
+  :func:`task_arithmetic`) are held *losslessly* as a concatenated-rank LoRA::
+
+      ΔW = Σᵢ wᵢ sᵢ Bᵢ Aᵢ = [w₁s₁B₁ | … | wₙsₙBₙ] · [A₁; …; Aₙ]      (rank Σ rᵢ, scale 1)
+
+  so nothing is approximated and no dense ``d_out × d_in`` matrix is ever formed.
+* **Non-linear ΔW-space merges** (:func:`ties`, :func:`dare`) act entrywise on the dense ΔWᵢ, so
+  they are computed densely per module (float64) and re-factored *exactly* by SVD, keeping every
+  singular value above ``rtol·σ_max`` (default 1e-7: below float32 resolution). The result is again
+  a :class:`LoraDelta` (often near full rank — trimming destroys low rank) whose dense product
+  reproduces the merged ΔW to float32 precision.
+
+peft's ``add_weighted_adapter`` types ``linear/ties/dare_*/magnitude_prune`` instead combine the A
+and B factors *separately* (``A' = Σ √(wᵢsᵢ) Aᵢ``, ``B' = Σ √(wᵢsᵢ) Bᵢ``), so their ΔW carries cross
+terms ``Bᵢ Aⱼ``; they are offered as named variants (:data:`PEFT_COMBINATIONS`) and measured with
+:func:`faithfulness_report`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable, Sequence
+
+import pandas as pd
+import torch
+
+from interp.adapters.factors import LoraDelta, layer_of, short_module
+
+Adapter = dict[str, LoraDelta]
+
+#: our combine name -> peft ``add_weighted_adapter(combination_type=...)``
+PEFT_COMBINATIONS = {
+    "peft_linear": "linear",
+    "peft_ties": "ties",
+    "peft_dare_linear": "dare_linear",
+    "peft_dare_ties": "dare_ties",
+    "peft_magnitude_prune": "magnitude_prune",
+    "peft_svd": "svd",
+    "peft_cat": "cat",
+}
+
+
+class MergeError(ValueError):
+    """Merge inputs do not fit (no experts, weight count mismatch, shape mismatch, bad density)."""
+
+
+def _check(deltas_list: Sequence[Adapter], weights: Sequence[float] | None) -> list[float]:
+    if not deltas_list:
+        raise MergeError("no adapters to merge")
+    if weights is None:
+        weights = [1.0 / len(deltas_list)] * len(deltas_list)
+    weights = [float(w) for w in weights]
+    if len(weights) != len(deltas_list):
+        raise MergeError(f"{len(weights)} weights for {len(deltas_list)} adapters")
+    if not all(math.isfinite(w) for w in weights):
+        raise MergeError(f"weights must be finite, got {weights}")
+    return weights
+
+
+def _modules(deltas_list: Sequence[Adapter]) -> list[str]:
+    mods: dict[str, tuple[int, int]] = {}
+    for i, ad in enumerate(deltas_list):
+        for m, d in ad.items():
+            shape = (d.d_out, d.d_in)
+            if m in mods and mods[m] != shape:
+                raise MergeError(f"module {m}: adapter {i} has ΔW shape {shape}, another has {mods[m]}")
+            mods[m] = shape
+    return sorted(mods)
+
+
+def weighted_average(deltas_list: Sequence[Adapter], weights: Sequence[float] | None = None) -> Adapter:
+    """Exact weighted sum of LoRA updates, as a concatenated-rank LoRA (no approximation).
+
+    Per module: ``ΔW = Σᵢ wᵢ sᵢ Bᵢ Aᵢ`` represented as ``A = vstack(Aᵢ)`` ``[Σrᵢ, d_in]``,
+    ``B = hstack(wᵢ sᵢ Bᵢ)`` ``[d_out, Σrᵢ]``, ``scale = 1``. A module missing from an expert
+    contributes zero for that expert. With ``weights=None`` this is **Uniform** parameter averaging
+    (wᵢ = 1/n; Chen et al. 2025 / Ostapenko et al. 2024's "uniform" baseline); it is model soups'
+    average (Wortsman et al. 2022) applied to ΔW rather than to the factors.
+
+    Args:
+        deltas_list: one ``{module: LoraDelta}`` per expert.
+        weights: one float per expert (default ``1/n`` each).
+
+    Returns:
+        ``{module: LoraDelta}`` with scale 1.
+
+    Raises:
+        MergeError: empty list, wrong number of weights, non-finite weights, or two experts with
+            different ΔW shapes at one module.
+    """
+    weights = _check(deltas_list, weights)
+    out: Adapter = {}
+    for m in _modules(deltas_list):
+        As, Bs = [], []
+        for w, ad in zip(weights, deltas_list):
+            if m in ad:
+                d = ad[m]
+                As.append(d.A.float())
+                Bs.append(d.B.float() * (w * d.scale))
+        out[m] = LoraDelta(torch.cat(As, 0), torch.cat(Bs, 1), 1.0)
+    return out
+
+
+def uniform(deltas_list: Sequence[Adapter]) -> Adapter:
+    """Uniform parameter averaging ``ΔW = (1/n) Σᵢ sᵢ Bᵢ Aᵢ``, exact (see :func:`weighted_average`)."""
+    return weighted_average(deltas_list, None)
+
+
+def task_arithmetic(deltas_list: Sequence[Adapter], lam: float = 1.0) -> Adapter:
+    """Task arithmetic (Ilharco et al., ICLR 2023, eq. 1): ``θ = θ₀ + λ Σᵢ τᵢ`` with ``τᵢ = ΔWᵢ``.
+
+    Exact, as a concatenated-rank LoRA: :func:`weighted_average` with every weight ``λ``.
+
+    Raises:
+        MergeError: as :func:`weighted_average`.
+    """
+    return weighted_average(deltas_list, [float(lam)] * len(deltas_list))
+
+
+# --------------------------------------------------------------------------------------------
+# Exact spectra from factors
+# --------------------------------------------------------------------------------------------
+
+
+def factored_svd(delta: LoraDelta) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Thin SVD of ΔW = s·B·A from the factors, never forming ΔW.
+
+    With ``B = Q_B R_B`` and ``Aᵀ = Q_A R_A`` (reduced QR), ``ΔW = Q_B (s R_B R_Aᵀ) Q_Aᵀ``; the
+    ``r × r`` core's SVD ``U' S V'ᵀ`` gives ``ΔW = (Q_B U') S (Q_A V')ᵀ``. Cost O((d_in+d_out) r²).
+    Computed in float64.
+
+    Returns:
+        ``U`` ``[d_out, r]``, ``S`` ``[r]`` (descending, ≥ 0), ``V`` ``[d_in, r]`` with
+        ``ΔW = U diag(S) Vᵀ``.
+    """
+    QB, RB = torch.linalg.qr(delta.B.double())
+    QA, RA = torch.linalg.qr(delta.A.double().T)
+    Uc, S, Vch = torch.linalg.svd(delta.scale * (RB @ RA.T))
+    return QB @ Uc, S, QA @ Vch.T
+
+
+def svd_truncate(delta: LoraDelta, k: int) -> tuple[LoraDelta, float]:
+    """Best rank-``k`` approximation of ΔW (Eckart–Young), from the factors.
+
+    ``ΔW_k = U[:, :k] diag(S[:k]) V[:, :k]ᵀ`` held as ``B = U_k diag(S_k)`` ``[d_out, k]``,
+    ``A = V_kᵀ`` ``[k, d_in]``, scale 1 (see :func:`factored_svd`).
+
+    Returns:
+        ``(delta_k, energy_kept)`` with ``energy_kept = Σ_{j<k} σⱼ² / Σ σⱼ² ∈ [0, 1]`` (1.0 for ΔW = 0).
+
+    Raises:
+        MergeError: ``k < 1``.
+    """
+    if k < 1:
+        raise MergeError(f"SVD truncation rank must be >= 1, got {k}")
+    U, S, V = factored_svd(delta)
+    k = min(k, S.numel())
+    total = float((S ** 2).sum())
+    kept = float((S[:k] ** 2).sum())
+    trunc = LoraDelta(V[:, :k].T.float().contiguous(), (U[:, :k] * S[:k]).float().contiguous(), 1.0)
+    return trunc, (kept / total if total > 0 else 1.0)
+
+
+def svd_merge(deltas_list: Sequence[Adapter], weights: Sequence[float] | None = None,
+              k: int | None = None) -> tuple[Adapter, dict[str, float]]:
+    """Exact weighted average (:func:`weighted_average`) truncated to rank ``k`` per module.
+
+    ``k`` defaults to the largest expert rank (peft's ``svd`` default). Returns the merged adapter
+    and ``{module: energy_kept}``.
+
+    Raises:
+        MergeError: as :func:`weighted_average` and :func:`svd_truncate`.
+    """
+    avg = weighted_average(deltas_list, weights)
+    if k is None:
+        k = max(d.rank for ad in deltas_list for d in ad.values())
+    out, energy = {}, {}
+    for m, d in avg.items():
+        out[m], energy[m] = svd_truncate(d, k)
+    return out, energy
+
+
+def dense_to_delta(W: torch.Tensor, rtol: float = 1e-7) -> LoraDelta:
+    """Exact re-factoring of a dense ``[d_out, d_in]`` ΔW as a LoRA by SVD (float64).
+
+    Keeps singular values ``σⱼ > rtol·σ_max`` (at least one): ``B = U diag(σ)``, ``A = Vᵀ``, scale 1.
+    """
+    U, S, Vh = torch.linalg.svd(W.double(), full_matrices=False)
+    keep = max(1, int((S > rtol * S[0]).sum())) if S.numel() and S[0] > 0 else 1
+    return LoraDelta(Vh[:keep].float().contiguous(), (U[:, :keep] * S[:keep]).float().contiguous(), 1.0)
+
+
+def _dense_stack(deltas_list: Sequence[Adapter], m: str) -> torch.Tensor:
+    shape = next(ad[m] for ad in deltas_list if m in ad)
+    return torch.stack([ad[m].dense() if m in ad else torch.zeros(shape.d_out, shape.d_in, dtype=torch.float64)
+                        for ad in deltas_list])
+
+
+def _check_density(density: float) -> None:
+    if not 0.0 < density <= 1.0:
+        raise MergeError(f"density must be in (0, 1], got {density}")
+
+
+def ties_dense(task_tensors: torch.Tensor, weights: Sequence[float], density: float) -> torch.Tensor:
+    """TIES-merging of dense tensors ``[n, ...]`` (Yadav et al., NeurIPS 2023, Alg. 1).
+
+    1. Trim: keep each τᵢ's top ``⌈density·numel⌉`` entries by magnitude (others 0) → τ̂ᵢ.
+    2. Weight: τ̂ᵢ ← wᵢ τ̂ᵢ. 3. Elect sign: γ = sign(Σᵢ τ̂ᵢ) (mass-weighted, "total").
+    4. Disjoint merge: τ = Σᵢ [sign(τ̂ᵢ) = γ] τ̂ᵢ / max(1, #{i : sign(τ̂ᵢ) = γ, τ̂ᵢ ≠ 0}).
+
+    The weighting before election follows peft's ``merge_utils.ties`` (λ folded into wᵢ).
+    """
+    _check_density(density)
+    n = task_tensors.shape[0]
+    flat = task_tensors.reshape(n, -1)
+    k = int(math.ceil(density * flat.shape[1]))
+    trimmed = torch.zeros_like(flat)
+    idx = flat.abs().topk(k, dim=1).indices
+    trimmed.scatter_(1, idx, flat.gather(1, idx))
+    w = torch.tensor(list(weights), dtype=flat.dtype).view(n, 1)
+    weighted = trimmed * w
+    gamma = torch.sign(weighted.sum(0))
+    agree = (torch.sign(weighted) == gamma) & (weighted != 0)
+    merged = (weighted * agree).sum(0) / agree.sum(0).clamp(min=1)
+    return merged.reshape(task_tensors.shape[1:])
+
+
+def ties(deltas_list: Sequence[Adapter], density: float = 0.2,
+         weights: Sequence[float] | None = None, rtol: float = 1e-7) -> Adapter:
+    """TIES-merging (Yadav et al. 2023) of the dense ΔWᵢ per module, re-factored exactly.
+
+    Per module ``ΔW = TIES(ΔW₁…ΔWₙ; density, w)`` as in :func:`ties_dense` (default wᵢ = 1), then
+    :func:`dense_to_delta`. Forms dense ``[d_out, d_in]`` float64 matrices per module.
+
+    Raises:
+        MergeError: bad density, weights, or shapes.
+    """
+    weights = _check(deltas_list, weights if weights is not None else [1.0] * len(deltas_list))
+    return {m: dense_to_delta(ties_dense(_dense_stack(deltas_list, m), weights, density), rtol)
+            for m in _modules(deltas_list)}
+
+
+def dare_dense(task_tensors: torch.Tensor, weights: Sequence[float], density: float,
+               generator: torch.Generator, rescale: bool = True) -> torch.Tensor:
+    """DARE (Yu et al., ICML 2024, eq. 2–3) + linear merge of dense tensors ``[n, ...]``.
+
+    Each entry of τᵢ is dropped with probability ``p = 1 − density`` (Bernoulli mask from
+    ``generator``) and survivors are rescaled by ``1/(1−p)`` (if ``rescale``); then
+    ``τ = Σᵢ wᵢ τ̃ᵢ``.
+    """
+    _check_density(density)
+    keep = torch.rand(task_tensors.shape, generator=generator, dtype=torch.float64) < density
+    dropped = task_tensors * keep
+    if rescale:
+        dropped = dropped / density
+    w = torch.tensor(list(weights), dtype=task_tensors.dtype).view(-1, *([1] * (task_tensors.dim() - 1)))
+    return (dropped * w).sum(0)
+
+
+def dare(deltas_list: Sequence[Adapter], density: float = 0.5, seed: int = 0, rescale: bool = True,
+         weights: Sequence[float] | None = None, rtol: float = 1e-7) -> Adapter:
+    """DARE drop-and-rescale (Yu et al. 2024) of the dense ΔWᵢ, linear merge, re-factored exactly.
+
+    Per module (in sorted module order, one ``torch.Generator`` seeded with ``seed``):
+    ``ΔW = Σᵢ wᵢ · (Mᵢ ⊙ ΔWᵢ) / density`` with ``Mᵢ ~ Bernoulli(density)``; default wᵢ = 1
+    (task-arithmetic sum, as the paper), then :func:`dense_to_delta`.
+
+    Raises:
+        MergeError: bad density, weights, or shapes.
+    """
+    weights = _check(deltas_list, weights if weights is not None else [1.0] * len(deltas_list))
+    gen = torch.Generator().manual_seed(int(seed))
+    return {m: dense_to_delta(dare_dense(_dense_stack(deltas_list, m), weights, density, gen, rescale), rtol)
+            for m in _modules(deltas_list)}
+
+
+# --------------------------------------------------------------------------------------------
+# peft's combinations and faithfulness
+# --------------------------------------------------------------------------------------------
+
+
+def deltas_from_peft(peft_model, adapter_name: str) -> Adapter:
+    """``{module_path: LoraDelta}`` of one adapter as held in a live ``PeftModel``'s LoRA layers.
+
+    Module paths are relative to the base model (``model.layers.0.self_attn.q_proj``); scale is
+    the layer's ``scaling[adapter_name]``.
+    """
+    out: Adapter = {}
+    for name, mod in peft_model.base_model.model.named_modules():
+        if hasattr(mod, "lora_A") and adapter_name in getattr(mod, "lora_A", {}) \
+                and adapter_name in getattr(mod, "lora_B", {}):
+            path = name.replace("._original_component", "").replace(".original_component", "")
+            out[path] = LoraDelta(mod.lora_A[adapter_name].weight.detach().float().clone(),
+                                  mod.lora_B[adapter_name].weight.detach().float().clone(),
+                                  float(mod.scaling[adapter_name]))
+    return out
+
+
+def _fro_sq_combo(terms: Iterable[tuple[float, LoraDelta]]) -> float:
+    """‖Σⱼ cⱼ sⱼ Bⱼ Aⱼ‖_F² from factors: with B = [cⱼsⱼBⱼ], A = [Aⱼ], it is Σ (BᵀB) ⊙ (AAᵀ)."""
+    terms = list(terms)
+    B = torch.cat([c * d.scale * d.B.double() for c, d in terms], 1)
+    A = torch.cat([d.A.double() for _, d in terms], 0)
+    return max(0.0, float(torch.sum((B.T @ B) * (A @ A.T))))
+
+
+def faithfulness_report(merged: Adapter, deltas_list: Sequence[Adapter],
+                        weights: Sequence[float] | None = None) -> pd.DataFrame:
+    """How far a merged adapter is from the exact weighted sum, per module.
+
+    ``rel_error = ‖ΔW_merged − Σᵢ wᵢ ΔWᵢ‖_F / ‖Σᵢ wᵢ ΔWᵢ‖_F``, computed from the factors through
+    Gram matrices (:func:`_fro_sq_combo`), never forming ΔW. 0 (to ~1e-8, float64 cancellation) for
+    the exact merges here and peft's ``cat``; > 0 for peft's factor-space ``linear`` (cross terms
+    ``Bᵢ Aⱼ``), SVD truncation, TIES and DARE.
+
+    Args:
+        merged: the merged adapter ``{module: LoraDelta}``.
+        deltas_list: the experts.
+        weights: the target weights wᵢ (default 1/n: Uniform).
+
+    Returns:
+        Tidy DataFrame, one row per module: ``module, layer, projection, rank_merged,
+        norm_target, norm_merged, rel_error`` (norms are Frobenius, in weight units).
+
+    Raises:
+        MergeError: bad weights; a merged module missing from every expert.
+    """
+    weights = _check(deltas_list, weights)
+    rows = []
+    for m in sorted(set(_modules(deltas_list)) | set(merged)):
+        target = [(w, ad[m]) for w, ad in zip(weights, deltas_list) if m in ad]
+        if not target:
+            raise MergeError(f"merged module {m} is in no expert")
+        t2 = _fro_sq_combo(target)
+        if m in merged:
+            e2 = _fro_sq_combo(target + [(-1.0, merged[m])])
+            m2 = _fro_sq_combo([(1.0, merged[m])])
+            rank = merged[m].rank
+        else:
+            e2, m2, rank = t2, 0.0, 0
+        rows.append({"module": m, "layer": layer_of(m), "projection": short_module(m),
+                     "rank_merged": rank, "norm_target": math.sqrt(t2), "norm_merged": math.sqrt(m2),
+                     "rel_error": math.sqrt(e2) / math.sqrt(t2) if t2 > 0 else math.sqrt(e2)})
+    return pd.DataFrame(rows)
