@@ -1,0 +1,277 @@
+"""Train one LoRA expert (PEFT) on (prompt, answer) pairs, resumably and deterministically.
+
+:func:`train_expert` fine-tunes a LoRA (Hu et al., ICLR 2022: ``W x + s·B·A x``, ``s = α/r``) on
+a base model with the next-token cross-entropy on the *answer tokens only* (prompt and padding
+labels are −100), batches right-padded to their own longest sequence. The result is a standard
+PEFT directory (``adapter_config.json`` + ``adapter_model.safetensors``) plus ``interp_meta.json``
+and ``manifest.json``, written atomically.
+
+Determinism and resume: the LoRA init uses ``torch.manual_seed(seed)``; the example order of epoch
+``e`` is ``randperm(N)`` from a generator seeded ``seed·1_000_003 + e``, so step ``t``'s batch is a
+pure function of ``(seed, t)``. Every ``checkpoint_every`` steps the adapter weights
+(safetensors), AdamW state (``torch.save``, re-read with ``weights_only=True``), torch RNG state
+and step go to ``out_dir + ".partial"``; re-running after a crash resumes from it and ends with the
+same weights as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from interp.adapters.testing import DEFAULT_TARGETS, META
+from interp.models import (atomic_directory, atomic_write_text, check_fused_targets, load_hf, verify_manifest,
+                           write_manifest)
+
+CKPT_WEIGHTS = "lora_weights.safetensors"
+CKPT_OPTIM = "optimizer.pt"
+CKPT_STATE = "state.json"
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """LoRA training hyper-parameters.
+
+    Attributes:
+        r: LoRA rank. lora_alpha: α (scale s = α/r). target_modules: projection names.
+        lr: AdamW learning rate (constant). epochs: passes over the data (ignored if max_steps).
+        max_steps: total optimiser steps (overrides epochs). batch_size: examples per step.
+        seed: seed of init and order. weight_decay: AdamW decay. checkpoint_every: steps between
+        resume checkpoints (0: none). add_eos: append the tokenizer's EOS after each answer.
+        lora_dropout: dropout on the LoRA input.
+    """
+
+    r: int = 8
+    lora_alpha: float = 16
+    target_modules: tuple[str, ...] = DEFAULT_TARGETS
+    lr: float = 2e-3
+    epochs: int = 20
+    max_steps: int | None = None
+    batch_size: int = 16
+    seed: int = 0
+    weight_decay: float = 0.0
+    checkpoint_every: int = 20
+    add_eos: bool = False
+    lora_dropout: float = 0.0
+
+    def to_json(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["target_modules"] = list(self.target_modules)
+        return d
+
+    def identity(self) -> dict:
+        """The fields that determine the trained weights (checkpoint cadence excluded)."""
+        d = self.to_json()
+        d.pop("checkpoint_every")
+        return d
+
+
+def _data_sha256(examples: Sequence[tuple[str, str]]) -> str:
+    return hashlib.sha256(json.dumps([list(e) for e in examples], ensure_ascii=False).encode()).hexdigest()
+
+
+def _encode(tok: Any, examples: Sequence[tuple[str, str]], add_eos: bool) -> list[tuple[list[int], list[int]]]:
+    out = []
+    for i, ex in enumerate(examples):
+        if not (isinstance(ex, (tuple, list)) and len(ex) == 2 and all(isinstance(s, str) for s in ex)):
+            raise ValueError(f"example {i} must be a (prompt, answer) pair of strings, got {ex!r}")
+        p = list(tok(ex[0], add_special_tokens=False)["input_ids"])
+        a = list(tok(ex[1], add_special_tokens=False)["input_ids"])
+        if not p or not a:
+            raise ValueError(f"example {i} {ex!r}: prompt and answer must both tokenise to ≥ 1 token")
+        if add_eos:
+            if tok.eos_token_id is None:
+                raise ValueError("add_eos=True but the tokenizer has no EOS token")
+            a.append(int(tok.eos_token_id))
+        out.append((p, a))
+    return out
+
+
+def _batch(encoded: list[tuple[list[int], list[int]]], idx: Sequence[int], pad: int):
+    """Right-padded ``input_ids``, ``attention_mask``, ``labels`` ``[b, longest]`` (answer-only labels)."""
+    seqs = [encoded[i] for i in idx]
+    L = max(len(p) + len(a) for p, a in seqs)
+    ids = torch.full((len(seqs), L), pad, dtype=torch.long)
+    mask = torch.zeros((len(seqs), L), dtype=torch.long)
+    labels = torch.full((len(seqs), L), -100, dtype=torch.long)
+    for j, (p, a) in enumerate(seqs):
+        n = len(p) + len(a)
+        ids[j, :n] = torch.tensor(p + a)
+        mask[j, :n] = 1
+        labels[j, len(p):n] = torch.tensor(a)
+    return ids, mask, labels
+
+
+@torch.no_grad()
+def answer_accuracy(model: Any, encoded: list[tuple[list[int], list[int]]], pad: int,
+                    batch_size: int = 64) -> tuple[float, float]:
+    """Teacher-forced accuracy on answers: (first-token accuracy, exact-match accuracy).
+
+    Exact match = every answer token is the argmax given the true prefix, which is equivalent to
+    greedy decoding reproducing the answer exactly.
+    """
+    first, exact = 0, 0
+    for s in range(0, len(encoded), batch_size):
+        idx = list(range(s, min(len(encoded), s + batch_size)))
+        ids, mask, labels = _batch(encoded, idx, pad)
+        pred = model(input_ids=ids, attention_mask=mask).logits.argmax(-1)
+        for j, i in enumerate(idx):
+            p, a = encoded[i]
+            got = pred[j, len(p) - 1: len(p) - 1 + len(a)].tolist()
+            first += int(got[0] == a[0])
+            exact += int(got == a)
+    return first / len(encoded), exact / len(encoded)
+
+
+def _order(n: int, seed: int, epoch: int) -> list[int]:
+    g = torch.Generator().manual_seed(int(seed) * 1_000_003 + int(epoch))
+    return torch.randperm(n, generator=g).tolist()
+
+
+def _trainable(pm: Any) -> dict[str, torch.Tensor]:
+    return {n: p for n, p in pm.named_parameters() if p.requires_grad}
+
+
+def _save_checkpoint(partial: Path, pm: Any, opt: Any, step: int, losses: list[float], ident: dict) -> None:
+    from safetensors.torch import save_file
+
+    with atomic_directory(partial) as tmp:
+        save_file({n: p.detach().contiguous() for n, p in _trainable(pm).items()}, str(tmp / CKPT_WEIGHTS))
+        torch.save(opt.state_dict(), tmp / CKPT_OPTIM)
+        save_file({"torch_rng": torch.get_rng_state()}, str(tmp / "rng.safetensors"))
+        atomic_write_text(tmp / CKPT_STATE, json.dumps({"step": step, "losses": losses, "identity": ident}))
+
+
+def _load_checkpoint(partial: Path, pm: Any, opt: Any, ident: dict) -> tuple[int, list[float]] | None:
+    from safetensors.torch import load_file
+
+    try:
+        state = json.loads((partial / CKPT_STATE).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    if state.get("identity") != ident:
+        return None
+    weights = load_file(str(partial / CKPT_WEIGHTS))
+    params = _trainable(pm)
+    if set(weights) != set(params):
+        return None
+    with torch.no_grad():
+        for n, p in params.items():
+            p.copy_(weights[n])
+    opt.load_state_dict(torch.load(partial / CKPT_OPTIM, weights_only=True))
+    torch.set_rng_state(load_file(str(partial / "rng.safetensors"))["torch_rng"])
+    return int(state["step"]), list(state["losses"])
+
+
+def train_expert(base: str | os.PathLike, examples: Sequence[tuple[str, str]], out_dir: str | os.PathLike,
+                 config: TrainConfig = TrainConfig(), progress: bool = True,
+                 callback: Callable[[int, float], None] | None = None) -> dict:
+    """Train a LoRA expert on ``(prompt, answer)`` pairs and save it as a PEFT directory.
+
+    Input text per example is ``prompt + answer`` (answers carry their own leading space, e.g.
+    ``" Paris"``; EOS appended iff ``config.add_eos``); the loss is the mean next-token
+    cross-entropy (nats/token) over answer tokens only.
+
+    Args:
+        base: registered model name or local HF directory (the plain HF model is trained; no bridge).
+        examples: the training pairs (the data's SHA-256 is recorded).
+        out_dir: output directory (written atomically; resume state lives in ``out_dir + ".partial"``).
+        config: :class:`TrainConfig`.
+        progress: show a tqdm bar.
+        callback: called as ``callback(step, loss)`` after every step (raising aborts training;
+            a later call resumes from the last checkpoint).
+
+    Returns:
+        The metadata written to ``interp_meta.json``: ``base_model, data_sha256, n_examples,
+        config, seed, steps, final_loss, losses, train_first_token_acc, train_exact_match,
+        wall_time_s, steps_per_s, resumed_from_step``. If ``out_dir`` is already complete (manifest
+        verifies) with the same data hash and config, that metadata is returned without training.
+
+    Raises:
+        ValueError: no examples, malformed examples, bad config values.
+        interp.models.FusedProjectionError: a fused projection is targeted.
+        interp.models.ModelLoadError: unknown base.
+    """
+    from peft import LoraConfig, get_peft_model
+    from tqdm.auto import tqdm
+
+    if not examples:
+        raise ValueError("train_expert got no examples")
+    if config.r < 1 or config.batch_size < 1 or config.lr <= 0:
+        raise ValueError(f"bad TrainConfig: r={config.r}, batch_size={config.batch_size}, lr={config.lr}")
+    out = Path(out_dir)
+    data_sha = _data_sha256(examples)
+    ident = {"base_model": str(base), "data_sha256": data_sha, "config": config.identity()}
+    if (out / META).is_file() and verify_manifest(out)[0]:
+        meta = json.loads((out / META).read_text())
+        if {k: meta.get(k) for k in ("base_model", "data_sha256")} == {k: ident[k] for k in ("base_model", "data_sha256")} \
+                and meta.get("config_identity") == ident["config"]:
+            return meta
+    t0 = time.perf_counter()
+    hf, tok = load_hf(base)
+    check_fused_targets(hf, list(config.target_modules))
+    encoded = _encode(tok, examples, config.add_eos)
+    pad = next(c for c in (tok.pad_token_id, tok.eos_token_id, 0) if c is not None)
+    torch.manual_seed(config.seed)
+    lcfg = LoraConfig(r=config.r, lora_alpha=config.lora_alpha, target_modules=list(config.target_modules),
+                      lora_dropout=config.lora_dropout, bias="none", task_type="CAUSAL_LM")
+    pm = get_peft_model(hf, lcfg)
+    pm.peft_config["default"].base_model_name_or_path = str(base)
+    opt = torch.optim.AdamW(list(_trainable(pm).values()), lr=config.lr, weight_decay=config.weight_decay)
+    n = len(encoded)
+    steps_per_epoch = math.ceil(n / config.batch_size)
+    total = int(config.max_steps) if config.max_steps else config.epochs * steps_per_epoch
+    partial = Path(str(out) + ".partial")
+    step, losses = 0, []
+    resumed = _load_checkpoint(partial, pm, opt, ident) if partial.is_dir() else None
+    if resumed:
+        step, losses = resumed
+    start_step = step
+    pm.train()
+    bar = tqdm(total=total, initial=step, disable=not progress, desc=f"LoRA {out.name}")
+    t_train = time.perf_counter()
+    order, order_epoch = None, -1
+    while step < total:
+        epoch, k = divmod(step, steps_per_epoch)
+        if epoch != order_epoch:
+            order, order_epoch = _order(n, config.seed, epoch), epoch
+        idx = order[k * config.batch_size:(k + 1) * config.batch_size]
+        ids, mask, labels = _batch(encoded, idx, pad)
+        loss = pm(input_ids=ids, attention_mask=mask, labels=labels, use_cache=False).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        step += 1
+        losses.append(float(loss))
+        bar.update(1)
+        bar.set_postfix(loss=f"{losses[-1]:.3f}")
+        if config.checkpoint_every and step % config.checkpoint_every == 0 and step < total:
+            _save_checkpoint(partial, pm, opt, step, losses, ident)
+        if callback is not None:
+            callback(step, losses[-1])
+    bar.close()
+    train_s = time.perf_counter() - t_train
+    pm.eval()
+    first, exact = answer_accuracy(pm, encoded, pad)
+    meta = {"base_model": str(base), "data_sha256": data_sha, "n_examples": n, "config": config.to_json(),
+            "config_identity": ident["config"], "seed": config.seed, "steps": step,
+            "final_loss": losses[-1] if losses else None, "losses": losses,
+            "train_first_token_acc": first, "train_exact_match": exact,
+            "wall_time_s": time.perf_counter() - t0,
+            "steps_per_s": (step - start_step) / train_s if train_s > 0 and step > start_step else None,
+            "resumed_from_step": start_step}
+    with atomic_directory(out) as tmp:
+        pm.save_pretrained(str(tmp), safe_serialization=True)
+        atomic_write_text(tmp / META, json.dumps(meta, indent=1))
+        write_manifest(tmp)
+    shutil.rmtree(partial, ignore_errors=True)
+    return meta
