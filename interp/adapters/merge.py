@@ -212,24 +212,25 @@ def _check_density(density: float) -> None:
 def ties_dense(task_tensors: torch.Tensor, weights: Sequence[float], density: float) -> torch.Tensor:
     """TIES-merging of dense tensors ``[n, ...]`` (Yadav et al., NeurIPS 2023, Alg. 1).
 
-    1. Trim: keep each τᵢ's top ``⌈density·numel⌉`` entries by magnitude (others 0) → τ̂ᵢ.
-    2. Weight: τ̂ᵢ ← wᵢ τ̂ᵢ. 3. Elect sign: γ = sign(Σᵢ τ̂ᵢ) (mass-weighted, "total").
-    4. Disjoint merge: τ = Σᵢ [sign(τ̂ᵢ) = γ] τ̂ᵢ / max(1, #{i : sign(τ̂ᵢ) = γ, τ̂ᵢ ≠ 0}).
+    1. Trim: keep each τᵢ's top ``⌊density·numel⌋`` entries by magnitude (others 0) → τ̂ᵢ.
+    2. Elect sign: γ = +1 where Σᵢ τ̂ᵢ ≥ 0, else −1 (mass-weighted, "total").
+    3. Disjoint weighted mean: τ = Σᵢ [sign(τ̂ᵢ) = γ] wᵢ τ̂ᵢ / max(1, #{i : sign(τ̂ᵢ) = γ}).
 
-    The weighting before election follows peft's ``merge_utils.ties`` (λ folded into wᵢ).
+    Conventions (⌊·⌋, sign elected on the *unweighted* trimmed tensors, wᵢ applied in the
+    disjoint sum, ties to +) follow peft's ``merge_utils.ties`` so the two agree exactly; with
+    wᵢ = λ this is the paper's ``λ·τ_m``.
     """
     _check_density(density)
     n = task_tensors.shape[0]
     flat = task_tensors.reshape(n, -1)
-    k = int(math.ceil(density * flat.shape[1]))
+    k = max(1, int(density * flat.shape[1]))
     trimmed = torch.zeros_like(flat)
     idx = flat.abs().topk(k, dim=1).indices
     trimmed.scatter_(1, idx, flat.gather(1, idx))
+    gamma = torch.where(trimmed.sum(0) >= 0, 1.0, -1.0).to(flat.dtype)
+    agree = torch.sign(trimmed) == gamma
     w = torch.tensor(list(weights), dtype=flat.dtype).view(n, 1)
-    weighted = trimmed * w
-    gamma = torch.sign(weighted.sum(0))
-    agree = (torch.sign(weighted) == gamma) & (weighted != 0)
-    merged = (weighted * agree).sum(0) / agree.sum(0).clamp(min=1)
+    merged = (trimmed * w * agree).sum(0) / agree.sum(0).clamp(min=1)
     return merged.reshape(task_tensors.shape[1:])
 
 
