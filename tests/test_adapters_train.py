@@ -1,0 +1,68 @@
+"""train_expert: answer-only labels, learning, determinism, resume after a crash, cache, guards."""
+
+import json
+import warnings
+
+import pytest
+import torch
+
+from interp.adapters.factors import read_adapter
+from interp.adapters.library import AdapterLibrary
+from interp.adapters.train import TrainConfig, _batch, train_expert
+from interp.models import FusedProjectionError, verify_manifest
+
+warnings.filterwarnings("ignore")
+EX = [(f"Q{i} is", f" a{i % 4}") for i in range(12)]
+CFG = TrainConfig(r=4, lora_alpha=8, target_modules=("q_proj", "v_proj", "up_proj"), lr=1e-2, max_steps=8,
+                  batch_size=6, checkpoint_every=3, seed=1)
+
+
+def test_batch_labels_answer_only_right_padded():
+    enc = [([5, 6, 7], [8]), ([5], [9, 10])]
+    ids, mask, labels = _batch(enc, [0, 1], pad=0)
+    assert ids.tolist() == [[5, 6, 7, 8], [5, 9, 10, 0]]
+    assert mask.tolist() == [[1, 1, 1, 1], [1, 1, 1, 0]]
+    assert labels.tolist() == [[-100, -100, -100, 8], [-100, 9, 10, -100]]
+
+
+def test_train_resume_equals_uninterrupted(tmp_path):
+    full = train_expert("tiny-llama", EX, tmp_path / "full", CFG, progress=False)
+    assert full["steps"] == 8 and full["losses"][-1] < full["losses"][0]
+    assert verify_manifest(tmp_path / "full")[0]
+    meta = json.loads((tmp_path / "full" / "interp_meta.json").read_text())
+    assert meta["base_model"] == "tiny-llama" and 0 <= meta["train_exact_match"] <= 1
+    AdapterLibrary.load("tiny-llama", {"e": tmp_path / "full"})  # a valid library member
+
+    class Crash(Exception):
+        pass
+
+    def crash(step, loss):
+        if step == 7:
+            raise Crash
+
+    with pytest.raises(Crash):
+        train_expert("tiny-llama", EX, tmp_path / "res", CFG, progress=False, callback=crash)
+    assert not (tmp_path / "res").exists() and (tmp_path / "res.partial").is_dir()
+    resumed = train_expert("tiny-llama", EX, tmp_path / "res", CFG, progress=False)
+    assert resumed["resumed_from_step"] == 6
+    assert resumed["losses"] == full["losses"]
+    a, b = read_adapter(tmp_path / "full"), read_adapter(tmp_path / "res")
+    assert set(a) == set(b) and all(torch.equal(a[m].A, b[m].A) and torch.equal(a[m].B, b[m].B) for m in a)
+    assert not (tmp_path / "res.partial").exists()
+    # complete dir with the same data and config: returned without training
+    again = train_expert("tiny-llama", EX, tmp_path / "full", CFG, progress=False,
+                         callback=lambda s, l: pytest.fail("retrained"))
+    assert again["final_loss"] == full["final_loss"]
+
+
+def test_train_learns_and_refuses_bad_input(tmp_path):
+    cfg = TrainConfig(r=4, lora_alpha=8, target_modules=("q_proj", "v_proj", "up_proj", "down_proj"), lr=2e-2,
+                      max_steps=30, batch_size=4, checkpoint_every=0)
+    m = train_expert("tiny-llama", EX[:4], tmp_path / "learn", cfg, progress=False)
+    assert m["train_first_token_acc"] == 1.0 and m["final_loss"] < 0.1 * m["losses"][0]
+    with pytest.raises(ValueError, match="no examples"):
+        train_expert("tiny-llama", [], tmp_path / "x", cfg, progress=False)
+    with pytest.raises(ValueError, match="pair of strings"):
+        train_expert("tiny-llama", [("only prompt",)], tmp_path / "x", cfg, progress=False)
+    with pytest.raises(FusedProjectionError):
+        train_expert("tiny-gpt2", EX, tmp_path / "g", TrainConfig(target_modules=("c_attn",)), progress=False)
