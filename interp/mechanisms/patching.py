@@ -57,7 +57,6 @@ from interp.mechanisms.lens import (
 
 SHORT_HOOKS = {
     "resid_pre": "blocks.{layer}.hook_resid_pre",
-    "resid_mid": "blocks.{layer}.hook_resid_mid",
     "attn_out": "blocks.{layer}.hook_attn_out",
     "mlp_out": "blocks.{layer}.hook_mlp_out",
 }
@@ -270,7 +269,8 @@ def patch_layer_pos(hm: Any, clean_tokens: torch.Tensor, corrupted_tokens: torch
                     clean_answer_ids: torch.Tensor, corrupted_answer_ids: torch.Tensor,
                     lengths: torch.Tensor | None = None, hook: str = "resid_pre",
                     layers: Sequence[int] | None = None, positions: Sequence[int] | None = None,
-                    max_batch: int = 64, progress: bool = True) -> PatchGrid:
+                    max_batch: int = 64, progress: bool = True,
+                    fast: bool | None = None) -> PatchGrid:
     """Batched layer × position activation patching (clean → corrupted) of one hook.
 
     Args:
@@ -279,12 +279,18 @@ def patch_layer_pos(hm: Any, clean_tokens: torch.Tensor, corrupted_tokens: torch
         clean_answer_ids, corrupted_answer_ids: ``[batch]`` first answer tokens.
         lengths: ``[batch]`` real lengths (default: all ``pos``); the metric is read at
             ``lengths - 1``.
-        hook: ``"resid_pre" | "resid_mid" | "attn_out" | "mlp_out"`` or a template
+        hook: ``"resid_pre" | "attn_out" | "mlp_out"`` or a template
             ``"blocks.{layer}.<hook>"`` whose activation is ``[batch, pos, ...]`` (e.g. a
             per-adapter delta hook).
         layers, positions: subsets to sweep (default all).
         max_batch: patched copies per forward (bounds memory: ``max_batch × pos`` tokens).
         progress: show a tqdm bar over layers.
+        fast: start each forward at block ℓ and reuse the corrupted keys/values (exact for
+            ``resid_pre``, ``attn_out``, ``mlp_out``: tested against TransformerLens). ``None``
+            (default) = fast for those three, and a batched full forward from the tokens for any
+            other hook: some bridge hook points (e.g. ``hook_resid_mid``, an alias of
+            ``ln2.hook_in``) are not reproduced by a resumed forward. Pass ``fast=True`` only for
+            hooks you have checked.
 
     Returns:
         A :class:`PatchGrid`; ``logit_diff[i, j, b]`` is the logit difference when the clean
@@ -313,6 +319,8 @@ def patch_layer_pos(hm: Any, clean_tokens: torch.Tensor, corrupted_tokens: torch
         raise ValueError("max_batch must be >= 1")
     template = _hook_template(hook)
     is_resid_pre = template == SHORT_HOOKS["resid_pre"]
+    if fast is None:
+        fast = template in SHORT_HOOKS.values()
     names = [template.format(layer=l) for l in layers]
     resid_names = [SHORT_HOOKS["resid_pre"].format(layer=l) for l in layers]
     finals = lengths - 1
@@ -360,9 +368,19 @@ def patch_layer_pos(hm: Any, clean_tokens: torch.Tensor, corrupted_tokens: torch
                     act[rows, loc] = src.to(act.dtype)
                     return act
                 hooks.append((names[i], patch))
-            kv = [(k[bs, :, :p0], v[bs, :, :p0]) for k, v in corr_kv] if p0 > 0 else None
             keep = T - int(fin.min())
-            logits = forward_from(hm, layer, resid, kv, keep, hooks)
+            if fast:
+                kv = [(k[bs, :, :p0], v[bs, :, :p0]) for k, v in corr_kv] if p0 > 0 else None
+                logits = forward_from(hm, layer, resid, kv, keep, hooks)
+            else:  # full batched forward from the tokens: exact for any hook point
+                if is_resid_pre:
+                    hooks = [(names[i], lambda act, hook, rows=rows, loc=ps, src=resid[rows, ps - p0]:
+                              act.index_put((rows, loc), src.to(act.dtype)))]
+                else:
+                    hooks = [(names[i], lambda act, hook, f=hooks[0][1], p0=p0:
+                              torch.cat([act[:, :p0], f(act[:, p0:], hook)], dim=1))]
+                logits = hm.bridge.run_with_hooks(corrupted_tokens[bs], fwd_hooks=hooks,
+                                                  logits_to_keep=keep)
             out[i, js, bs] = ld(logits[rows, fin - (T - keep)], bs)
     return PatchGrid(template, layers, positions, out, clean_ld, corr_ld)
 

@@ -1,0 +1,161 @@
+"""Linear probes for the bridge entity, with control tasks (Hewitt & Liang 2019).
+
+Per layer, a scikit-learn logistic regression decodes e₂'s identity from the residual stream
+(``blocks.ℓ.hook_resid_pre``) at e₁'s last token and at the final token, cross-validated with
+``StratifiedKFold``. A *control task* (Hewitt & Liang 2019, "Designing and Interpreting Probes
+with Control Tasks", EMNLP 2019, §2) re-runs the same probe on labels randomly permuted across
+examples (class sizes preserved, seeded); *selectivity* = accuracy − control accuracy.
+
+Few examples per class: StratifiedKFold needs every class to have at least ``n_splits`` members.
+Classes with fewer are dropped (``n`` and ``n_classes`` report what remains); if fewer than two
+classes remain, the table falls back to one-vs-rest on the most frequent class against all others
+(a binary "e₂ is X" probe), flagged in the ``task`` column. When even that is impossible, a
+clear error is raised.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from interp.mechanisms.lens import (
+    SpanDict,
+    SpansFn,
+    batches,
+    named_position,
+    resolve_spans,
+)
+
+
+@torch.no_grad()
+def collect_features(hm: Any, examples: Sequence[Any], positions: Sequence[str] = ("e1_last", "final"),
+                     layers: Sequence[int] | None = None, spans: Sequence[SpanDict] | None = None,
+                     spans_fn: SpansFn | None = None, batch_size: int = 16) -> dict[str, np.ndarray]:
+    """Residual features ``[n_layers_sel, n_examples, d_model]`` per named position.
+
+    Batched ``run_with_cache`` with a ``names_filter`` on ``blocks.ℓ.hook_resid_pre``.
+
+    Raises:
+        ValueError: no examples, an unknown position, layers out of range.
+    """
+    if not examples:
+        raise ValueError("collect_features() got no examples")
+    L = hm.n_layers
+    layers = list(range(L)) if layers is None else [int(l) for l in layers]
+    if any(not 0 <= l < L for l in layers):
+        raise ValueError(f"layers must lie in [0, {L})")
+    sp = resolve_spans(examples, hm, spans, spans_fn)
+    names = [f"blocks.{l}.hook_resid_pre" for l in layers]
+    wanted = set(names)
+    feats = {p: np.zeros((len(layers), len(examples), hm.d_model), dtype=np.float32)
+             for p in positions}
+    for a, b in batches(len(examples), batch_size):
+        toks, lengths = hm.tokenize([ex.prompt for ex in examples[a:b]])
+        _, cache = hm.bridge.run_with_cache(toks, names_filter=lambda n: n in wanted)
+        stack = torch.stack([cache[n] for n in names]).float().cpu()  # [l, batch, pos, d]
+        for j in range(b - a):
+            for p in positions:
+                idx = named_position(p, sp[a + j], int(lengths[j]))
+                feats[p][:, a + j] = stack[:, j, idx].numpy()
+    return feats
+
+
+def _cv_accuracy(X: np.ndarray, y: np.ndarray, n_splits: int, seed: int, C: float) -> float:
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold, cross_val_score
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    clf = make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=2000))
+    cv = StratifiedKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+    return float(cross_val_score(clf, X, y, cv=cv, scoring="accuracy").mean())
+
+
+def _prepare_labels(labels: Sequence[Any], n_splits: int) -> tuple[np.ndarray, np.ndarray, str]:
+    """Keep classes with ≥ n_splits members; fall back to one-vs-rest. Returns (mask, y, task)."""
+    y = np.asarray([str(v) for v in labels])
+    classes, counts = np.unique(y, return_counts=True)
+    keep = set(classes[counts >= n_splits])
+    if len(keep) >= 2:
+        mask = np.isin(y, list(keep))
+        return mask, y[mask], "identity"
+    top = classes[np.argmax(counts)]
+    yb = np.where(y == top, top, "other")
+    _, c2 = np.unique(yb, return_counts=True)
+    if len(c2) < 2 or c2.min() < n_splits:
+        raise ValueError(f"cannot cross-validate with {n_splits} folds: need two classes with at "
+                         f">= {n_splits} examples each (class sizes {sorted(counts.tolist())})")
+    return np.ones(len(y), bool), yb, f"one_vs_rest:{top}"
+
+
+def probe_features(features: dict[str, np.ndarray], labels: Sequence[Any],
+                   layers: Sequence[int] | None = None, n_splits: int = 5, seed: int = 0,
+                   C: float = 1.0, progress: bool = True) -> pd.DataFrame:
+    """Cross-validated logistic probes with a control task, on precomputed features.
+
+    Args:
+        features: position name → ``[n_layers, n_examples, d]`` array.
+        labels: one label per example (e.g. e₂'s name).
+        layers: layer numbers of the features' first axis (default ``0..n-1``).
+        n_splits: StratifiedKFold folds.
+        seed: seeds the folds and the control relabelling.
+        C: inverse L2 regularisation of ``LogisticRegression``.
+        progress: tqdm bar.
+
+    Returns:
+        DataFrame: layer, position, accuracy, control_accuracy, selectivity, n, n_classes,
+        chance (majority-class rate), task (``"identity"`` or ``"one_vs_rest:<class>"``).
+
+    Raises:
+        ValueError: label count mismatch or labels that cannot be cross-validated.
+    """
+    mask, y, task = _prepare_labels(labels, n_splits)
+    rng = np.random.default_rng(seed)
+    y_control = rng.permutation(y)  # random relabelling, class sizes preserved
+    _, counts = np.unique(y, return_counts=True)
+    rows = []
+    for pos, F in features.items():
+        if F.shape[1] != len(mask):
+            raise ValueError(f"features for {pos!r} have {F.shape[1]} examples, labels {len(mask)}")
+        lay = list(range(F.shape[0])) if layers is None else list(layers)
+        for k in tqdm(range(F.shape[0]), desc=f"probes {pos}", leave=False, disable=not progress):
+            X = F[k][mask]
+            acc = _cv_accuracy(X, y, n_splits, seed, C)
+            ctl = _cv_accuracy(X, y_control, n_splits, seed, C)
+            rows.append({"layer": lay[k], "position": pos, "accuracy": acc,
+                         "control_accuracy": ctl, "selectivity": acc - ctl, "n": int(len(y)),
+                         "n_classes": int(len(counts)), "chance": float(counts.max() / len(y)),
+                         "task": task})
+    return pd.DataFrame(rows)
+
+
+def probe_bridge_entity(hm: Any, examples: Sequence[Any],
+                        positions: Sequence[str] = ("e1_last", "final"),
+                        layers: Sequence[int] | None = None, label: str = "e2",
+                        n_splits: int = 5, seed: int = 0, C: float = 1.0,
+                        spans: Sequence[SpanDict] | None = None, spans_fn: SpansFn | None = None,
+                        batch_size: int = 16, progress: bool = True) -> pd.DataFrame:
+    """Per-layer probes decoding e₂'s identity from the residual (see module docstring).
+
+    Args:
+        hm: any ``HookedModel``.
+        examples: objects with ``prompt``, ``char_spans`` and the ``label`` attribute.
+        positions, layers, spans, spans_fn, batch_size: feature extraction
+            (:func:`collect_features`).
+        label, n_splits, seed, C, progress: probing (:func:`probe_features`).
+
+    Returns:
+        The :func:`probe_features` table.
+
+    Raises:
+        ValueError: as :func:`collect_features` and :func:`probe_features`.
+    """
+    L = hm.n_layers
+    layers = list(range(L)) if layers is None else [int(l) for l in layers]
+    feats = collect_features(hm, examples, positions, layers, spans, spans_fn, batch_size)
+    return probe_features(feats, [getattr(ex, label) for ex in examples], layers, n_splits, seed,
+                          C, progress)

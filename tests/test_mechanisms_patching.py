@@ -1,0 +1,217 @@
+"""Patching engine vs TransformerLens's own sweeps, back-patching, knockout, pairs, difference."""
+
+import dataclasses
+
+import pandas as pd
+import pytest
+import torch
+from transformer_lens import patching as tlp
+
+from interp.mechanisms.patching import (
+    PatchPair,
+    activation_patching,
+    attention_knockout,
+    back_patching,
+    difference,
+    make_corrupted_pairs,
+    patch_layer_pos,
+)
+
+
+@dataclasses.dataclass
+class Ex:
+    prompt: str
+    answer: str
+    e1: str
+    e2: str
+    e3: str
+    tier: str = "F"
+    kind: str = "two_hop"
+    chain_id: int = 0
+    template_id: int = 0
+    split: str = "test"
+    char_spans: dict = dataclasses.field(default_factory=dict)
+
+
+def make_examples():
+    names = ["Zorba", "Quinn", "Milos", "Ferna", "Abdul", "Vexin"]
+    # no leading space: the byte tokenizer would make every first answer token " "
+    answers = ["Paris", "Rome", "Oslo", "Lima", "Kyiv", "Bern"]
+    out = []
+    for i, (n, a) in enumerate(zip(names, answers)):
+        prompt = f"The boss of {n} lives in"
+        s = prompt.index(n)
+        out.append(Ex(prompt, a, n, f"Boss{i}", a.strip(), chain_id=i,
+                      char_spans={"e1": (s, s + len(n))}))
+    return out
+
+
+def byte_spans(hm, ex):
+    """Token spans computed independently: tokens of the text before / through the mention."""
+    out = {}
+    for k, (a, b) in ex.char_spans.items():
+        out[k] = (len(hm.encode(ex.prompt[:a])), len(hm.encode(ex.prompt[:b])))
+    return out
+
+
+def _setup(hm):
+    clean = ["Alice lives in Paris", "Bob works at a bank", "Carl met Dana"]
+    corr = ["Xlice lives in Paris", "Qob works at a bank", "Zarl met Dana"]
+    ct, cl = hm.tokenize(clean)
+    xt, xl = hm.tokenize(corr)
+    assert torch.equal(cl, xl) and len(set(cl.tolist())) > 1  # unequal lengths on purpose
+    g = torch.Generator().manual_seed(0)
+    ca = torch.randint(3, 259, (3,), generator=g)
+    xa = (ca + 7) % 256 + 3
+    with torch.no_grad():
+        clean_logits, clean_cache = hm.bridge.run_with_cache(ct)
+    fin, ar = cl - 1, torch.arange(3)
+
+    def metric(logits):
+        return logits[ar, fin, ca] - logits[ar, fin, xa]
+    return ct, xt, cl, ca, xa, clean_cache, metric, metric(clean_logits)
+
+
+@pytest.mark.parametrize("model,hook,tl_fn", [
+    ("tiny_llama", "resid_pre", tlp.get_act_patch_resid_pre),
+    ("tiny_qwen2", "resid_pre", tlp.get_act_patch_resid_pre),
+    ("tiny_qwen2", "attn_out", tlp.get_act_patch_attn_out),
+    ("tiny_llama", "mlp_out", tlp.get_act_patch_mlp_out),
+    ("tiny_llama", "blocks.{layer}.hook_attn_out", tlp.get_act_patch_attn_out),  # full-forward path
+])
+def test_layer_pos_sweep_equals_transformer_lens(model, hook, tl_fn, request):
+    hm = request.getfixturevalue(model)
+    ct, xt, cl, ca, xa, clean_cache, metric, clean_ld = _setup(hm)
+    with torch.no_grad():
+        ref = tl_fn(hm.bridge, xt, clean_cache, metric, reduce="none", baseline=True)
+    grid = patch_layer_pos(hm, ct, xt, ca, xa, cl, hook=hook, max_batch=7, progress=False,
+                           fast=None if hook in ("resid_pre", "attn_out", "mlp_out") else False)
+    assert grid.logit_diff.shape == ref.values.shape == (hm.n_layers, ct.shape[1], 3)
+    assert (grid.logit_diff - ref.values).abs().max().item() <= 1e-4
+    assert (grid.corrupted - ref.baseline).abs().max().item() <= 1e-4
+    assert (grid.clean - clean_ld).abs().max().item() <= 1e-4
+    ref_norm = (ref.values - ref.baseline) / (clean_ld - ref.baseline)
+    assert (grid.value - ref_norm).abs().max().item() <= 1e-3
+    assert grid.logit_diff.std() > 1e-3  # the sweep has signal
+
+
+def test_subset_and_bad_input(tiny_llama):
+    hm = tiny_llama
+    ct, xt, cl, ca, xa, clean_cache, metric, _ = _setup(hm)
+    full = patch_layer_pos(hm, ct, xt, ca, xa, cl, progress=False)
+    sub = patch_layer_pos(hm, ct, xt, ca, xa, cl, layers=[2], positions=[1, 4], max_batch=1,
+                          progress=False)
+    assert torch.allclose(sub.logit_diff, full.logit_diff[[2]][:, [1, 4]], atol=1e-4)
+    with pytest.raises(ValueError, match="blocks"):
+        patch_layer_pos(hm, ct, xt, ca, xa, cl, hook="hook_embed", progress=False)
+    with pytest.raises(ValueError, match="did not fire"):
+        patch_layer_pos(hm, ct, xt, ca, xa, cl, hook="blocks.{layer}.no_such_hook", progress=False)
+    with pytest.raises(ValueError, match="equal"):
+        patch_layer_pos(hm, ct, xt[:, :-1], ca, xa, cl, progress=False)
+
+
+def test_corrupted_pairs_and_table(tiny_llama):
+    hm = tiny_llama
+    exs = make_examples()
+    spans = [byte_spans(hm, ex) for ex in exs]
+    pairs = make_corrupted_pairs(exs, hm, seed=1, spans=spans)
+    assert len(pairs) == len(exs)
+    for p in pairs:
+        assert len(hm.encode(p.clean_prompt)) == len(hm.encode(p.corrupted_prompt))
+        assert hm.encode(p.clean_answer)[0] != hm.encode(p.corrupted_answer)[0]
+        assert p.corrupted_prompt != p.clean_prompt
+    assert make_corrupted_pairs(exs, hm, seed=1, spans=spans) == pairs  # seeded
+    df = activation_patching(hm, pairs[:3], hooks=("resid_pre",), progress=False)
+    T = len(hm.encode(exs[0].prompt))
+    assert len(df) == 3 * hm.n_layers * T
+    assert set(df["position_label"]) >= {"e1_0", "e1_last", "final", "other"}
+    # Closed form: at layer 0 resid_pre is the token embedding, so positions where clean and
+    # corrupted tokens agree patch nothing (value 0), and the final position at layer 0 carries
+    # everything the corrupted run is missing only if e1 tokens... (checked: value 0 off-span).
+    l0 = df[(df.layer == 0) & (~df.position_label.str.startswith("e1"))]
+    assert l0["value"].abs().max() < 1e-4
+    # Patching every position at layer 0 would restore the clean run; one e1 token does not.
+    assert df[df.layer == 0].groupby("example_id")["value"].apply(lambda v: v.abs().max()).min() > 0
+    with pytest.raises(ValueError, match="donor"):
+        make_corrupted_pairs(exs[:1], hm, spans=spans[:1])
+    bad = PatchPair(0, "abc", "abcd", "x", "y")
+    with pytest.raises(ValueError, match="token length"):
+        activation_patching(hm, [bad], hooks=("resid_pre",), progress=False)
+
+
+def test_back_patching_diagonal_is_noop_and_offdiagonal_matches_hooks(tiny_qwen2):
+    hm = tiny_qwen2
+    exs = make_examples()[:3]
+    exs[1] = dataclasses.replace(exs[1], prompt=exs[1].prompt + " the")  # unequal lengths
+    df = back_patching(hm, exs, max_batch=5, progress=False)
+    L = hm.n_layers
+    assert len(df) == 3 * L * (L + 1) // 2
+    diag = df[df.source_layer == df.target_layer]
+    assert (diag["logprob"] - diag["base_logprob"]).abs().max() < 1e-4
+    assert not diag["fixed"].any() and (diag["correct"] == diag["was_correct"]).all()
+    assert (df.target_layer <= df.source_layer).all()
+    # independent computation of one off-diagonal cell: full forward with a resid_pre hook
+    ls, lt, b = 3, 1, 1
+    toks, lengths = hm.tokenize([ex.prompt for ex in exs])
+    f = int(lengths[b]) - 1
+    with torch.no_grad():
+        _, cache = hm.bridge.run_with_cache(toks)
+        src = cache[f"blocks.{ls}.hook_resid_pre"][b, f].clone()
+
+        def hook(x, hook):
+            x = x.clone()
+            x[b, f] = src
+            return x
+        logits = hm.bridge.run_with_hooks(toks, fwd_hooks=[(f"blocks.{lt}.hook_resid_pre", hook)])
+    ans = hm.encode(exs[b].answer)[0]
+    want = torch.log_softmax(logits[b, f], -1)[ans].item()
+    got = df[(df.source_layer == ls) & (df.target_layer == lt) & (df.example_id == b)]["logprob"]
+    assert abs(got.item() - want) < 1e-4
+    assert abs(want - diag[diag.example_id == b]["base_logprob"].iloc[0]) > 1e-4  # it did change
+
+
+def test_attention_knockout(tiny_llama):
+    hm = tiny_llama
+    exs = make_examples()[:3]
+    exs[2] = dataclasses.replace(exs[2], prompt=exs[2].prompt + " now")
+    spans = [byte_spans(hm, ex) for ex in exs]
+    empty = [{"e1": (s["e1"][0], s["e1"][0])} for s in spans]
+    none = attention_knockout(hm, exs, window=2, spans=empty, progress=False)
+    assert len(none) == 3 * hm.n_layers
+    assert none["delta"].abs().max() < 1e-4
+    real = attention_knockout(hm, exs, window=2, spans=spans, max_batch=2, progress=False)
+    assert real["delta"].abs().max() > 1e-3
+    # independent computation: zero the pattern row and renormalise, full forward
+    c, b = 1, 2
+    row = real[(real.layer == c) & (real.example_id == b)].iloc[0]
+    toks, lengths = hm.tokenize([ex.prompt for ex in exs])
+    f = int(lengths[b]) - 1
+    a, e = spans[b]["e1"]
+
+    def renorm(p, hook):
+        p = p.clone()
+        p[b, :, f, a:e] = 0
+        p[b, :, f] = p[b, :, f] / p[b, :, f].sum(-1, keepdim=True)
+        return p
+    hooks = [(f"blocks.{l}.attn.hook_pattern", renorm)
+             for l in range(int(row.first_layer), int(row.last_layer) + 1)]
+    with torch.no_grad():
+        logits = hm.bridge.run_with_hooks(toks, fwd_hooks=hooks)
+    want = torch.log_softmax(logits[b, f], -1)[hm.encode(exs[b].answer)[0]].item()
+    assert abs(row.logprob - want) < 1e-4
+    assert (row.first_layer, row.last_layer) == (1, 2)
+    with pytest.raises(ValueError, match="window"):
+        attention_knockout(hm, exs, window=0, spans=spans, progress=False)
+
+
+def test_difference():
+    a = pd.DataFrame({"layer": [0, 0, 1], "position_label": ["f", "f", "f"], "value": [1., 3., 5.]})
+    b = pd.DataFrame({"layer": [0, 1, 2], "position_label": ["f", "f", "f"], "value": [0.5, 1., 9.]})
+    d = difference(a, b, on=["layer", "position_label"], labels=("uniform", "oracle"))
+    assert d["difference"].tolist() == [1.5, 4.0]
+    assert list(d.columns) == ["layer", "position_label", "value_uniform", "value_oracle",
+                               "difference"]
+    with pytest.raises(ValueError, match="lacks"):
+        difference(a, b.drop(columns="value"), on=["layer"])
+    with pytest.raises(ValueError, match="share no"):
+        difference(a, b.assign(layer=b.layer + 10), on=["layer"])
