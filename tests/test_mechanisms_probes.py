@@ -1,0 +1,55 @@
+"""Probes: separable features decode, the control task does not; features equal the cache."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from interp.mechanisms.probes import collect_features, probe_features
+
+
+def test_probe_separable_vs_control():
+    rng = np.random.default_rng(0)
+    n_classes, per, d = 4, 15, 32
+    y = np.repeat([f"c{k}" for k in range(n_classes)], per)
+    means = rng.normal(0, 4, (n_classes, d))
+    X = np.stack([means[int(c[1])] + rng.normal(0, 0.5, d) for c in y])
+    noise = rng.normal(0, 1, X.shape)
+    df = probe_features({"final": np.stack([X, noise])}, y, layers=[5, 6], progress=False)
+    sep, rand = df[df.layer == 5].iloc[0], df[df.layer == 6].iloc[0]
+    assert sep.accuracy >= 0.98
+    assert sep.control_accuracy < 0.5 and sep.selectivity > 0.5
+    assert rand.accuracy < 0.5
+    assert (sep.n, sep.n_classes, sep.task) == (60, 4, "identity")
+
+
+def test_probe_fallbacks():
+    rng = np.random.default_rng(1)
+    y = ["a"] * 12 + ["b"] * 2 + ["c"] * 2 + ["d"] * 10
+    X = rng.normal(0, 1, (1, len(y), 8))
+    df = probe_features({"final": X}, y, n_splits=5, progress=False)
+    assert (df.n.iloc[0], df.n_classes.iloc[0]) == (22, 2)  # rare classes dropped
+    y2 = ["a"] * 10 + ["b", "c", "d", "e", "f", "g"]
+    df2 = probe_features({"final": rng.normal(0, 1, (1, 16, 8))}, y2, n_splits=5, progress=False)
+    assert df2.task.iloc[0] == "one_vs_rest:a"
+    with pytest.raises(ValueError, match="cross-validate"):
+        probe_features({"final": X[:, :4]}, ["a", "b", "c", "d"], progress=False)
+
+
+@dataclasses.dataclass
+class Ex:
+    prompt: str
+    char_spans: dict
+
+
+def test_collect_features_equal_cache(tiny_qwen2):
+    hm = tiny_qwen2
+    exs = [Ex("The boss of Zorba is", {"e1": (12, 17)}), Ex("Quinn X", {"e1": (0, 5)})]
+    spans = [{"e1": (12, 17)}, {"e1": (0, 5)}]  # byte tokenizer: char = token
+    f = collect_features(hm, exs, layers=[1, 3], spans=spans, batch_size=1)
+    with torch.no_grad():
+        _, cache = hm.bridge.run_with_cache(hm.tokenize([exs[1].prompt])[0])
+    assert f["e1_last"].shape == (2, 2, hm.d_model)
+    assert np.allclose(f["e1_last"][1, 1], cache["blocks.3.hook_resid_pre"][0, 4].numpy(), atol=1e-5)
+    assert np.allclose(f["final"][0, 1], cache["blocks.1.hook_resid_pre"][0, 6].numpy(), atol=1e-5)
