@@ -49,9 +49,10 @@ Familiarity (when ``base`` is given) — stored in ``World.familiarity`` and ``W
 
 * name log-probability: mean log-prob per token (nats) of the name, with its leading space, after
   a neutral type context (``NAME_CONTEXTS``: "Let me tell you about the city of"…);
-* invented names with mean log-prob above ``INVENTED_MAX_LOGPROB`` (-2.0 nats/token) are rejected as
-  too predictable (they may be real words or names);
-* famous people (R's e₁) need mean log-prob ≥ ``FAMOUS_MIN_LOGPROB`` (-3.0);
+* invented names with mean log-prob above ``INVENTED_MAX_LOGPROB`` (-6.0 nats/token) are rejected as
+  too predictable (they may be real words or names; measured on SmolLM2-135M: invented
+  names -10 ± 2, famous people -5.7 ± 1.7 nats/token);
+* famous people (R's e₁) need mean log-prob ≥ ``FAMOUS_MIN_LOGPROB`` (-8.0);
 * real city→country facts are kept for H only if the base model's greedy first answer token is
   right on every training template of r₂ (``base_checks`` records each query);
 * ``base_checks`` also records the base model's first-token answer to every one-hop query of every
@@ -118,8 +119,8 @@ NAME_CONTEXTS = {
     "country": "Let me tell you about the country of",
     "animal": "Let me tell you about the",
 }
-INVENTED_MAX_LOGPROB = -2.0
-FAMOUS_MIN_LOGPROB = -3.0
+INVENTED_MAX_LOGPROB = -6.0
+FAMOUS_MIN_LOGPROB = -8.0
 
 # Very well-known cities and their countries (one-word or two-word country names without "the").
 REAL_CITY_COUNTRY: tuple[tuple[str, str], ...] = (
@@ -326,3 +327,528 @@ def answer_token_ids(example: Example, hm: Any) -> list[int]:
     if not ids:
         raise WorldError(f"answer {example.answer!r} tokenises to no tokens")
     return ids
+
+
+# --------------------------------------------------------------------------------------------
+# Names
+# --------------------------------------------------------------------------------------------
+
+
+def _syllable(rng: random.Random) -> str:
+    return rng.choice(_ONSETS) + rng.choice(_VOWELS) + rng.choice(_CODAS)
+
+
+def invented_name(rng: random.Random, etype: str) -> str:
+    """One invented name of type ``"person"`` (two words), ``"city"`` or ``"country"``."""
+    if etype == "person":
+        return (_syllable(rng) + _syllable(rng)).capitalize() + " " + \
+            (_syllable(rng) + rng.choice(("", _syllable(rng)))).capitalize()
+    if etype == "city":
+        return (_syllable(rng) + rng.choice(_CITY_SUFFIX)).capitalize()
+    if etype == "country":
+        return (_syllable(rng) + rng.choice(("", _syllable(rng))) + rng.choice(_COUNTRY_SUFFIX)).capitalize()
+    raise WorldError(f"unknown entity type {etype!r}")
+
+
+def validate_names(names: Sequence[str], tokenizer: Any = None) -> None:
+    """Check a list of entity names: non-empty, unique, and (if a tokenizer is given) non-empty
+    after tokenisation with a leading space.
+
+    Raises:
+        WorldError: an empty/blank name, a name with surrounding whitespace, a duplicate
+            (case-insensitive), or a name that tokenises to no tokens.
+    """
+    seen: dict[str, str] = {}
+    for n in names:
+        if not isinstance(n, str) or not n.strip():
+            raise WorldError(f"empty entity name {n!r}")
+        if n != n.strip():
+            raise WorldError(f"entity name {n!r} has surrounding whitespace")
+        key = n.lower()
+        if key in seen:
+            raise WorldError(f"duplicate entity name {n!r} (collides with {seen[key]!r})")
+        seen[key] = n
+        if tokenizer is not None:
+            ids = _tokenizer_of(tokenizer)(" " + n, add_special_tokens=False)["input_ids"]
+            if not ids or not _tokenizer_of(tokenizer).decode(ids).strip():
+                raise WorldError(f"entity name {n!r} tokenises to nothing")
+
+
+def _first_token(tok: Any, name: str) -> int:
+    ids = tok(" " + name, add_special_tokens=False)["input_ids"]
+    if not ids:
+        raise WorldError(f"entity name {name!r} tokenises to nothing")
+    return int(ids[0])
+
+
+def first_token_is_informative(tokenizer: Any) -> bool:
+    """False for byte-level tokenizers, where every ``" Name"`` starts with the same space token."""
+    tok = _tokenizer_of(tokenizer)
+    return _first_token(tok, "Paris") != _first_token(tok, "Tokyo")
+
+
+# --------------------------------------------------------------------------------------------
+# Base-model measurements (familiarity)
+# --------------------------------------------------------------------------------------------
+
+
+def name_logprobs(hm: Any, names: Sequence[str], etype: str, batch_size: int = 32) -> list[float]:
+    """Mean log-probability per token (nats) of ``" " + name`` after ``NAME_CONTEXTS[etype]``.
+
+    A familiarity score: high for names the base model has seen (the later tokens of "Albert
+    Einstein" are nearly certain), low for invented ones.
+
+    Returns:
+        one float per name (≤ 0).
+
+    Raises:
+        WorldError: unknown ``etype``; a name that tokenises to nothing.
+    """
+    import torch
+
+    if etype not in NAME_CONTEXTS:
+        raise WorldError(f"unknown entity type {etype!r}; expected one of {sorted(NAME_CONTEXTS)}")
+    ctx = hm.encode(NAME_CONTEXTS[etype])
+    out: list[float] = []
+    for b in range(0, len(names), batch_size):
+        chunk = list(names[b:b + batch_size])
+        rows = []
+        for n in chunk:
+            ids = hm.encode(" " + n)
+            if not ids:
+                raise WorldError(f"entity name {n!r} tokenises to nothing")
+            rows.append(ids)
+        width = len(ctx) + max(len(r) for r in rows)
+        toks = torch.full((len(rows), width), hm.pad_token_id, dtype=torch.long)
+        for i, r in enumerate(rows):
+            toks[i, :len(ctx) + len(r)] = torch.tensor(ctx + r)
+        logp = torch.log_softmax(hm.logits(toks.to(hm.device)).float(), dim=-1)
+        for i, r in enumerate(rows):
+            pos = torch.arange(len(ctx) - 1, len(ctx) - 1 + len(r))
+            lp = logp[i, pos, torch.tensor(r)]
+            out.append(float(lp.mean()))
+    return out
+
+
+def first_token_predictions(hm: Any, prompts: Sequence[str], batch_size: int = 16) -> list[int]:
+    """Greedy first token (argmax at the last prompt position) of each prompt, batched."""
+    preds: list[int] = []
+    for b in range(0, len(prompts), batch_size):
+        preds.extend(int(t) for t in hm.final_logits(list(prompts[b:b + batch_size])).argmax(-1))
+    return preds
+
+
+# --------------------------------------------------------------------------------------------
+# The world
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class World:
+    """A generated two-hop world: chains, every dataset as :class:`Example` lists, measurements.
+
+    Attributes:
+        seed: RNG seed it was generated from.
+        config: the generator arguments (JSON-able).
+        chains: one row per chain: ``chain_id, tier, role ("test"|"d_ac"), e1, e2, e3``.
+        examples: every example of every split.
+        familiarity: one row per candidate name measured on the base model: ``name, etype,
+            tier, role, n_tokens, mean_logprob, kept, reason`` (empty without ``base``).
+        base_checks: one row per query asked of the base model: ``tier, kind, relation,
+            template_id, chain_id, prompt, answer, pred, correct`` (empty without ``base``).
+    """
+
+    seed: int
+    config: dict[str, Any]
+    chains: pd.DataFrame
+    examples: list[Example]
+    familiarity: pd.DataFrame
+    base_checks: pd.DataFrame
+
+    def get(self, split: str | None = None, tier: str | None = None, kind: str | None = None,
+            held_out: bool | None = None) -> list[Example]:
+        """Examples filtered by split / tier / kind / held-out template (``None`` = any).
+
+        Raises:
+            WorldError: a filter value that no example has (likely a typo).
+        """
+        for field, val in (("split", split), ("tier", tier), ("kind", kind)):
+            if val is not None and val not in {getattr(e, field) for e in self.examples}:
+                raise WorldError(f"no example has {field}={val!r}")
+        return [e for e in self.examples
+                if (split is None or e.split == split) and (tier is None or e.tier == tier)
+                and (kind is None or e.kind == kind)
+                and (held_out is None or e.held_out_template == held_out)]
+
+    def train_pairs(self, split: str) -> list[tuple[str, str]]:
+        """``(prompt, answer)`` pairs of a split, the input format of ``train_expert``."""
+        return [(e.prompt, e.answer) for e in self.get(split=split)]
+
+    def summary(self) -> pd.DataFrame:
+        """Number of examples, chains and templates per ``split, tier, kind``."""
+        df = pd.DataFrame([e.to_dict() for e in self.examples])
+        return (df.groupby(["split", "tier", "kind"], sort=True)
+                .agg(n=("prompt", "size"), n_chains=("chain_id", "nunique"),
+                     n_templates=("template_id", "nunique"),
+                     n_held_out=("held_out_template", "sum"))
+                .reset_index())
+
+    def familiarity_summary(self) -> pd.DataFrame:
+        """Per tier: base first-token accuracy per (kind, relation) and mean name log-prob per
+        entity role, from ``base_checks`` and ``familiarity`` (empty without ``base``)."""
+        rows = []
+        if len(self.base_checks):
+            g = self.base_checks.groupby(["tier", "kind", "relation"])["correct"]
+            for (tier, kind, rel), s in g:
+                rows.append({"tier": tier, "measure": f"base_acc_{kind}", "relation": rel,
+                             "n": int(s.size), "value": float(s.mean())})
+        if len(self.familiarity):
+            kept = self.familiarity[self.familiarity["kept"]]
+            for (tier, role), s in kept.groupby(["tier", "role"])["mean_logprob"]:
+                rows.append({"tier": tier, "measure": f"name_logprob_{role}", "relation": "",
+                             "n": int(s.size), "value": float(s.mean())})
+        return pd.DataFrame(rows, columns=["tier", "measure", "relation", "n", "value"])
+
+    def to_json(self, path: str | os.PathLike) -> None:
+        """Write the world to ``path`` as JSON, atomically."""
+        blob = {"format": "interp.two_hop.World/1", "seed": self.seed, "config": self.config,
+                "chains": self.chains.to_dict(orient="records"),
+                "examples": [e.to_dict() for e in self.examples],
+                "familiarity": self.familiarity.to_dict(orient="records"),
+                "base_checks": self.base_checks.to_dict(orient="records")}
+        atomic_write_text(path, json.dumps(blob, indent=0))
+
+    @classmethod
+    def from_json(cls, path: str | os.PathLike) -> "World":
+        """Read a world written by :meth:`to_json`.
+
+        Raises:
+            WorldError: missing file, invalid JSON, wrong format tag or bad example fields.
+        """
+        p = Path(path)
+        if not p.is_file():
+            raise WorldError(f"no world file at {p}")
+        try:
+            blob = json.loads(p.read_text())
+        except json.JSONDecodeError as e:
+            raise WorldError(f"world file {p} is not valid JSON: {e}") from e
+        if not isinstance(blob, dict) or blob.get("format") != "interp.two_hop.World/1":
+            raise WorldError(f"{p} is not an interp two-hop world file")
+        return cls(seed=int(blob["seed"]), config=blob["config"],
+                   chains=pd.DataFrame(blob["chains"], columns=_CHAIN_COLS),
+                   examples=[Example.from_dict(d) for d in blob["examples"]],
+                   familiarity=pd.DataFrame(blob["familiarity"], columns=_FAM_COLS),
+                   base_checks=pd.DataFrame(blob["base_checks"], columns=_CHECK_COLS))
+
+
+_CHAIN_COLS = ["chain_id", "tier", "role", "e1", "e2", "e3"]
+_FAM_COLS = ["name", "etype", "tier", "role", "n_tokens", "mean_logprob", "kept", "reason"]
+_CHECK_COLS = ["tier", "kind", "relation", "template_id", "chain_id", "prompt", "answer", "pred",
+               "correct"]
+
+
+def _examples_for(chain: dict, kind: str, relation: str, template_ids: Iterable[int],
+                  split: str, n_train: int) -> list[Example]:
+    key = "e2" if kind == "hop2" else "e1"
+    answer = {"hop1": chain["e2"], "hop2": chain["e3"], "two_hop": chain["e3"]}[kind]
+    out = []
+    for t in template_ids:
+        prompt, spans = fill_template(TEMPLATES[relation][t], **{key: chain[key]})
+        out.append(Example(prompt=prompt, answer=" " + answer, kind=kind, tier=chain["tier"],
+                           chain_id=int(chain["chain_id"]), template_id=t, e1=chain["e1"],
+                           e2=chain["e2"], e3=chain["e3"], char_spans=spans, split=split,
+                           relation=relation, held_out_template=t >= n_train))
+    return out
+
+
+def make_world(seed: int = 0, n_chains_per_tier: int = 64, base: Any = None, *,
+               n_dac_chains_per_tier: int = 16, n_train_templates: int = 2,
+               n_invented_countries: int = 16, tokenizer: Any = None,
+               real_city_country: Sequence[tuple[str, str]] = REAL_CITY_COUNTRY,
+               famous_people: Sequence[str] = FAMOUS_PEOPLE, animals: Sequence[str] = ANIMALS,
+               check_templates: Sequence[int] = (0,), batch_size: int = 16,
+               max_draws: int = 20000) -> World:
+    """Generate a seeded two-hop world (module docstring: tiers, splits, familiarity checks).
+
+    Args:
+        seed: RNG seed; the same seed (and base model) gives the same world.
+        n_chains_per_tier: test chains per tier.
+        base: a ``HookedModel``; when given, familiarity is measured and enforced (real
+            city→country facts filtered to those the base model answers, names scored).
+        n_dac_chains_per_tier: extra chains per tier whose two-hop queries form D_AC.
+        n_train_templates: templates per relation used for training (the rest are held out).
+        n_invented_countries: size of the invented country pool of tier F.
+        tokenizer: tokenizer for name checks when ``base`` is not given.
+        real_city_country, famous_people, animals: the real entity lists.
+        check_templates: templates of the base-model accuracy checks on the chains' facts.
+        batch_size: base-model batch size.
+        max_draws: cap on invented-name draws before giving up.
+
+    Returns:
+        a :class:`World`.
+
+    Raises:
+        WorldError: non-positive sizes, bad entity lists (empty/duplicate names, names that
+            tokenise to nothing), or too few entities surviving the checks.
+    """
+    t0 = time.perf_counter()
+    if n_chains_per_tier < 1 or n_dac_chains_per_tier < 0:
+        raise WorldError(f"need n_chains_per_tier >= 1 and n_dac_chains_per_tier >= 0, got "
+                         f"{n_chains_per_tier}, {n_dac_chains_per_tier}")
+    n_templates = min(len(v) for v in TEMPLATES.values())
+    if not 1 <= n_train_templates < n_templates:
+        raise WorldError(f"n_train_templates must be in [1, {n_templates - 1}] so that at least "
+                         f"one template is held out; got {n_train_templates}")
+    if n_invented_countries < 1:
+        raise WorldError("n_invented_countries must be >= 1")
+    tok = _tokenizer_of(base) if base is not None else (_tokenizer_of(tokenizer) if tokenizer else None)
+    cities = [c for c, _ in real_city_country]
+    validate_names(cities, tok)
+    validate_names(list(famous_people), tok)
+    validate_names(list(animals), tok)
+    validate_names(sorted({k for _, k in real_city_country}), tok)
+    rng = random.Random(seed)
+    n_per_tier = n_chains_per_tier + n_dac_chains_per_tier
+    informative = tok is not None and first_token_is_informative(tok)
+    fam_rows: list[dict] = []
+    check_rows: list[dict] = []
+
+    # -- real entities: city -> country facts the base model knows (tier H) ------------------
+    known_pairs = list(real_city_country)
+    if base is not None:
+        known_pairs = []
+        rel = "located_in"
+        queries = [(c, k, t) for c, k in real_city_country for t in range(n_train_templates)]
+        prompts = [fill_template(TEMPLATES[rel][t], e2=c)[0] for c, k, t in queries]
+        preds = first_token_predictions(base, prompts, batch_size)
+        ok: dict[str, bool] = {}
+        for (c, k, t), p, pr in zip(queries, prompts, preds):
+            good = pr == _first_token(tok, k)
+            ok[c] = ok.get(c, True) and good
+            check_rows.append({"tier": "H", "kind": "real_fact", "relation": rel, "template_id": t,
+                               "chain_id": -1, "prompt": p, "answer": " " + k,
+                               "pred": tok.decode([pr]), "correct": bool(good)})
+        known_pairs = [(c, k) for c, k in real_city_country if ok[c]]
+    # distinct first tokens among countries and among cities (answers of one query type)
+    used_first: dict[str, set[int]] = {"city": set(), "country": set(), "animal": set()}
+
+    def claim(etype: str, name: str) -> bool:
+        if not informative:
+            return True
+        ft = _first_token(tok, name)
+        if ft in used_first[etype]:
+            return False
+        used_first[etype].add(ft)
+        return True
+
+    country_first: dict[str, int] = {}
+    kept_pairs = []
+    for c, k in known_pairs:  # real countries may repeat (several cities per country)
+        if informative and k not in country_first:
+            ft = _first_token(tok, k)
+            if ft in used_first["country"]:
+                continue
+            used_first["country"].add(ft)
+            country_first[k] = ft
+        kept_pairs.append((c, k))
+    known_pairs = kept_pairs
+    real_cities = []
+    for c in cities:
+        if claim("city", c):
+            real_cities.append(c)
+    known_pairs = [(c, k) for c, k in known_pairs if c in set(real_cities)]
+    animal_pool = [a for a in animals if claim("animal", a)]
+
+    people = list(famous_people)
+    if base is not None:
+        for etype, names, tier, role in (("person", people, "R", "e1"),
+                                         ("city", real_cities, "HR", "e2"),
+                                         ("animal", animal_pool, "R", "e3")):
+            lps = name_logprobs(base, names, etype)
+            for n, lp in zip(names, lps):
+                keep = etype != "person" or lp >= FAMOUS_MIN_LOGPROB
+                fam_rows.append({"name": n, "etype": etype, "tier": tier, "role": role,
+                                 "n_tokens": len(base.encode(" " + n)), "mean_logprob": lp,
+                                 "kept": keep, "reason": "" if keep else
+                                 f"mean log-prob {lp:.2f} < {FAMOUS_MIN_LOGPROB}"})
+        low = {r["name"] for r in fam_rows if r["etype"] == "person" and not r["kept"]}
+        people = [p for p in people if p not in low]
+        countries = sorted({k for _, k in known_pairs})
+        for n, lp in zip(countries, name_logprobs(base, countries, "country")):
+            fam_rows.append({"name": n, "etype": "country", "tier": "H", "role": "e3",
+                             "n_tokens": len(base.encode(" " + n)), "mean_logprob": lp,
+                             "kept": True, "reason": ""})
+    if len(known_pairs) < 2:
+        raise WorldError(f"only {len(known_pairs)} real city->country facts survive the checks; "
+                         "tier H needs at least 2")
+    if len(people) < n_per_tier:
+        raise WorldError(f"tier R needs {n_per_tier} famous people but only {len(people)} survive "
+                         f"(log-prob >= {FAMOUS_MIN_LOGPROB}); lower n_chains_per_tier or add names")
+    if len(animal_pool) < 2:
+        raise WorldError("tier R needs at least 2 animals with distinct first tokens")
+
+    # -- invented names --------------------------------------------------------------------
+    taken = {n.lower() for n in cities + people + list(animals) + list(famous_people)}
+    taken |= {k.lower() for _, k in real_city_country}
+    words = set()
+    for n in taken:
+        words |= set(n.split())
+
+    def draw(etype: str, n: int) -> list[str]:
+        out: list[str] = []
+        draws = 0
+        while len(out) < n:
+            batch, firsts = [], set()
+            while len(batch) < max(3 * (n - len(out)), 32):
+                draws += 1
+                if draws > max_draws:
+                    raise WorldError(f"could not draw {n} distinct invented {etype} names in "
+                                     f"{max_draws} draws (first-token collisions?)")
+                name = invented_name(rng, etype)
+                if name.lower() in taken or any(w.lower() in words for w in name.split()):
+                    continue
+                if informative and etype in used_first:  # cheap first-token pre-filter
+                    ft = _first_token(tok, name)
+                    if ft in used_first[etype] or ft in firsts:
+                        continue
+                    firsts.add(ft)
+                taken.add(name.lower())
+                batch.append(name)
+            lps = name_logprobs(base, batch, etype) if base is not None else [None] * len(batch)
+            for name, lp in zip(batch, lps):
+                if len(out) >= n:
+                    break
+                reason = ""
+                if lp is not None and lp > INVENTED_MAX_LOGPROB:
+                    reason = f"mean log-prob {lp:.2f} > {INVENTED_MAX_LOGPROB}"
+                elif etype in used_first and not claim(etype, name):
+                    reason = "first token collides with another candidate answer"
+                if base is not None:
+                    fam_rows.append({"name": name, "etype": etype, "tier": "FH" if etype == "person"
+                                     else "F", "role": {"person": "e1", "city": "e2",
+                                                        "country": "e3"}[etype],
+                                     "n_tokens": len(base.encode(" " + name)), "mean_logprob": lp,
+                                     "kept": not reason, "reason": reason})
+                if not reason:
+                    out.append(name)
+        return out
+
+    inv_countries = draw("country", n_invented_countries)
+    inv_cities = draw("city", n_per_tier)
+    inv_people = draw("person", 2 * n_per_tier)
+
+    # -- chains ------------------------------------------------------------------------------
+    chains: list[dict] = []
+    shuffled_known = known_pairs[:]
+    rng.shuffle(shuffled_known)
+    r_cities = real_cities[:]
+    rng.shuffle(r_cities)
+    mascot = {c: rng.choice(animal_pool) for c in r_cities}
+    country_of_inv = {c: rng.choice(inv_countries) for c in inv_cities}
+    famous = people[:]
+    rng.shuffle(famous)
+    for tier in TIERS:
+        for i in range(n_per_tier):
+            role = "test" if i < n_chains_per_tier else "d_ac"
+            if tier == "F":
+                e1, e2 = inv_people[i], inv_cities[i]
+                e3 = country_of_inv[e2]
+            elif tier == "H":
+                e1 = inv_people[n_per_tier + i]
+                e2, e3 = shuffled_known[i % len(shuffled_known)]
+            else:
+                e1 = famous[i]
+                e2 = r_cities[i % len(r_cities)]
+                e3 = mascot[e2]
+            chains.append({"chain_id": len(chains), "tier": tier, "role": role,
+                           "e1": e1, "e2": e2, "e3": e3})
+
+    # -- datasets ----------------------------------------------------------------------------
+    train_t = range(n_train_templates)
+    all_t = range(n_templates)
+    examples: list[Example] = []
+    seen_hop2: set[tuple[str, str]] = set()
+    for ch in chains:
+        r2 = R2_BY_TIER[ch["tier"]]
+        examples += _examples_for(ch, "hop1", R1, train_t, "d1", n_train_templates)
+        if (ch["tier"], ch["e2"]) not in seen_hop2:
+            seen_hop2.add((ch["tier"], ch["e2"]))
+            examples += _examples_for(ch, "hop2", r2, train_t, "d2", n_train_templates)
+        two = f"{R1}+{r2}"
+        if ch["role"] == "d_ac":
+            examples += _examples_for(ch, "two_hop", two, train_t, "d_ac", n_train_templates)
+        else:
+            examples += _examples_for(ch, "two_hop", two, all_t, "test", n_train_templates)
+            examples += _examples_for(ch, "hop1", R1, all_t, "eval", n_train_templates)
+            examples += _examples_for(ch, "hop2", r2, all_t, "eval", n_train_templates)
+    for c, k in known_pairs:
+        examples += _examples_for({"chain_id": -1, "tier": "H", "e1": "", "e2": c, "e3": k},
+                                  "hop2", "located_in", all_t, "retain", n_train_templates)
+
+    # -- base-model accuracy on the chains' own facts ------------------------------------------
+    if base is not None:
+        probe = [e for e in examples if e.split in ("eval", "test")
+                 and e.template_id in set(check_templates)]
+        preds = first_token_predictions(base, [e.prompt for e in probe], batch_size)
+        for e, pr in zip(probe, preds):
+            check_rows.append({"tier": e.tier, "kind": e.kind, "relation": e.relation,
+                               "template_id": e.template_id, "chain_id": e.chain_id,
+                               "prompt": e.prompt, "answer": e.answer, "pred": tok.decode([pr]),
+                               "correct": pr == answer_token_ids(e, base)[0]})
+
+    config = {"seed": seed, "n_chains_per_tier": n_chains_per_tier,
+              "n_dac_chains_per_tier": n_dac_chains_per_tier,
+              "n_train_templates": n_train_templates, "n_invented_countries": n_invented_countries,
+              "base": getattr(base, "name", None), "first_token_distinct": informative,
+              "check_templates": list(check_templates),
+              "thresholds": {"invented_max_logprob": INVENTED_MAX_LOGPROB,
+                             "famous_min_logprob": FAMOUS_MIN_LOGPROB},
+              "seconds": round(time.perf_counter() - t0, 2)}
+    return World(seed=seed, config=config, chains=pd.DataFrame(chains, columns=_CHAIN_COLS),
+                 examples=examples, familiarity=pd.DataFrame(fam_rows, columns=_FAM_COLS),
+                 base_checks=pd.DataFrame(check_rows, columns=_CHECK_COLS))
+
+
+def chaining_prompts(world_or_examples: World | Sequence[Example],
+                     hop1_predictions: Sequence[str], placeholder: str = "unknown") -> list[Example]:
+    """Explicit chaining: the hop-2 prompt filled with the model's own hop-1 answer.
+
+    For hop-1 example *i* (``e₁ r₁ → ?``) and the model's answer ``hop1_predictions[i]`` (e.g.
+    from ``evaluate.greedy_answers``), build ``e₂' r₂ → e₃`` with the same template index of the
+    tier's r₂ relation; its gold answer is the chain's true e₃. The prediction is cut at the first
+    newline / period / comma and stripped; an empty one is replaced by ``placeholder`` (the
+    example then records ``e2_used=""``). This separates missing knowledge from failed latent
+    composition (cf. Biran et al. 2024; Balesni et al. 2024).
+
+    Args:
+        world_or_examples: a :class:`World` (its ``eval`` hop1 examples are used, in order) or
+            a list of ``hop1`` examples.
+        hop1_predictions: one predicted continuation per hop-1 example.
+
+    Returns:
+        ``chain_hop2`` examples (split ``"chain"``), aligned with the input.
+
+    Raises:
+        WorldError: lengths differ, an example is not ``hop1``, or the list is empty.
+    """
+    exs = world_or_examples.get(split="eval", kind="hop1") if isinstance(world_or_examples, World) \
+        else list(world_or_examples)
+    if not exs:
+        raise WorldError("chaining_prompts got no hop-1 examples")
+    if len(exs) != len(hop1_predictions):
+        raise WorldError(f"{len(exs)} hop-1 examples but {len(hop1_predictions)} predictions")
+    out = []
+    for e, pred in zip(exs, hop1_predictions):
+        if e.kind != "hop1":
+            raise WorldError(f"chaining_prompts needs hop1 examples, got kind {e.kind!r}")
+        p = str(pred).split("\n")[0]
+        for stop in (".", ","):
+            p = p.split(stop)[0]
+        p = p.strip()
+        rel = R2_BY_TIER[e.tier]
+        t = min(e.template_id, len(TEMPLATES[rel]) - 1)
+        prompt, spans = fill_template(TEMPLATES[rel][t], e2=p or placeholder)
+        out.append(dataclasses.replace(e, prompt=prompt, answer=" " + e.e3, kind="chain_hop2",
+                                       template_id=t, char_spans=spans, split="chain",
+                                       relation=rel, e2_used=p))
+    return out

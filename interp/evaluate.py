@@ -1,0 +1,249 @@
+"""Scoring prompts with gold answers, and accuracy tables with Wilson 95% intervals.
+
+Metrics per example (:func:`score_examples`), all from **one teacher-forced forward** of
+``encode(prompt) + encode(answer)`` (right-padded batch, no attention mask needed: a causal
+model's real positions never see the pads that follow them):
+
+* ``first_token_correct`` — the argmax at the last prompt position equals the answer's first
+  token (the usual one-token metric; meaningful when candidate answers have distinct first
+  tokens, see ``tasks.two_hop``);
+* ``exact_match`` — every answer token is the argmax given the gold prefix. By induction this is
+  the same as "greedy decoding of ``len(answer tokens)`` tokens reproduces the answer exactly"
+  (if the first k greedy tokens equal the gold ones, the (k+1)-th greedy step sees exactly the
+  gold prefix), so one forward replaces a decode loop; tested against :func:`greedy_answers`;
+* ``answer_logprob`` — Σ log p(answer token | prompt, gold prefix), nats.
+
+The answer is tokenised separately from the prompt; the task modules guarantee that
+``encode(prompt) + encode(answer) == encode(prompt + answer)`` for their templates.
+
+:func:`accuracy_table` aggregates scored frames (to which the caller adds ``method, library,
+test_set, hop``) into the tidy table of issue 4 with Wilson score intervals (Wilson 1927).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Any, Callable, Sequence
+
+import pandas as pd
+import torch
+
+TABLE_COLUMNS = ["method", "library", "test_set", "hop", "metric", "n", "accuracy", "ci_low",
+                 "ci_high"]
+METRIC_COLUMNS = {"first_token": "first_token_correct", "exact": "exact_match"}
+_EXAMPLE_FIELDS = ("prompt", "answer", "kind", "tier", "split", "chain_id", "template_id",
+                   "relation", "held_out_template", "e1", "e2", "e3", "variant", "problem_id")
+
+
+def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score interval for a binomial proportion k/n (Wilson 1927, JASA 22:209).
+
+    ``centre = (p + z²/2n) / (1 + z²/n)``, ``half = z √(p(1−p)/n + z²/4n²) / (1 + z²/n)``
+    with ``p = k/n``; the bounds are clipped to [0, 1]. ``z = 1.96`` gives a 95% interval.
+
+    Returns:
+        ``(lo, hi)``, fractions in [0, 1].
+
+    Raises:
+        ValueError: ``n <= 0``, ``k`` outside ``[0, n]``, non-integer counts, or ``z <= 0``.
+    """
+    if isinstance(k, bool) or isinstance(n, bool) or int(k) != k or int(n) != n:
+        raise ValueError(f"wilson_interval needs integer counts, got k={k!r}, n={n!r}")
+    k, n = int(k), int(n)
+    if n <= 0:
+        raise ValueError(f"wilson_interval needs n > 0, got n={n}")
+    if not 0 <= k <= n:
+        raise ValueError(f"wilson_interval needs 0 <= k <= n, got k={k}, n={n}")
+    if not z > 0:
+        raise ValueError(f"wilson_interval needs z > 0, got {z}")
+    p = k / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def _encode(hm: Any, text: str, what: str) -> list[int]:
+    ids = hm.encode(text)
+    if not ids:
+        raise ValueError(f"{what} {text!r} tokenises to no tokens")
+    return ids
+
+
+def _route_ctx(route: Callable | None, batch: Sequence[Any]):
+    return route(list(batch)) if route is not None else contextlib.nullcontext()
+
+
+@torch.no_grad()
+def score_examples(hm: Any, examples: Sequence[Any], batch_size: int = 16,
+                   route: Callable[[list], Any] | None = None,
+                   progress: bool = False) -> pd.DataFrame:
+    """Score each example by teacher forcing: first-token correctness, exact match, log-prob.
+
+    Args:
+        hm: a ``HookedModel`` (adapters attached or not).
+        examples: objects with ``prompt`` and ``answer`` (``tasks.two_hop.Example``,
+            ``tasks.math_word`` problems); other known fields are copied to the output.
+        batch_size: examples per forward; each forward is ``[batch, max(len(p)+len(a))]``.
+        route: optional ``route(batch_examples) -> context manager`` entered around that batch's
+            forward (oracle routing: activate the right adapter per batch).
+        progress: show a tqdm bar.
+
+    Returns:
+        one row per example, in input order: ``idx``, the example's fields (prompt, answer, kind,
+        tier, split, ... when present), ``first_token_correct`` (bool), ``exact_match`` (bool),
+        ``answer_logprob`` (nats), ``n_answer_tokens``, ``pred_first_token`` (decoded argmax at
+        the last prompt position), ``gold_first_token``.
+
+    Raises:
+        ValueError: empty ``examples``, ``batch_size < 1``, a prompt or answer that tokenises to
+            nothing, or a sequence longer than the model's context.
+    """
+    if not examples:
+        raise ValueError("score_examples got an empty list of examples")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    n_ctx = int(getattr(hm.bridge.cfg, "n_ctx", 0) or 0)
+    rows: list[dict] = []
+    starts = range(0, len(examples), batch_size)
+    if progress:
+        from tqdm.auto import tqdm
+        starts = tqdm(starts, desc="score", unit="batch")
+    for b in starts:
+        batch = examples[b:b + batch_size]
+        ps = [_encode(hm, e.prompt, "prompt") for e in batch]
+        ans = [_encode(hm, e.answer, "answer") for e in batch]
+        width = max(len(p) + len(a) for p, a in zip(ps, ans))
+        if n_ctx and width > n_ctx:
+            raise ValueError(f"a prompt+answer has {width} tokens, more than the context {n_ctx}")
+        toks = torch.full((len(batch), width), hm.pad_token_id, dtype=torch.long)
+        for i, (p, a) in enumerate(zip(ps, ans)):
+            toks[i, :len(p) + len(a)] = torch.tensor(p + a)
+        with _route_ctx(route, batch):
+            logits = hm.logits(toks.to(hm.device)).float()
+        logp = torch.log_softmax(logits, dim=-1)
+        for i, (e, p, a) in enumerate(zip(batch, ps, ans)):
+            pos = torch.arange(len(p) - 1, len(p) - 1 + len(a), device=logits.device)
+            gold = torch.tensor(a, device=logits.device)
+            pred = logits[i, pos].argmax(-1)
+            row = {"idx": b + i}
+            for f in _EXAMPLE_FIELDS:
+                if hasattr(e, f):
+                    row[f] = getattr(e, f)
+            row.update(first_token_correct=bool(pred[0] == gold[0]),
+                       exact_match=bool((pred == gold).all()),
+                       answer_logprob=float(logp[i, pos, gold].sum()),
+                       n_answer_tokens=len(a),
+                       pred_first_token=hm.tokenizer.decode([int(pred[0])]),
+                       gold_first_token=hm.tokenizer.decode([a[0]]))
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def accuracy_table(scored: pd.DataFrame, by: Sequence[str] = ("method", "library", "test_set", "hop"),
+                   metrics: Sequence[str] = ("first_token", "exact"), z: float = 1.96) -> pd.DataFrame:
+    """Accuracy with Wilson intervals per group and metric, as a tidy table.
+
+    Args:
+        scored: rows from :func:`score_examples` (possibly concatenated over methods) with the
+            grouping columns added by the caller.
+        by: grouping columns; must include ``method, library, test_set, hop`` (extra columns,
+            e.g. ``tier``, are appended after them).
+        metrics: ``"first_token"`` (column ``first_token_correct``) and/or ``"exact"``
+            (``exact_match``).
+        z: normal quantile of the interval (1.96 → 95%).
+
+    Returns:
+        columns ``method, library, test_set, hop, metric, n, accuracy, ci_low, ci_high`` (+ extra
+        ``by`` columns after ``hop``); accuracies and bounds are fractions in [0, 1].
+
+    Raises:
+        ValueError: empty frame, missing grouping/metric columns, unknown metric.
+    """
+    if scored is None or len(scored) == 0:
+        raise ValueError("accuracy_table got an empty scored frame")
+    by = list(by)
+    required = ["method", "library", "test_set", "hop"]
+    missing = [c for c in required if c not in by] + [c for c in by if c not in scored.columns]
+    if missing:
+        raise ValueError(f"accuracy_table: missing grouping columns {missing} (scored frames "
+                         f"need {required}; the caller adds them)")
+    for m in metrics:
+        if m not in METRIC_COLUMNS:
+            raise ValueError(f"unknown metric {m!r}; expected one of {sorted(METRIC_COLUMNS)}")
+        if METRIC_COLUMNS[m] not in scored.columns:
+            raise ValueError(f"scored frame has no {METRIC_COLUMNS[m]!r} column for metric {m!r}")
+    extra = [c for c in by if c not in required]
+    rows = []
+    for keys, g in scored.groupby(by, sort=True, dropna=False):
+        keys = keys if isinstance(keys, tuple) else (keys,)
+        for m in metrics:
+            col = g[METRIC_COLUMNS[m]].astype(bool)
+            k, n = int(col.sum()), int(col.size)
+            lo, hi = wilson_interval(k, n, z)
+            rows.append({**dict(zip(by, keys)), "metric": m, "n": n, "accuracy": k / n,
+                         "ci_low": lo, "ci_high": hi})
+    cols = required + extra + TABLE_COLUMNS[4:]
+    return pd.DataFrame(rows, columns=cols)
+
+
+@torch.no_grad()
+def greedy_answers(hm: Any, examples: Sequence[Any], max_new_tokens: int = 8,
+                   batch_size: int = 16, route: Callable[[list], Any] | None = None,
+                   stop_at_eos: bool = True) -> list[str]:
+    """Greedy continuations of each prompt, batched, without a KV cache.
+
+    Each step runs the whole right-padded batch and appends, for every row, the argmax at its
+    last real position (so rows of different lengths decode exactly as they would alone).
+    Used for explicit chaining (``tasks.two_hop.chaining_prompts``).
+
+    Args:
+        hm: a ``HookedModel``.
+        examples: objects with ``prompt`` (or plain strings).
+        max_new_tokens: tokens generated per prompt (≥ 1).
+        batch_size: prompts per forward.
+        route: optional ``route(batch_examples) -> context manager`` around each batch.
+        stop_at_eos: stop a row at the tokenizer's EOS (not included in the text).
+
+    Returns:
+        the decoded continuation of each prompt (``tokenizer.decode`` of the new ids).
+
+    Raises:
+        ValueError: empty input, ``max_new_tokens < 1``, a prompt that tokenises to nothing.
+    """
+    if not examples:
+        raise ValueError("greedy_answers got an empty list of examples")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    eos = hm.tokenizer.eos_token_id
+    out: list[str] = []
+    for b in range(0, len(examples), batch_size):
+        batch = examples[b:b + batch_size]
+        ids = [_encode(hm, e if isinstance(e, str) else e.prompt, "prompt") for e in batch]
+        lens = torch.tensor([len(r) for r in ids])
+        toks = torch.full((len(ids), int(lens.max()) + max_new_tokens), hm.pad_token_id,
+                          dtype=torch.long)
+        for i, r in enumerate(ids):
+            toks[i, :len(r)] = torch.tensor(r)
+        done = torch.zeros(len(ids), dtype=torch.bool)
+        new: list[list[int]] = [[] for _ in ids]
+        with _route_ctx(route, batch):
+            for _ in range(max_new_tokens):
+                width = int(lens.max())
+                logits = hm.logits(toks[:, :width].to(hm.device))
+                nxt = logits[torch.arange(len(ids)), (lens - 1).to(logits.device)].argmax(-1).cpu()
+                for i in range(len(ids)):
+                    if done[i]:
+                        continue
+                    t = int(nxt[i])
+                    if stop_at_eos and eos is not None and t == eos:
+                        done[i] = True
+                        continue
+                    toks[i, lens[i]] = t
+                    new[i].append(t)
+                    lens[i] += 1
+                if bool(done.all()):
+                    break
+        out.extend(hm.tokenizer.decode(r) for r in new)
+    return out

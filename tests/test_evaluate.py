@@ -1,0 +1,144 @@
+"""interp.evaluate: Wilson intervals, teacher-forced scoring vs real greedy decoding, tables."""
+
+import contextlib
+import math
+from dataclasses import dataclass
+
+import pandas as pd
+import pytest
+import torch
+
+from interp.evaluate import (TABLE_COLUMNS, accuracy_table, greedy_answers, score_examples,
+                             wilson_interval)
+
+
+@dataclass
+class Ex:
+    prompt: str
+    answer: str
+    kind: str = "two_hop"
+
+
+def test_wilson_known_values_and_closed_form():
+    # known values (e.g. Newcombe 1998, Table I; statsmodels proportion_confint(method="wilson"))
+    lo, hi = wilson_interval(81, 263)
+    assert lo == pytest.approx(0.2553, abs=5e-4) and hi == pytest.approx(0.3662, abs=5e-4)
+    lo, hi = wilson_interval(0, 10)
+    assert lo == 0.0 and hi == pytest.approx(0.2775, abs=5e-4)
+    lo, hi = wilson_interval(10, 10)
+    assert hi == 1.0 and lo == pytest.approx(1 - 0.2775, abs=5e-4)
+    # closed form: the bounds are the roots of (p - k/n)^2 = z^2 p(1-p)/n
+    for k, n in [(3, 7), (50, 64), (1, 100)]:
+        z = 1.96
+        for p in wilson_interval(k, n, z):
+            assert (p - k / n) ** 2 == pytest.approx(z * z * p * (1 - p) / n, abs=1e-12)
+    # symmetry and width shrinking with n
+    a, b = wilson_interval(3, 10)
+    c, d = wilson_interval(7, 10)
+    assert a == pytest.approx(1 - d) and b == pytest.approx(1 - c)
+    assert (wilson_interval(32, 64)[1] - wilson_interval(32, 64)[0]) < (b - a)
+
+
+@pytest.mark.parametrize("k,n", [(-1, 5), (6, 5), (0, 0), (1.5, 3), (True, 3)])
+def test_wilson_bad_input(k, n):
+    with pytest.raises(ValueError):
+        wilson_interval(k, n)
+
+
+def _greedy_ids(hm, prompt, n):
+    ids = hm.encode(prompt)
+    out = []
+    for _ in range(n):
+        nxt = int(hm.logits(torch.tensor([ids + out]))[0, -1].argmax())
+        out.append(nxt)
+    return out
+
+
+def test_exact_match_equals_real_greedy(tiny_llama):
+    hm = tiny_llama
+    prompts = ["The city of Kel", "Zorbin Quell works in", "ab", "A longer prompt about things",
+               "Vexmoor is in", "xyz", "Hello"]
+    exs = []
+    for p in prompts:
+        g = _greedy_ids(hm, p, 3)
+        right = hm.tokenizer.decode(g)
+        wrong = g[:1] + [(g[1] + 1 - 3) % 256 + 3] + g[2:]  # first token right, 2nd wrong
+        # keep continuations whose text re-encodes to the same byte tokens (valid UTF-8 etc.)
+        if hm.encode(right) != g or hm.encode(hm.tokenizer.decode(wrong)) != wrong:
+            continue
+        exs.append(Ex(p, right))                         # greedy continuation: exact match
+        exs.append(Ex(p, hm.tokenizer.decode(wrong)))
+    assert len(exs) >= 4
+    scored = score_examples(hm, exs, batch_size=3)
+    assert list(scored["idx"]) == list(range(len(exs)))
+    for e, (_, row) in zip(exs, scored.iterrows()):
+        gold = hm.encode(e.answer)
+        greedy = _greedy_ids(hm, e.prompt, len(gold))
+        assert row["exact_match"] == (greedy == gold)
+        assert row["first_token_correct"] == (greedy[0] == gold[0])
+    assert scored["exact_match"].tolist() == [True, False] * (len(exs) // 2)
+    assert scored["first_token_correct"].all()
+    # batched greedy decoding (right padding, no KV cache) equals one-by-one decoding
+    gen = greedy_answers(hm, [e.prompt for e in exs[::2]], max_new_tokens=3, batch_size=4,
+                         stop_at_eos=False)
+    assert gen == [e.answer for e in exs[::2]]
+
+
+def test_answer_logprob_matches_independent_computation(tiny_qwen2):
+    hm = tiny_qwen2
+    ex = Ex("Hello there", " world")
+    row = score_examples(hm, [ex, Ex("x", " yz")], batch_size=2).iloc[0]
+    p, a = hm.encode(ex.prompt), hm.encode(ex.answer)
+    logp = torch.log_softmax(hm.logits(torch.tensor([p + a]))[0], -1)
+    want = sum(float(logp[len(p) - 1 + j, t]) for j, t in enumerate(a))
+    assert row["answer_logprob"] == pytest.approx(want, abs=1e-4)
+    assert row["n_answer_tokens"] == len(a) and row["kind"] == "two_hop"
+
+
+def test_route_context_entered_per_batch(tiny_llama):
+    seen = []
+
+    @contextlib.contextmanager
+    def route(batch):
+        seen.append(len(batch))
+        yield
+
+    score_examples(tiny_llama, [Ex("ab", " c")] * 5, batch_size=2, route=route)
+    assert seen == [2, 2, 1]
+
+
+def test_score_bad_inputs(tiny_llama):
+    with pytest.raises(ValueError, match="empty"):
+        score_examples(tiny_llama, [])
+    with pytest.raises(ValueError, match="tokenises to no tokens"):
+        score_examples(tiny_llama, [Ex("abc", "")])
+    with pytest.raises(ValueError, match="batch_size"):
+        score_examples(tiny_llama, [Ex("abc", " d")], batch_size=0)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        greedy_answers(tiny_llama, [Ex("abc", " d")], max_new_tokens=0)
+
+
+def test_accuracy_table_columns_and_values():
+    rows = []
+    for method, k in (("uniform", 3), ("arrow", 8)):
+        for i in range(10):
+            rows.append({"method": method, "library": "2-comb", "test_set": "F", "hop": "two_hop",
+                         "first_token_correct": i < k, "exact_match": i < k - 1})
+    table = accuracy_table(pd.DataFrame(rows))
+    assert list(table.columns) == TABLE_COLUMNS
+    assert len(table) == 4
+    r = table[(table.method == "uniform") & (table.metric == "first_token")].iloc[0]
+    assert r["n"] == 10 and r["accuracy"] == pytest.approx(0.3)
+    assert (r["ci_low"], r["ci_high"]) == pytest.approx(wilson_interval(3, 10))
+    r = table[(table.method == "arrow") & (table.metric == "exact")].iloc[0]
+    assert r["accuracy"] == pytest.approx(0.7)
+    with pytest.raises(ValueError, match="missing grouping"):
+        accuracy_table(pd.DataFrame(rows).drop(columns="hop"))
+    with pytest.raises(ValueError, match="empty"):
+        accuracy_table(pd.DataFrame())
+    with pytest.raises(ValueError, match="unknown metric"):
+        accuracy_table(pd.DataFrame(rows), metrics=("bleu",))
+    extra = accuracy_table(pd.DataFrame(rows).assign(tier="F"),
+                           by=("method", "library", "test_set", "hop", "tier"))
+    assert list(extra.columns) == TABLE_COLUMNS[:4] + ["tier"] + TABLE_COLUMNS[4:]
+    assert not math.isnan(extra["ci_low"].sum())
