@@ -384,8 +384,8 @@ def sign_conflict_rate(d1: LoraDelta, d2: LoraDelta, sample: int | None = None, 
         g = torch.Generator().manual_seed(seed)
         p = torch.randint(0, d1.d_out, (sample,), generator=g).to(A1.device)
         q = torch.randint(0, d1.d_in, (sample,), generator=g).to(A1.device)
-        x1 = s1 * (B1[p] * A1[:, q].T).sum(1)
-        x2 = s2 * (B2[p] * A2[:, q].T).sum(1)
+        x1 = s1 * torch.einsum("nr,nr->n", B1.index_select(0, p), A1.T.contiguous().index_select(0, q))
+        x2 = s2 * torch.einsum("nr,nr->n", B2.index_select(0, p), A2.T.contiguous().index_select(0, q))
         both = (x1 != 0) & (x2 != 0)
         n = int(both.sum())
         return float("nan") if n == 0 else float(((x1 * x2) < 0).sum()) / n
@@ -939,18 +939,23 @@ def spectra_table(deltas: Mapping[str, Mapping[str, LoraDelta]]) -> pd.DataFrame
         SubspaceError: an empty adapter.
     """
     _check_adapters(deltas)
-    frames = []
+    cols: dict[str, list] = dict(adapter=[], module=[], layer=[], proj=[], index=[], sigma=[])
     for name, mods in deltas.items():
         for m, d in mods.items():
-            s = spectrum(d).cpu().numpy()
-            frames.append(pd.DataFrame(dict(adapter=name, module=m, layer=layer_of(m), proj=short_module(m),
-                                            index=range(1, len(s) + 1), sigma=s)))
-    return pd.concat(frames, ignore_index=True)
+            s = spectrum(d).cpu().tolist()
+            n = len(s)
+            cols["adapter"] += [name] * n
+            cols["module"] += [m] * n
+            cols["layer"] += [layer_of(m)] * n
+            cols["proj"] += [short_module(m)] * n
+            cols["index"] += list(range(1, n + 1))
+            cols["sigma"] += s
+    return pd.DataFrame(cols)
 
 
 def overlap_table(deltas: Mapping[str, Mapping[str, LoraDelta]],
                   pairs: Sequence[tuple[str, str]] | None = None,
-                  sign_conflict: str | None = "sample", sign_sample: int = 8192,
+                  sign_conflict: str | None = "sample", sign_sample: int = 4096,
                   seed: int = 0) -> pd.DataFrame:
     """Per adapter pair × shared module: subspace overlaps of column and row spaces.
 
