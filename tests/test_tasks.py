@@ -212,7 +212,8 @@ def test_h_tier_real_facts_known_by_base(smollm2):
                    real_city_country=(("Paris", "France"), ("Tokyo", "Japan"), ("Berlin", "Germany"),
                                       ("Rome", "Italy"), ("Atlantis", "Narnia")),
                    famous_people=("Albert Einstein", "Isaac Newton", "Barack Obama", "Taylor Swift",
-                                  "Elvis Presley", "Zyqwop Blarfenstein"))
+                                  "Elvis Presley", "Zyqwop Blarfenstein"),
+                   animals=("tiger", "elephant", "eagle"), n_invented_countries=2)
     kept = {e.e2 for e in w.get(split="retain")}
     assert "Atlantis" not in kept and len(kept) >= 2
     assert "Zyqwop Blarfenstein" not in set(w.chains["e1"])  # unfamiliar "famous" name dropped
