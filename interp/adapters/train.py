@@ -123,6 +123,8 @@ def answer_accuracy(model: Any, encoded: list[tuple[list[int], list[int]]], pad:
     for s in range(0, len(encoded), batch_size):
         idx = list(range(s, min(len(encoded), s + batch_size)))
         ids, mask, labels = _batch(encoded, idx, pad)
+        dev = next(model.parameters()).device
+        ids, mask = ids.to(dev), mask.to(dev)
         pred = model(input_ids=ids, attention_mask=mask).logits.argmax(-1)
         for j, i in enumerate(idx):
             p, a = encoded[i]
@@ -174,7 +176,8 @@ def _load_checkpoint(partial: Path, pm: Any, opt: Any, ident: dict) -> tuple[int
 
 def train_expert(base: str | os.PathLike, examples: Sequence[tuple[str, str]], out_dir: str | os.PathLike,
                  config: TrainConfig = TrainConfig(), progress: bool = True,
-                 callback: Callable[[int, float], None] | None = None) -> dict:
+                 callback: Callable[[int, float], None] | None = None,
+                 device: str | torch.device = "cpu") -> dict:
     """Train a LoRA expert on ``(prompt, answer)`` pairs and save it as a PEFT directory.
 
     Input text per example is ``prompt + answer`` (answers carry their own leading space, e.g.
@@ -189,6 +192,7 @@ def train_expert(base: str | os.PathLike, examples: Sequence[tuple[str, str]], o
         progress: show a tqdm bar.
         callback: called as ``callback(step, loss)`` after every step (raising aborts training;
             a later call resumes from the last checkpoint).
+        device: torch device to train on (``"cuda"``); weights stay fp32.
 
     Returns:
         The metadata written to ``interp_meta.json``: ``base_model, data_sha256, n_examples,
@@ -218,6 +222,7 @@ def train_expert(base: str | os.PathLike, examples: Sequence[tuple[str, str]], o
             return meta
     t0 = time.perf_counter()
     hf, tok = load_hf(base)
+    hf = hf.to(device)
     check_fused_targets(hf, list(config.target_modules))
     encoded = _encode(tok, examples, config.add_eos)
     pad = next(c for c in (tok.pad_token_id, tok.eos_token_id, 0) if c is not None)
@@ -245,7 +250,7 @@ def train_expert(base: str | os.PathLike, examples: Sequence[tuple[str, str]], o
         if epoch != order_epoch:
             order, order_epoch = _order(n, config.seed, epoch), epoch
         idx = order[k * config.batch_size:(k + 1) * config.batch_size]
-        ids, mask, labels = _batch(encoded, idx, pad)
+        ids, mask, labels = (t.to(device) for t in _batch(encoded, idx, pad))
         loss = pm(input_ids=ids, attention_mask=mask, labels=labels, use_cache=False).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
