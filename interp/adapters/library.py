@@ -161,7 +161,7 @@ class AdapterLibrary:
             AdapterError subclasses (see module docstring); ``interp.models.FusedProjectionError``;
             ``ValueError`` for an empty ``adapters`` or a bad adapter name.
         """
-        from interp.models import check_fused_targets, load_hf
+        from interp.models import MANIFEST, check_fused_targets, load_hf, verify_manifest
 
         if not adapters:
             raise ValueError("AdapterLibrary.load got no adapters")
@@ -189,6 +189,10 @@ class AdapterLibrary:
                         "when loaded; convert it to safetensors or pass allow_pickle=True if you trust it")
                 if not (d / PICKLE_WEIGHTS).is_file():
                     raise AdapterFileError(f"adapter {name!r}: {d} has no {ADAPTER_WEIGHTS}")
+            if (d / MANIFEST).is_file():  # written by train_expert / make_random_adapter
+                ok, reason = verify_manifest(d)
+                if not ok:
+                    raise AdapterFileError(f"adapter {name!r}: {d} fails its checksum manifest ({reason})")
             try:
                 cfg = read_adapter_config(d)
                 delta = read_adapter(d, allow_pickle=allow_pickle)

@@ -1,0 +1,132 @@
+"""Reliability (issue 8): nothing half-written, corrupted caches caught, kill -9 resumes to the
+same result, and merge invariants hold over random shapes (hypothesis)."""
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from interp import models
+from interp.adapters import merge as M
+from interp.adapters.factors import LoraDelta
+
+
+def test_full_disk_keeps_the_old_file(tmp_path, monkeypatch):
+    target = tmp_path / "table.csv"
+    target.write_text("good")
+    real_fdopen = os.fdopen
+
+    class Full:
+        def __init__(self, f):
+            self.f = f
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *a):
+            self.f.close()
+
+        def write(self, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fdopen", lambda fd, mode: Full(real_fdopen(fd, mode)))
+    with pytest.raises(OSError, match="No space"):
+        models.atomic_write_text(target, "new content")
+    monkeypatch.undo()
+    assert target.read_text() == "good"
+    assert [p.name for p in tmp_path.iterdir()] == ["table.csv"]  # no temporary left behind
+
+
+def test_corrupted_adapter_is_refused(tmp_path):
+    from interp.adapters import load_hooked
+    from interp.adapters.library import AdapterFileError
+    from interp.adapters.testing import make_random_adapter
+
+    d = make_random_adapter("tiny-llama", tmp_path / "a", r=2, seed=1)
+    st_file = Path(d) / "adapter_model.safetensors"
+    data = bytearray(st_file.read_bytes())
+    data[-5] ^= 0xFF  # one flipped byte in the weights
+    st_file.write_bytes(bytes(data))
+    with pytest.raises(AdapterFileError, match="checksum"):
+        load_hooked("tiny-llama", {"a": d}, combine="none")
+
+
+_TRAIN_SCRIPT = textwrap.dedent("""
+    import os, signal, sys
+    from interp.adapters.train import TrainConfig, train_expert
+    pairs = [(f"Person {i} works in", f" City{i % 5}") for i in range(24)]
+    kill_at = int(sys.argv[2])
+    def cb(step, loss):
+        if kill_at and step == kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)   # no cleanup, no exception handlers
+    cfg = TrainConfig(r=2, lora_alpha=4, lr=5e-3, epochs=3, batch_size=8, checkpoint_every=2, seed=3)
+    train_expert("tiny-llama", pairs, sys.argv[1], cfg, progress=False, callback=cb)
+""")
+
+
+def _train(out: Path, kill_at: int) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", _TRAIN_SCRIPT, str(out), str(kill_at)],
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_kill_9_during_training_resumes_to_identical_weights(tmp_path):
+    from safetensors.torch import load_file
+
+    killed = _train(tmp_path / "killed", kill_at=5)
+    assert killed.returncode == -signal.SIGKILL
+    assert not (tmp_path / "killed").exists()  # the output dir only appears complete
+    assert (tmp_path / "killed.partial").exists()
+    assert _train(tmp_path / "killed", kill_at=0).returncode == 0
+    assert _train(tmp_path / "clean", kill_at=0).returncode == 0
+    meta = json.loads((tmp_path / "killed" / "interp_meta.json").read_text())
+    assert meta["resumed_from_step"] > 0
+    a = load_file(str(tmp_path / "killed" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "clean" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _random_adapter(seed: int, modules: list[str], r: int, d_out: int, d_in: int) -> dict[str, LoraDelta]:
+    g = torch.Generator().manual_seed(seed)
+    return {m: LoraDelta(torch.randn(r, d_in, generator=g, dtype=torch.float64),
+                         torch.randn(d_out, r, generator=g, dtype=torch.float64), 2.0 / r) for m in modules}
+
+
+@settings(max_examples=25, deadline=None)
+@given(n=st.integers(1, 4), r=st.integers(1, 6), d_out=st.integers(2, 24), d_in=st.integers(2, 24),
+       seed=st.integers(0, 10_000))
+def test_weighted_average_is_the_exact_dense_sum(n, r, d_out, d_in, seed):
+    experts = [_random_adapter(seed + i, ["m"], r, d_out, d_in) for i in range(n)]
+    w = torch.linspace(0.2, 1.0, n).tolist()
+    merged = M.weighted_average(experts, w)["m"]
+    dense = sum(wi * e["m"].dense() for wi, e in zip(w, experts))
+    assert merged.rank == n * r
+    torch.testing.assert_close(merged.dense(), dense, rtol=1e-5, atol=1e-5)
+    rep = M.faithfulness_report({"m": merged}, experts, w)
+    assert float(rep["rel_error"].max()) < 1e-4
+
+
+@settings(max_examples=20, deadline=None)
+@given(r=st.integers(1, 6), d_out=st.integers(2, 20), d_in=st.integers(2, 20), seed=st.integers(0, 10_000))
+def test_merge_invariants(r, d_out, d_in, seed):
+    a = _random_adapter(seed, ["m"], r, d_out, d_in)
+    b = _random_adapter(seed + 1, ["m"], r, d_out, d_in)
+    # Uniform of an adapter with itself is that adapter; task arithmetic with λ is λ·sum
+    torch.testing.assert_close(M.weighted_average([a, a])["m"].dense(), a["m"].dense(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(M.task_arithmetic([a, b], 0.7)["m"].dense(),
+                               0.7 * (a["m"].dense() + b["m"].dense()), rtol=1e-5, atol=1e-5)
+    # TIES keeping every entry of one expert returns that expert
+    torch.testing.assert_close(M.ties([a], 1.0, [1.0])["m"].dense(), a["m"].dense(), rtol=1e-4, atol=1e-4)
+    # SVD truncation to the full rank loses nothing; energy kept is monotone in k
+    full, e_full = M.svd_truncate(a["m"], r)
+    torch.testing.assert_close(full.dense(), a["m"].dense(), rtol=1e-4, atol=1e-4)
+    energies = [M.svd_truncate(a["m"], k)[1] for k in range(1, r + 1)]
+    assert all(x <= y + 1e-9 for x, y in zip(energies, energies[1:])) and abs(e_full - 1) < 1e-6
