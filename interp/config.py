@@ -29,7 +29,7 @@ class StudySection:
 @dataclasses.dataclass
 class WorldSection:
     n_chains_per_tier: int = 64
-    n_ac_chains_per_tier: int = 32
+    n_ac_chains_per_tier: int = 16
     tiers: list[str] = dataclasses.field(default_factory=lambda: ["F", "H", "R"])
     verify_familiarity: bool = True  # needs a pretrained base; off for random-init tiny models
     seed: int = 0
@@ -40,7 +40,7 @@ class TrainingSection:
     r: int = 8
     lora_alpha: int = 16
     lr: float = 2e-3
-    epochs: int = 12
+    epochs: int = 6
     max_steps: int = 0  # 0 = no cap
     batch_size: int = 16
     target_modules: list[str] = dataclasses.field(

@@ -1,0 +1,123 @@
+"""The main job end to end on a random-init tiny Llama: every step, resume, determinism, the
+notebook, and the report rendered in headless Chromium."""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from interp.config import ConfigError
+from interp.study import STEPS, StudyError, open_run, run_study
+
+TINY = "experiments/tiny.toml"
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("tiny_run")
+    run_study(TINY, out=out)
+    return out
+
+
+def test_every_output_is_written(tiny_run):
+    acc = pd.read_csv(tiny_run / "results" / "accuracy.csv")
+    assert {"method", "library", "test_set", "hop", "n", "accuracy", "ci_low", "ci_high"} <= set(acc.columns)
+    assert {"F", "H", "R"} <= set(acc["test_set"]) and {"two_hop", "hop1", "hop2", "chain"} <= set(acc["hop"])
+    assert ((acc["ci_low"] <= acc["accuracy"]) & (acc["accuracy"] <= acc["ci_high"])).all()
+    for name in ("lens", "patching", "probes", "subspace_adapters", "subspace_overlap", "subspace_spectra",
+                 "subspace_layer_energy", "subspace_span_deficit", "experts", "scores"):
+        assert (tiny_run / "results" / f"{name}.csv").stat().st_size > 0, name
+    figs = json.loads((tiny_run / "figures" / "index.json").read_text())
+    assert len(figs) >= 8
+    for name in figs:
+        assert (tiny_run / "figures" / f"{name}.html").is_file() and (tiny_run / "figures" / f"{name}.png").is_file()
+    run = json.loads((tiny_run / "run.json").read_text())
+    assert set(STEPS) <= set(run["timings"]) and run["versions"]["torch"].startswith("2.13")
+    assert run["config"]["study"]["model"] == "tiny-llama"
+    assert (tiny_run / "report.html").stat().st_size > 1_000_000  # plotly.js inlined: self-contained
+
+
+def test_rerun_is_cached_and_identical(tiny_run, capsys):
+    before = (tiny_run / "results" / "accuracy.csv").read_bytes()
+    run_study(TINY, out=tiny_run)
+    err = capsys.readouterr().err
+    assert err.count("cached") == len(STEPS)
+    assert (tiny_run / "results" / "accuracy.csv").read_bytes() == before
+
+
+def test_steps_subset_reruns_only_those(tiny_run):
+    marker = tiny_run / "steps" / "figures.json"
+    t0 = json.loads(marker.read_text())["finished"]
+    run_study(TINY, out=tiny_run, steps=["figures", "report"])
+    assert json.loads(marker.read_text())["finished"] > t0
+    with pytest.raises(ConfigError, match="unknown step"):
+        run_study(TINY, out=tiny_run, steps=["nope"])
+
+
+def test_resume_after_losing_a_step(tiny_run, tmp_path):
+    """A run interrupted after evaluation resumes from the cached units and ends identical."""
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_run, copy)
+    for step in ("mechanisms", "subspace", "figures", "report"):
+        (copy / "steps" / f"{step}.json").unlink()
+    (copy / "results" / "accuracy.csv").unlink()
+    (copy / "steps" / "evaluate.json").unlink()
+    run_study(TINY, out=copy)
+    a = pd.read_csv(tiny_run / "results" / "accuracy.csv")
+    b = pd.read_csv(copy / "results" / "accuracy.csv")
+    pd.testing.assert_frame_equal(a, b)
+
+
+def test_bad_out_dir_and_config(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(StudyError, match="not writable"):
+        run_study(TINY, out=blocker / "sub")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[world]\nn_chain = 3\n")
+    with pytest.raises(ConfigError, match="world.n_chain"):
+        run_study(bad, out=tmp_path / "o")
+
+
+def test_notebook_runs_top_to_bottom(tiny_run):
+    import nbformat
+    from nbclient import NotebookClient
+
+    nb = nbformat.read("experiments/explore_run.ipynb", as_version=4)
+    os.environ["INTERP_RUN"] = str(tiny_run)
+    try:
+        NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": "."}}).execute()
+    finally:
+        os.environ.pop("INTERP_RUN", None)
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
+    assert not [o for o in outputs if o.get("output_type") == "error"]
+    assert any("per-adapter hook points" in o.get("text", "") for o in outputs)
+
+
+def _chromium() -> str | None:
+    return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.mark.browser
+@pytest.mark.skipif(_chromium() is None, reason="Debian chromium not installed (make test installs it)")
+def test_report_renders_in_headless_chromium(tiny_run, tmp_path):
+    report = tiny_run / "report.html"
+    cmd = [_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+           "--disable-background-networking", "--disable-component-update", "--disable-sync",
+           f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=20000", "--enable-logging=stderr",
+           "--v=0", "--dump-dom", report.resolve().as_uri()]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
+    body = re.search(r"<body([^>]*)>", proc.stdout)
+    assert body, proc.stderr[-2000:]
+    attrs = dict(re.findall(r'data-([\w-]+)="([^"]*)"', body.group(1)))
+    assert "errors" not in attrs, attrs.get("errors")
+    assert int(attrs["figures-total"]) >= 8
+    assert attrs.get("figures-rendered") == attrs["figures-total"]
+    console_errors = [l for l in proc.stderr.splitlines() if "CONSOLE" in l and ("Error" in l or "Uncaught" in l)]
+    assert not console_errors, console_errors
+    assert proc.stdout.count('class="main-svg"') >= int(attrs["figures-total"])
