@@ -145,9 +145,27 @@ def _score_variant(run, variant: str, world) -> pd.DataFrame:
         df["hop"] = "chain"
         frames.append(df)
     out = pd.concat(frames, ignore_index=True)
+    if hop1:
+        out.loc[out["hop"] == "hop1", "greedy_answer"] = preds
     if hm is not run._base:
         _free(hm)
     return out
+
+
+def _oracle_chain(run, world, ab: pd.DataFrame) -> pd.DataFrame:
+    """Explicit chaining under oracle routing: expert ab's own hop-1 answers, fed into the hop-2
+    prompts, answered by expert bc."""
+    from interp.evaluate import score_examples
+    from interp.tasks.two_hop import chaining_prompts
+
+    hop1 = eval_sets(run, world).get("hop1", [])
+    if not hop1:
+        return pd.DataFrame()
+    preds = ab.loc[ab["hop"] == "hop1", "greedy_answer"].fillna("").astype(str).tolist()
+    hm = run.load_variant("expert_bc")
+    df = score_examples(hm, chaining_prompts(hop1, preds), batch_size=run.cfg.evaluation.batch_size)
+    _free(hm)
+    return df.assign(hop="chain")
 
 
 def step_evaluate(run) -> None:
@@ -172,7 +190,13 @@ def step_evaluate(run) -> None:
         atomic_write_text(path, df.to_csv(index=False))
         frames[v] = df
     if "oracle" in variants:
-        frames["oracle"] = oracle_scores(frames["expert_ab"], frames["expert_bc"])
+        path = scored_dir / f"oracle.{key}.csv"
+        if not path.is_file():
+            oracle = oracle_scores(frames["expert_ab"], frames["expert_bc"])
+            chain = _oracle_chain(run, world, frames["expert_ab"])
+            oracle = pd.concat([oracle[oracle["hop"] != "chain"], chain], ignore_index=True)
+            atomic_write_text(path, oracle.to_csv(index=False))
+        frames["oracle"] = pd.read_csv(path)
     rows = []
     for v in variants:
         df = frames[v].copy()
@@ -188,12 +212,16 @@ def step_evaluate(run) -> None:
 def oracle_scores(ab: pd.DataFrame, bc: pd.DataFrame) -> pd.DataFrame:
     """Routing's upper bound from the two experts' per-query scores.
 
-    hop1 → expert ab's row, hop2 / real_r2 → expert bc's, two-hop and chain queries → per query
-    the better of the two (correct if either expert is).
+    hop1 → expert ab's row, hop2 / real_r2 → expert bc's, two-hop queries → per query the better
+    of the two (correct if either expert is). Chained queries differ per variant (they embed the
+    variant's own hop-1 answer) and are built by :func:`_oracle_chain` instead.
     """
     key = ["hop", "prompt", "answer"]
+    ab, bc = ab[ab["hop"] != "chain"], bc[bc["hop"] != "chain"]
     a = ab.set_index(key)
     b = bc.set_index(key).reindex(a.index)
+    if b.isna().all(axis=1).any():
+        raise ValueError("oracle_scores: the two experts were scored on different queries")
     out = a.copy()
     metric_cols = [c for c in a.columns if a[c].dtype == bool or c in ("first_token_correct", "exact_match")]
     for hop in a.index.get_level_values("hop").unique():

@@ -66,3 +66,28 @@ def test_train_learns_and_refuses_bad_input(tmp_path):
         train_expert("tiny-llama", [("only prompt",)], tmp_path / "x", cfg, progress=False)
     with pytest.raises(FusedProjectionError):
         train_expert("tiny-gpt2", EX, tmp_path / "g", TrainConfig(target_modules=("c_attn",)), progress=False)
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-qwen2"])
+def test_answer_loss_equals_hf_causal_lm_loss_and_gradients(name):
+    """Unembedding only the answer-predicting positions gives HF's loss and the same LoRA grads."""
+    from peft import LoraConfig, get_peft_model
+
+    from interp.adapters.train import _batch, answer_loss
+    from interp.models import load_hf
+
+    hf, tok = load_hf(name)
+    pm = get_peft_model(hf, LoraConfig(r=2, target_modules=["q_proj", "down_proj"], init_lora_weights=False))
+    enc = [(tok(p, add_special_tokens=False)["input_ids"], tok(a, add_special_tokens=False)["input_ids"])
+           for p, a in [("Zorb works in", " Vexmoor"), ("A b", " Qlm oo"), ("The city of Ulm is in", " X")]]
+    ids, mask, labels = _batch(enc, [0, 1, 2], 0)
+    ours = answer_loss(pm, ids, mask, labels)
+    ours.backward()
+    g_ours = {n: p.grad.clone() for n, p in pm.named_parameters() if p.requires_grad}
+    pm.zero_grad()
+    ref = pm(input_ids=ids, attention_mask=mask, labels=labels).loss
+    ref.backward()
+    assert abs(float(ours) - float(ref)) < 1e-5
+    for n, p in pm.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(g_ours[n], p.grad, rtol=1e-4, atol=1e-6)
