@@ -236,6 +236,7 @@ def _edit_tensors(d, fn):
     p = d / "adapter_model.safetensors"
     t = load_file(str(p))
     save_file(fn(t), str(p))
+    (d / "manifest.json").unlink()  # a bad adapter from elsewhere: no manifest of ours to catch it first
 
 
 def test_bad_adapters_refused(tmp_path):
@@ -273,6 +274,7 @@ def test_bad_adapters_refused(tmp_path):
     from safetensors.torch import load_file
     torch.save(load_file(str(pk / "adapter_model.safetensors")), pk / "adapter_model.bin")
     (pk / "adapter_model.safetensors").unlink()
+    (pk / "manifest.json").unlink()  # hand-converted: our checksum manifest no longer applies
     with pytest.raises(L.PickleRefusedError, match="pickle"):
         L.AdapterLibrary.load(BASE, {"pk": pk}, hf_model=hf)
     assert L.AdapterLibrary.load(BASE, {"pk": pk}, hf_model=hf, allow_pickle=True).names == ["pk"]
@@ -288,6 +290,7 @@ def test_bad_adapters_refused(tmp_path):
     cfg = json.loads((g / "adapter_config.json").read_text())
     cfg["target_modules"] = ["c_attn", "c_fc"]
     (g / "adapter_config.json").write_text(json.dumps(cfg))
+    (g / "manifest.json").unlink(missing_ok=True)
     with pytest.raises(FusedProjectionError, match="c_attn"):
         L.AdapterLibrary.load("tiny-gpt2", {"g": g})
 
