@@ -188,7 +188,7 @@ def step_evaluate(run) -> None:
             continue
         df = _score_variant(run, v, world)
         atomic_write_text(path, df.to_csv(index=False))
-        frames[v] = df
+        frames[v] = pd.read_csv(path)  # as a resumed run sees it: tables are byte-identical either way
     if "oracle" in variants:
         path = scored_dir / f"oracle.{key}.csv"
         if not path.is_file():
@@ -304,7 +304,7 @@ def step_mechanisms(run) -> None:
             df = df.copy()
             df.insert(0, "method", v)
             atomic_write_text(cache / f"{v}.{name}.{key}.csv", df.to_csv(index=False))
-            tables[name].append(df)
+            tables[name].append(pd.read_csv(cache / f"{v}.{name}.{key}.csv"))  # same as on resume
         atomic_write_text(done, json.dumps(sorted(parts)))
         if hm is not run._base:
             _free(hm)

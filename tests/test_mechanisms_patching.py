@@ -50,7 +50,10 @@ def byte_spans(hm, ex):
     """Token spans computed independently: tokens of the text before / through the mention."""
     out = {}
     for k, (a, b) in ex.char_spans.items():
-        out[k] = (len(hm.encode(ex.prompt[:a])), len(hm.encode(ex.prompt[:b])))
+        # the tiny tokenizer merges a space with the next letter: " Z" opens the mention
+        pre = ex.prompt[:a]
+        start = len(hm.encode(pre[:-1])) if pre.endswith(" ") and ex.prompt[a:a + 1].isalpha() else len(hm.encode(pre))
+        out[k] = (start, len(hm.encode(ex.prompt[:b])))
     return out
 
 

@@ -4,6 +4,8 @@ import dataclasses
 
 import torch
 
+from interp.mechanisms.lens import offsets_token_spans
+
 from interp.mechanisms.patchscope import IDENTITY_PROMPT, patchscope
 
 
@@ -22,7 +24,7 @@ def test_patchscope_matches_hooked_forward(tiny_llama):
     hm = tiny_llama
     exs = [Ex("The boss of Zorba is", "Zorba", "Kelvo", {"e1": (12, 17)}),
            Ex("Quinn works for", "Quinn", "Mirta", {"e1": (0, 5)})]
-    spans = [{"e1": (12, 17)}, {"e1": (0, 5)}]
+    spans = [offsets_token_spans(e, hm) for e in exs]
     df = patchscope(hm, exs, "e1_last", "identity", spans=spans, n_generate=2, max_batch=3,
                     progress=False)
     assert len(df) == 2 * hm.n_layers
@@ -30,7 +32,7 @@ def test_patchscope_matches_hooked_forward(tiny_llama):
     row = df[(df.source_layer == l) & (df.example_id == b)].iloc[0]
     with torch.no_grad():
         _, cache = hm.bridge.run_with_cache(hm.tokenize([exs[b].prompt])[0])
-        h = cache[f"blocks.{l}.hook_resid_pre"][0, 4]
+        h = cache[f"blocks.{l}.hook_resid_pre"][0, spans[b]["e1"][1] - 1]
         tt, _ = hm.tokenize([IDENTITY_PROMPT])
 
         def hook(x, hook):

@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 import torch
 
+from interp.mechanisms.lens import offsets_token_spans
+
 from interp.mechanisms.probes import collect_features, probe_features
 
 
@@ -46,10 +48,12 @@ class Ex:
 def test_collect_features_equal_cache(tiny_qwen2):
     hm = tiny_qwen2
     exs = [Ex("The boss of Zorba is", {"e1": (12, 17)}), Ex("Quinn X", {"e1": (0, 5)})]
-    spans = [{"e1": (12, 17)}, {"e1": (0, 5)}]  # byte tokenizer: char = token
+    spans = [offsets_token_spans(e, hm) for e in exs]
     f = collect_features(hm, exs, layers=[1, 3], spans=spans, batch_size=1)
     with torch.no_grad():
         _, cache = hm.bridge.run_with_cache(hm.tokenize([exs[1].prompt])[0])
     assert f["e1_last"].shape == (2, 2, hm.d_model)
-    assert np.allclose(f["e1_last"][1, 1], cache["blocks.3.hook_resid_pre"][0, 4].numpy(), atol=1e-5)
-    assert np.allclose(f["final"][0, 1], cache["blocks.1.hook_resid_pre"][0, 6].numpy(), atol=1e-5)
+    last = len(hm.encode(exs[1].prompt)) - 1
+    assert np.allclose(f["e1_last"][1, 1], cache["blocks.3.hook_resid_pre"][0, spans[1]["e1"][1] - 1].numpy(),
+                       atol=1e-5)
+    assert np.allclose(f["final"][0, 1], cache["blocks.1.hook_resid_pre"][0, last].numpy(), atol=1e-5)
