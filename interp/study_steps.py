@@ -290,14 +290,18 @@ def step_mechanisms(run) -> None:
             if m.backpatch:
                 parts["backpatch"] = patching.back_patching(hm, exs[: max(4, m.n_examples // 2)])
             parts["knockout"] = patching.attention_knockout(hm, exs[: max(4, m.n_examples // 2)], window=3)
-        if m.probes:
+        if m.probes and v in m.patching_variants:
             from interp.mechanisms.probes import probe_bridge_entity
 
-            # every template of every test chain: e₂ classes need several examples each for CV
-            probe_exs = world.get(split="test", kind="two_hop")
+            # Tiers H and R, where several chains share a real bridge city, so a probe for e₂ must
+            # generalise across e₁ (in F every e₂ belongs to one e₁); every template, for CV folds.
+            # Every third layer: each layer costs two cross-validated multinomial fits.
+            probe_exs = [e for e in world.get(split="test", kind="two_hop") if e.tier in ("H", "R")]
+            probe_exs = probe_exs or world.get(split="test", kind="two_hop")
+            layers = sorted(set(range(0, hm.n_layers, 3)) | {hm.n_layers - 1})
             try:
-                parts["probes"] = probe_bridge_entity(hm, probe_exs, n_splits=3, seed=run.cfg.study.seed,
-                                                      progress=False)
+                parts["probes"] = probe_bridge_entity(hm, probe_exs, layers=layers, n_splits=3,
+                                                      seed=run.cfg.study.seed, progress=False)
             except ValueError as err:
                 console.print(f"[yellow]{v}: probes skipped ({err})[/yellow]")
         for name, df in parts.items():
