@@ -57,3 +57,18 @@ def test_collect_features_equal_cache(tiny_qwen2):
     assert np.allclose(f["e1_last"][1, 1], cache["blocks.3.hook_resid_pre"][0, spans[1]["e1"][1] - 1].numpy(),
                        atol=1e-5)
     assert np.allclose(f["final"][0, 1], cache["blocks.1.hook_resid_pre"][0, last].numpy(), atol=1e-5)
+
+
+def test_grouped_folds_stop_a_probe_from_recognising_e1():
+    """Labels fixed by a nuisance identity (e₁) repeated across templates: plain folds let the
+    probe recognise it; folds grouped by e₁ do not."""
+    rng = np.random.default_rng(0)
+    n_e1, reps, d = 30, 3, 16
+    e1_code = rng.normal(size=(n_e1, d)) * 3
+    labels = [f"city{i % 6}" for i in range(n_e1) for _ in range(reps)]   # e2 is a function of e1
+    groups = [i for i in range(n_e1) for _ in range(reps)]
+    X = np.stack([e1_code[i] + rng.normal(size=d) * 0.1 for i in range(n_e1) for _ in range(reps)])
+    plain = probe_features({"e1_last": X[None]}, labels, n_splits=3, progress=False)
+    grouped = probe_features({"e1_last": X[None]}, labels, n_splits=3, progress=False, groups=groups)
+    assert plain["accuracy"].iloc[0] > 0.8 and grouped["accuracy"].iloc[0] < 0.5
+    assert bool(grouped["grouped"].iloc[0]) and not bool(plain["grouped"].iloc[0])

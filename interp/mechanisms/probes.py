@@ -64,13 +64,17 @@ def collect_features(hm: Any, examples: Sequence[Any], positions: Sequence[str] 
     return feats
 
 
-def _cv_accuracy(X: np.ndarray, y: np.ndarray, n_splits: int, seed: int, C: float) -> float:
+def _cv_accuracy(X: np.ndarray, y: np.ndarray, n_splits: int, seed: int, C: float,
+                 groups: np.ndarray | None = None) -> float:
     from sklearn.linear_model import LogisticRegression
-    from sklearn.model_selection import StratifiedKFold, cross_val_score
+    from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold, cross_val_score
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
     clf = make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=2000))
+    if groups is not None:  # no group (e.g. one e₁) in both the training and the held-out fold
+        cv = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+        return float(cross_val_score(clf, X, y, cv=cv, groups=groups, scoring="accuracy").mean())
     cv = StratifiedKFold(n_splits=n_splits, shuffle=True, random_state=seed)
     return float(cross_val_score(clf, X, y, cv=cv, scoring="accuracy").mean())
 
@@ -94,7 +98,8 @@ def _prepare_labels(labels: Sequence[Any], n_splits: int) -> tuple[np.ndarray, n
 
 def probe_features(features: dict[str, np.ndarray], labels: Sequence[Any],
                    layers: Sequence[int] | None = None, n_splits: int = 5, seed: int = 0,
-                   C: float = 1.0, progress: bool = True) -> pd.DataFrame:
+                   C: float = 1.0, progress: bool = True,
+                   groups: Sequence[Any] | None = None) -> pd.DataFrame:
     """Cross-validated logistic probes with a control task, on precomputed features.
 
     Args:
@@ -105,6 +110,8 @@ def probe_features(features: dict[str, np.ndarray], labels: Sequence[Any],
         seed: seeds the folds and the control relabelling.
         C: inverse L2 regularisation of ``LogisticRegression``.
         progress: tqdm bar.
+        groups: one group per example (e.g. e₁'s name); folds never split a group, so a probe
+            cannot succeed by recognising e₁ from another template of the same prompt.
 
     Returns:
         DataFrame: layer, position, accuracy, control_accuracy, selectivity, n, n_classes,
@@ -114,6 +121,7 @@ def probe_features(features: dict[str, np.ndarray], labels: Sequence[Any],
         ValueError: label count mismatch or labels that cannot be cross-validated.
     """
     mask, y, task = _prepare_labels(labels, n_splits)
+    g = None if groups is None else np.asarray([str(v) for v in groups])[mask]
     rng = np.random.default_rng(seed)
     y_control = rng.permutation(y)  # random relabelling, class sizes preserved
     _, counts = np.unique(y, return_counts=True)
@@ -124,12 +132,12 @@ def probe_features(features: dict[str, np.ndarray], labels: Sequence[Any],
         lay = list(range(F.shape[0])) if layers is None else list(layers)
         for k in tqdm(range(F.shape[0]), desc=f"probes {pos}", leave=False, disable=not progress):
             X = F[k][mask]
-            acc = _cv_accuracy(X, y, n_splits, seed, C)
-            ctl = _cv_accuracy(X, y_control, n_splits, seed, C)
+            acc = _cv_accuracy(X, y, n_splits, seed, C, g)
+            ctl = _cv_accuracy(X, y_control, n_splits, seed, C, g)
             rows.append({"layer": lay[k], "position": pos, "accuracy": acc,
                          "control_accuracy": ctl, "selectivity": acc - ctl, "n": int(len(y)),
                          "n_classes": int(len(counts)), "chance": float(counts.max() / len(y)),
-                         "task": task})
+                         "task": task, "grouped": g is not None})
     return pd.DataFrame(rows)
 
 
@@ -138,7 +146,8 @@ def probe_bridge_entity(hm: Any, examples: Sequence[Any],
                         layers: Sequence[int] | None = None, label: str = "e2",
                         n_splits: int = 5, seed: int = 0, C: float = 1.0,
                         spans: Sequence[SpanDict] | None = None, spans_fn: SpansFn | None = None,
-                        batch_size: int = 16, progress: bool = True) -> pd.DataFrame:
+                        batch_size: int = 16, progress: bool = True,
+                        group: str | None = "e1") -> pd.DataFrame:
     """Per-layer probes decoding e₂'s identity from the residual (see module docstring).
 
     Args:
@@ -147,6 +156,9 @@ def probe_bridge_entity(hm: Any, examples: Sequence[Any],
         positions, layers, spans, spans_fn, batch_size: feature extraction
             (:func:`collect_features`).
         label, n_splits, seed, C, progress: probing (:func:`probe_features`).
+        group: attribute whose value must not straddle folds (default ``"e1"``: the same prompt
+            in another template would otherwise let the probe recognise e₁, not decode e₂);
+            ``None`` for plain stratified folds.
 
     Returns:
         The :func:`probe_features` table.
@@ -157,5 +169,6 @@ def probe_bridge_entity(hm: Any, examples: Sequence[Any],
     L = hm.n_layers
     layers = list(range(L)) if layers is None else [int(l) for l in layers]
     feats = collect_features(hm, examples, positions, layers, spans, spans_fn, batch_size)
+    groups = [getattr(ex, group) for ex in examples] if group and all(hasattr(ex, group) for ex in examples) else None
     return probe_features(feats, [getattr(ex, label) for ex in examples], layers, n_splits, seed,
-                          C, progress)
+                          C, progress, groups)
