@@ -72,7 +72,7 @@ class MechanismsSection:
         "base", "expert_ab", "expert_bc", "uniform", "arrow", "joint_all"])
     n_examples: int = 24          # two-hop queries per tier for the lens
     n_patching_pairs: int = 3     # clean/corrupted pairs per tier and variant
-    patching_variants: list[str] = dataclasses.field(default_factory=lambda: ["base", "uniform", "joint_all"])
+    patching_variants: list[str] = dataclasses.field(default_factory=lambda: ["base", "uniform"])
     probes: bool = True
     patchscope: bool = True
     backpatch: bool = True

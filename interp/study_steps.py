@@ -256,11 +256,11 @@ def step_mechanisms(run) -> None:
     world = run.world()
     m = run.cfg.mechanisms
     exs = mechanism_examples(run, world)
-    key = run.cfg.section_hash("study", "world", "training", "methods", "mechanisms")
     cache = run.cache / "mechanisms"
     tables: dict[str, list[pd.DataFrame]] = {k: [] for k in
                                              ("lens", "patching", "backpatch", "probes", "patchscope", "knockout")}
     for v in tqdm(m.variants, desc="mechanisms"):
+        key = _mechanism_key(run, v)
         done = cache / f"{v}.{key}.json"
         if done.is_file():
             for name in json.loads(done.read_text()):
@@ -340,6 +340,19 @@ def label_positions(df: pd.DataFrame, pairs: list, hm) -> pd.DataFrame:
         else:
             labels.append(f"e1+{pos - b + 1}{tok!r}"); order.append(1000 + pos - b)
     return df.assign(token=tokens, display_position=labels, position_order=order)
+
+
+def _mechanism_key(run, variant: str) -> str:
+    """Cache key of one variant's mechanism tables: everything that changes them, and nothing
+    else (adding a variant to the lists does not invalidate the others)."""
+    import hashlib
+
+    mech = dict(run.cfg.to_dict()["mechanisms"])
+    mech["patching"] = variant in mech.pop("patching_variants")
+    mech.pop("variants")
+    blob = json.dumps({"up": run.cfg.section_hash("study", "world", "training", "methods"), "mech": mech},
+                      sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def _spread_pairs(pairs: list, n_per_tier: int, tiers: list[str]) -> list:
