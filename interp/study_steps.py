@@ -394,7 +394,12 @@ def step_subspace(run) -> None:
     pairs = [(a, b) for i, a in enumerate(names) for b in names[i + 1:]]
     run.write_csv(S.overlap_table(deltas, pairs=pairs), "subspace_overlap")
     if merges and lib:
-        run.write_csv(S.merge_table(merges, {f"expert_{k}": v for k, v in lib.items()}), "subspace_merges")
+        ex = {f"expert_{k}": v for k, v in lib.items()}
+        lam = run.cfg.methods.task_arithmetic_lambda
+        # cross terms are measured against each merge's own target: λ·Σ ΔWᵢ for task arithmetic,
+        # the 1/n average for the others
+        run.write_csv(pd.concat([S.merge_table({k: v}, ex, weights={n: lam for n in ex} if k == "task_arithmetic" else None)
+                                 for k, v in merges.items()], ignore_index=True), "subspace_merges")
     if "ac" in experts and lib:
         sd = [S.span_deficit_table(experts["ac"], {f"expert_{k}": v for k, v in lib.items()}).assign(oracle="expert_ac")]
         if "joint_all" in experts:
