@@ -1,24 +1,13 @@
 """Logit lens and EntRec against the model's own logits."""
 
-import dataclasses
 
 import pytest
 import torch
 
 from interp.mechanisms.lens import entrec, logit_lens, named_position, position_label
+from stand_ins import example as Ex
 
 
-@dataclasses.dataclass
-class Ex:
-    prompt: str
-    answer: str
-    e1: str
-    e2: str
-    e3: str
-    tier: str = "F"
-    kind: str = "two_hop"
-    chain_id: int = 0
-    char_spans: dict = dataclasses.field(default_factory=dict)
 
 
 @pytest.mark.parametrize("model", ["tiny_llama", "tiny_qwen2"])

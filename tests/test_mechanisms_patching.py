@@ -16,21 +16,9 @@ from interp.mechanisms.patching import (
     make_corrupted_pairs,
     patch_layer_pos,
 )
+from stand_ins import example as Ex
 
 
-@dataclasses.dataclass
-class Ex:
-    prompt: str
-    answer: str
-    e1: str
-    e2: str
-    e3: str
-    tier: str = "F"
-    kind: str = "two_hop"
-    chain_id: int = 0
-    template_id: int = 0
-    split: str = "test"
-    char_spans: dict = dataclasses.field(default_factory=dict)
 
 
 def make_examples():

@@ -1,29 +1,20 @@
 """Patchscope decoding equals a direct full forward with the state hooked into the target."""
 
-import dataclasses
 
 import torch
 
 from interp.mechanisms.lens import offsets_token_spans
 
 from interp.mechanisms.patchscope import IDENTITY_PROMPT, patchscope
+from stand_ins import example as Ex
 
 
-@dataclasses.dataclass
-class Ex:
-    prompt: str
-    e1: str
-    e2: str
-    char_spans: dict
-    tier: str = "H"
-    kind: str = "hop1"
-    chain_id: int = 0
 
 
 def test_patchscope_matches_hooked_forward(tiny_llama):
     hm = tiny_llama
-    exs = [Ex("The boss of Zorba is", "Zorba", "Kelvo", {"e1": (12, 17)}),
-           Ex("Quinn works for", "Quinn", "Mirta", {"e1": (0, 5)})]
+    exs = [Ex("The boss of Zorba is", e1="Zorba", e2="Kelvo", char_spans={"e1": (12, 17)}, tier="H", kind="hop1"),
+           Ex("Quinn works for", e1="Quinn", e2="Mirta", char_spans={"e1": (0, 5)}, tier="H", kind="hop1")]
     spans = [offsets_token_spans(e, hm) for e in exs]
     df = patchscope(hm, exs, "e1_last", "identity", spans=spans, n_generate=2, max_batch=3,
                     progress=False)
