@@ -13,6 +13,10 @@ from interp.mechanisms.patching import (
     attention_knockout,
     back_patching,
     difference,
+    _pack,
+    auto_prompt_chunk,
+    default_max_batch,
+    stacked_ok,
     make_corrupted_pairs,
     patch_layer_pos,
 )
@@ -63,20 +67,25 @@ def _setup(hm):
     return ct, xt, cl, ca, xa, clean_cache, metric, metric(clean_logits)
 
 
-@pytest.mark.parametrize("model,hook,tl_fn", [
-    ("tiny_llama", "resid_pre", tlp.get_act_patch_resid_pre),
-    ("tiny_qwen2", "resid_pre", tlp.get_act_patch_resid_pre),
-    ("tiny_qwen2", "attn_out", tlp.get_act_patch_attn_out),
-    ("tiny_llama", "mlp_out", tlp.get_act_patch_mlp_out),
-    ("tiny_llama", "blocks.{layer}.hook_attn_out", tlp.get_act_patch_attn_out),  # full-forward path
+@pytest.mark.parametrize("model,hook,tl_fn,skip,stack", [
+    ("tiny_llama", "resid_pre", tlp.get_act_patch_resid_pre, True, None),
+    ("tiny_llama", "resid_pre", tlp.get_act_patch_resid_pre, False, None),  # every copy recomputed
+    ("tiny_llama", "resid_pre", tlp.get_act_patch_resid_pre, False, False),  # one forward per layer
+    ("tiny_qwen2", "resid_pre", tlp.get_act_patch_resid_pre, True, None),
+    ("tiny_qwen2", "attn_out", tlp.get_act_patch_attn_out, True, None),
+    ("tiny_qwen2", "attn_out", tlp.get_act_patch_attn_out, False, None),
+    ("tiny_qwen2", "mlp_out", tlp.get_act_patch_mlp_out, False, False),
+    ("tiny_llama", "mlp_out", tlp.get_act_patch_mlp_out, True, None),
+    ("tiny_llama", "blocks.{layer}.hook_attn_out", tlp.get_act_patch_attn_out, True, None),  # full fwd
 ])
-def test_layer_pos_sweep_equals_transformer_lens(model, hook, tl_fn, request):
+def test_layer_pos_sweep_equals_transformer_lens(model, hook, tl_fn, skip, stack, request):
     hm = request.getfixturevalue(model)
     ct, xt, cl, ca, xa, clean_cache, metric, clean_ld = _setup(hm)
     with torch.no_grad():
         ref = tl_fn(hm.bridge, xt, clean_cache, metric, reduce="none", baseline=True)
     grid = patch_layer_pos(hm, ct, xt, ca, xa, cl, hook=hook, max_batch=7, progress=False,
-                           fast=None if hook in ("resid_pre", "attn_out", "mlp_out") else False)
+                           fast=None if hook in ("resid_pre", "attn_out", "mlp_out") else False,
+                           skip_unchanged=skip, stack_layers=stack)
     assert grid.logit_diff.shape == ref.values.shape == (hm.n_layers, ct.shape[1], 3)
     assert (grid.logit_diff - ref.values).abs().max().item() <= 1e-4
     assert (grid.corrupted - ref.baseline).abs().max().item() <= 1e-4
@@ -84,6 +93,43 @@ def test_layer_pos_sweep_equals_transformer_lens(model, hook, tl_fn, request):
     ref_norm = (ref.values - ref.baseline) / (clean_ld - ref.baseline)
     assert (grid.value - ref_norm).abs().max().item() <= 1e-3
     assert grid.logit_diff.std() > 1e-3  # the sweep has signal
+
+
+@pytest.mark.parametrize("hook,fast", [("resid_pre", None), ("mlp_out", None),
+                                       ("blocks.{layer}.hook_attn_out", False)])
+def test_prompt_chunks_give_the_unchunked_grid(tiny_llama, hook, fast):
+    hm = tiny_llama
+    ct, xt, cl, ca, xa, *_ = _setup(hm)
+    whole = patch_layer_pos(hm, ct, xt, ca, xa, cl, hook=hook, fast=fast, prompt_chunk=3,
+                            progress=False)
+    for chunk in (1, 2):
+        part = patch_layer_pos(hm, ct, xt, ca, xa, cl, hook=hook, fast=fast, prompt_chunk=chunk,
+                               progress=False)
+        # equal up to fp32 rounding (batch composition changes reduction order), not bitwise
+        torch.testing.assert_close(part.logit_diff, whole.logit_diff, atol=1e-5, rtol=0)
+        torch.testing.assert_close(part.clean, whole.clean, atol=1e-5, rtol=0)
+        torch.testing.assert_close(part.corrupted, whole.corrupted, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="prompt_chunk"):
+        patch_layer_pos(hm, ct, xt, ca, xa, cl, prompt_chunk=0, progress=False)
+
+
+def test_defaults_and_packing(tiny_llama):
+    assert default_max_batch(tiny_llama, 16) == 64                # CPU; CUDA: from free memory
+    assert stacked_ok(tiny_llama)
+    assert auto_prompt_chunk(tiny_llama, 16, 8) >= 1000          # 1 GiB on the CPU
+    assert auto_prompt_chunk(tiny_llama, 16, 8, budget_bytes=1) == 1
+    assert auto_prompt_chunk(tiny_llama, 64, 8, budget_bytes=1 << 24) < \
+        auto_prompt_chunk(tiny_llama, 16, 8, budget_bytes=1 << 24)
+    seg = (16, 15, 14, 3, 2, 1, 1, 9, 8)
+    for cap, most in ((16, 64), (17, 2), (16, 1)):
+        rows = _pack(seg, cap, most)
+        placed = sorted(i for row in rows for i, _ in row)
+        assert placed == list(range(len(seg)))
+        for row in rows:
+            assert len(row) <= most and sum(seg[i] for i, _ in row) <= cap
+            ends = sorted((o, o + seg[i]) for i, o in row)
+            assert all(a[1] <= b[0] for a, b in zip(ends, ends[1:]))  # segments do not overlap
+    assert len(_pack(tuple(range(1, 17)), 17, 64)) == 8             # suffixes 1..16 pair up
 
 
 def test_subset_and_bad_input(tiny_llama):

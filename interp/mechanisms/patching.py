@@ -15,10 +15,21 @@ position p:
   ``resid_pre`` (the bridge's ``start_at_layer``; blocks < ℓ are skipped outright — the bridge
   itself would still execute them and discard the result);
 * nothing at positions < p changes (causal attention), so those positions come from the cached
-  corrupted keys/values (a ``DynamicCache`` prefix) and only positions ≥ p0 are recomputed;
-* many patched copies (example b, position p) run as one batch of at most ``max_batch`` copies;
-  copies are grouped by position so each group shares the prefix ``p0 = min p``;
-* only the logits of final positions are unembedded (``logits_to_keep``).
+  corrupted keys/values (a ``DynamicCache`` prefix), and positions after the prompt's final
+  token are never needed: each patched copy recomputes exactly its own segment ``p .. final``;
+* the segments of one prompt are packed into rows (first-fit decreasing; suffix lengths
+  1..n pair up), a row reads its prompt's corrupted keys/values and a block-diagonal causal
+  mask keeps segments apart, so no position is computed twice;
+* one pass over the blocks carries the rows of every layer, each row joining at its block ℓ
+  (Llama and Qwen2; other models run one bridge forward per layer): up to ``max_batch``
+  copies per pass (64 on the CPU; on CUDA from the free memory, ≥ 256), so the matrix
+  products are few and large and Python runs once per block, not once per (layer, block);
+* a copy whose clean activation equals the corrupted one bit for bit (every position before
+  the first differing token; at layer 0 of ``resid_pre``, every position whose token agrees)
+  would run the corrupted forward unchanged: its value is the corrupted logit difference;
+* nothing is unembedded: the final normalised residual is projected on the two answer rows of
+  ``W_U`` (``logit[a] − logit[a']``), never on the whole vocabulary;
+* prompts are processed in chunks (``prompt_chunk``) whose cached runs fit a memory budget.
 
 Results equal ``transformer_lens.patching.get_act_patch_resid_pre / _attn_out / _mlp_out`` on the
 same bridge (tests: ≤ 1e-4 on tiny Llama and Qwen2).
@@ -225,16 +236,194 @@ def _hook_template(hook: str) -> str:
 
 
 @torch.no_grad()
-def _run_cached(hm: Any, tokens: torch.Tensor, names: Sequence[str]):
-    """One forward: logits, per-layer KV, and the activations ``names``."""
+def _run_cached(hm: Any, tokens: torch.Tensor, names: Sequence[str], states: bool = False):
+    """One forward: logits, per-layer KV, and the activations ``names``.
+
+    With ``states=True`` the first output is the final *normalised* residual ``[batch, pos,
+    d_model]`` instead of the logits (the unembedding is skipped, see :func:`final_states`).
+    """
     wanted = set(names)
-    (logits, past), cache = hm.bridge.run_with_cache(
-        tokens, return_type="logits_and_cache", names_filter=lambda n: n in wanted)
+    ctx = final_states(hm.bridge) if states else contextlib.nullcontext()
+    with ctx:
+        (logits, past), cache = hm.bridge.run_with_cache(
+            tokens, return_type="logits_and_cache", names_filter=lambda n: n in wanted)
     missing = [n for n in names if n not in cache]
     if missing:
         raise ValueError(f"hook {missing[0]!r} did not fire in {hm.name}: not a hook point of this "
                          "bridge")
     return logits, _kv_tensors(past), {n: cache[n] for n in names}
+
+
+@contextlib.contextmanager
+def final_states(bridge: Any):
+    """Make the bridge's unembedding an identity map for the duration of the context.
+
+    A forward then returns the final normalised residual ``ln_final(resid)`` (``[batch, pos,
+    d_model]``) where it would return logits: the sweep needs only two answer logits per copy,
+    which :func:`answer_logit_diff` projects from it, so the ``d_model × d_vocab`` product over
+    every kept position is never formed. Restored on exit, even after an exception.
+    """
+    un = bridge.unembed
+    object.__setattr__(un, "forward", lambda hidden_states, *a, **k: hidden_states)
+    try:
+        yield
+    finally:
+        object.__delattr__(un, "forward")
+
+
+def answer_logit_diff(hm: Any, states: torch.Tensor, a: torch.Tensor,
+                      b: torch.Tensor) -> torch.Tensor:
+    """``logit[a] − logit[b]`` (float32 ``[n]``) from final normalised residuals ``[n, d_model]``.
+
+    When the unembedding is a plain ``nn.Linear`` (every decoder LM the bridge wraps unless
+    adapters sit on ``lm_head``), only the two rows ``W_U[a]``, ``W_U[b]`` (and biases) are used;
+    otherwise the module runs on ``states`` (one position per copy). Final-logit soft-capping
+    (``config.final_logit_softcapping``, Gemma 2) is applied to both logits, as the model does.
+    """
+    un = hm.bridge.unembed
+    lin = getattr(un, "original_component", None)
+    if type(lin) is torch.nn.Linear:
+        w = lin.weight
+        h = states.to(w.dtype)
+        za = torch.bmm(h[:, None, :], w[a][:, :, None])[:, 0, 0]
+        zb = torch.bmm(h[:, None, :], w[b][:, :, None])[:, 0, 0]
+        if lin.bias is not None:
+            za, zb = za + lin.bias[a], zb + lin.bias[b]
+    else:
+        logits = un(states[:, None, :])[:, 0]
+        rows = torch.arange(len(a), device=logits.device)
+        za, zb = logits[rows, a], logits[rows, b]
+    cfg = getattr(hm.hf_model, "config", None)
+    cap = getattr(cfg, "final_logit_softcapping", None) or getattr(
+        getattr(cfg, "text_config", None), "final_logit_softcapping", None)
+    if cap:
+        za, zb = torch.tanh(za / cap) * cap, torch.tanh(zb / cap) * cap
+    return (za - zb).float()
+
+
+@torch.no_grad()
+def forward_packed(hm: Any, start_layer: int, resid: torch.Tensor,
+                   kv: list[tuple[torch.Tensor, torch.Tensor]] | None, attention_mask: torch.Tensor,
+                   position_ids: torch.Tensor,
+                   fwd_hooks: Sequence[tuple[str, Callable]] = ()) -> torch.Tensor:
+    """Run the bridge from block ``start_layer`` on packed rows; return final normalised states.
+
+    Args:
+        hm: a ``HookedModel``.
+        start_layer: block whose ``resid_pre`` ``resid`` is.
+        resid: ``[R, C, d_model]`` residual entering block ``start_layer``; a row may hold
+            several independent segments (one per patched copy).
+        kv: per layer ``(keys, values)`` ``[R, kv_heads, P, head_dim]`` of a cached prefix
+            (``None``: no prefix). Only layers ≥ ``start_layer`` are read.
+        attention_mask: ``[R, 1, C, P + C]``, additive (0 = may attend, the dtype's minimum =
+            masked) or bool (True = may attend): the segments' own causal structure and which
+            prefix entries each slot sees.
+        position_ids: ``[R, C]`` absolute positions of the slots (rotary embeddings).
+        fwd_hooks: TransformerLens hooks; activations they see are ``[R, C, ...]``.
+
+    Returns:
+        ``[R, C, d_model]``: ``ln_final`` of the last block's output at every slot.
+    """
+    from transformers import DynamicCache
+
+    kwargs: dict[str, Any] = {"logits_to_keep": 0, "attention_mask": attention_mask,
+                              "position_ids": position_ids}
+    if kv is not None and kv[start_layer][0].shape[-2] > 0:
+        past = DynamicCache()
+        for i, (k, v) in enumerate(kv):
+            past.update(k, v, i)
+        kwargs["past_key_values"] = past
+    with skip_blocks(hm.bridge, start_layer), final_states(hm.bridge):
+        out = hm.bridge.run_with_hooks(resid, start_at_layer=start_layer, fwd_hooks=list(fwd_hooks),
+                                       **kwargs)
+    return out if isinstance(out, torch.Tensor) else out[0]
+
+
+def _pack(suffixes: tuple[int, ...], capacity: int, max_copies: int) -> list[list[tuple[int, int]]]:
+    """First-fit-decreasing packing of segments (lengths ``suffixes``) into rows of ``capacity``.
+
+    Returns rows as lists of ``(segment index, offset in row)``; a row holds at most
+    ``max_copies`` segments.
+    """
+    order = sorted(range(len(suffixes)), key=lambda i: -suffixes[i])
+    rows: list[list[tuple[int, int]]] = []
+    used: list[int] = []
+    for i in order:
+        s = suffixes[i]
+        for r in range(len(rows)):
+            if used[r] + s <= capacity and len(rows[r]) < max_copies:
+                rows[r].append((i, used[r]))
+                used[r] += s
+                break
+        else:
+            rows.append([(i, 0)])
+            used.append(s)
+    return rows
+
+
+STACKED_MODEL_TYPES = frozenset({"llama", "qwen2"})
+
+
+def stacked_ok(hm: Any) -> bool:
+    """Whether the sweep may drive the bridge's blocks itself (one pass for copies of all layers).
+
+    True for the architectures whose model forward is ``rotary_emb → blocks → norm`` and which
+    are tested against TransformerLens here (``STACKED_MODEL_TYPES``: Llama, Qwen2); other
+    models run one bridge forward per layer instead (same results, more launches).
+    """
+    cfg = getattr(hm.hf_model, "config", None)
+    inner = getattr(hm.hf_model, "model", None)
+    return (getattr(cfg, "model_type", None) in STACKED_MODEL_TYPES and inner is not None
+            and hasattr(inner, "rotary_emb") and hasattr(hm.bridge, "blocks")
+            and hasattr(hm.bridge, "ln_final"))
+
+
+def _sliding_window_below(hm: Any, n_tokens: int) -> bool:
+    """A sliding attention window shorter than the prompts (custom masks would ignore it)."""
+    cfg = getattr(hm.hf_model, "config", None)
+    w = getattr(cfg, "sliding_window", None)
+    return bool(w) and getattr(cfg, "use_sliding_window", True) is not False and int(w) < n_tokens
+
+
+def default_max_batch(hm: Any, n_tokens: int) -> int:
+    """Patched copies per forward when not given: 64 on the CPU; on CUDA as many as keep one
+    forward's activations (``max_batch × n_tokens`` tokens at most) within min(4 GiB, 1/8 of the
+    free memory), and at least 256."""
+    dev = hm.device
+    if dev.type != "cuda":
+        return 64
+    free, _ = torch.cuda.mem_get_info(dev)
+    cfg = hm.bridge.cfg
+    d = int(cfg.d_model)
+    d_mlp = int(getattr(cfg, "d_mlp", None) or 4 * d)
+    per_token = (8 * d + 3 * d_mlp) * next(hm.hf_model.parameters()).element_size()
+    return int(max(256, min(4 << 30, free // 8) // (max(n_tokens, 1) * per_token)))
+
+
+def auto_prompt_chunk(hm: Any, n_tokens: int, n_cached: int, budget_bytes: int | None = None) -> int:
+    """Prompts per chunk so that one chunk's cached runs stay within a memory budget.
+
+    A chunk caches, per prompt, ``n_cached`` activations ``[n_tokens, d_model]`` (clean and
+    corrupted, one per swept layer) and the corrupted keys/values of every layer, plus the
+    transient activations of its two full forwards. The budget is ``budget_bytes`` or, by
+    default, a quarter of the free GPU memory capped at 4 GiB on CUDA and 1 GiB on the CPU.
+    """
+    dev = hm.device
+    if budget_bytes is None:
+        if dev.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(dev)
+            budget_bytes = min(4 << 30, free // 4)
+        else:
+            budget_bytes = 1 << 30
+    cfg = hm.bridge.cfg
+    d = int(cfg.d_model)
+    n_kv = int(getattr(cfg, "n_key_value_heads", None) or cfg.n_heads)
+    d_head = int(getattr(cfg, "d_head", None) or d // int(cfg.n_heads))
+    d_mlp = int(getattr(cfg, "d_mlp", None) or 4 * d)
+    elem = next(hm.hf_model.parameters()).element_size()
+    per_token = n_cached * d + 2 * hm.n_layers * n_kv * d_head + 4 * d_mlp + 4 * d
+    per_prompt = n_tokens * per_token * elem + n_tokens * n_tokens * int(cfg.n_heads) * 4
+    return max(1, int(budget_bytes // max(per_prompt, 1)))
 
 
 @dataclasses.dataclass
@@ -269,8 +458,9 @@ def patch_layer_pos(hm: Any, clean_tokens: torch.Tensor, corrupted_tokens: torch
                     clean_answer_ids: torch.Tensor, corrupted_answer_ids: torch.Tensor,
                     lengths: torch.Tensor | None = None, hook: str = "resid_pre",
                     layers: Sequence[int] | None = None, positions: Sequence[int] | None = None,
-                    max_batch: int = 64, progress: bool = True,
-                    fast: bool | None = None) -> PatchGrid:
+                    max_batch: int | None = None, progress: bool = True,
+                    fast: bool | None = None, prompt_chunk: int | None = None,
+                    skip_unchanged: bool = True, stack_layers: bool | None = None) -> PatchGrid:
     """Batched layer × position activation patching (clean → corrupted) of one hook.
 
     Args:
@@ -283,14 +473,27 @@ def patch_layer_pos(hm: Any, clean_tokens: torch.Tensor, corrupted_tokens: torch
             ``"blocks.{layer}.<hook>"`` whose activation is ``[batch, pos, ...]`` (e.g. a
             per-adapter delta hook).
         layers, positions: subsets to sweep (default all).
-        max_batch: patched copies per forward (bounds memory: ``max_batch × pos`` tokens).
+        max_batch: patched copies per forward (bounds memory: at most ``max_batch × pos``
+            tokens per forward). ``None``: :func:`default_max_batch` (64 on the CPU; on CUDA
+            from the free memory, at least 256).
         progress: show a tqdm bar over layers.
-        fast: start each forward at block ℓ and reuse the corrupted keys/values (exact for
-            ``resid_pre``, ``attn_out``, ``mlp_out``: tested against TransformerLens). ``None``
-            (default) = fast for those three, and a batched full forward from the tokens for any
-            other hook: some bridge hook points (e.g. ``hook_resid_mid``, an alias of
-            ``ln2.hook_in``) are not reproduced by a resumed forward. Pass ``fast=True`` only for
-            hooks you have checked.
+        fast: start each forward at block ℓ, reuse the corrupted keys/values and pack copies
+            (exact for ``resid_pre``, ``attn_out``, ``mlp_out``: tested against
+            TransformerLens). ``None`` (default) = fast for those three, and a batched full
+            forward from the tokens for any other hook: some bridge hook points (e.g.
+            ``hook_resid_mid``, an alias of ``ln2.hook_in``) are not reproduced by a resumed
+            forward. Pass ``fast=True`` only for hooks you have checked.
+        prompt_chunk: prompts processed together (their clean and corrupted runs are cached
+            at once, so memory grows with it); ``None`` = :func:`auto_prompt_chunk`. Results do
+            not depend on it.
+        skip_unchanged: a copy whose clean activation equals the corrupted one bit for bit
+            (e.g. every position before the first differing token, and at layer 0 of
+            ``resid_pre`` every position whose token agrees) runs the corrupted forward
+            unchanged, so its value is the corrupted logit difference; such copies are not
+            recomputed. ``False`` recomputes them (for timing comparisons).
+        stack_layers: one pass over the blocks carries copies of every layer (each joins at
+            its block) instead of one forward per layer; ``None`` = where
+            :func:`stacked_ok` (Llama, Qwen2). Same results either way.
 
     Returns:
         A :class:`PatchGrid`; ``logit_diff[i, j, b]`` is the logit difference when the clean
@@ -315,74 +518,292 @@ def patch_layer_pos(hm: Any, clean_tokens: torch.Tensor, corrupted_tokens: torch
     positions = list(range(T)) if positions is None else [int(p) for p in positions]
     if any(not 0 <= l < L for l in layers) or any(not 0 <= p < T for p in positions):
         raise ValueError(f"layers must lie in [0, {L}) and positions in [0, {T})")
+    if max_batch is None:
+        max_batch = default_max_batch(hm, T)
     if max_batch < 1:
         raise ValueError("max_batch must be >= 1")
     template = _hook_template(hook)
-    is_resid_pre = template == SHORT_HOOKS["resid_pre"]
     if fast is None:
         fast = template in SHORT_HOOKS.values()
+    if fast and _sliding_window_below(hm, T):
+        warnings.warn("sliding-window attention shorter than the prompts: patching with full "
+                      "forwards (the packed engine's masks would ignore the window)")
+        fast = False
+    if stack_layers is None:
+        stack_layers = stacked_ok(hm)
+    is_resid_pre = template == SHORT_HOOKS["resid_pre"]
+    if prompt_chunk is None:
+        n_cached = len(layers) * (2 if is_resid_pre or not skip_unchanged else 3)
+        prompt_chunk = auto_prompt_chunk(hm, T, n_cached)
+    if prompt_chunk < 1:
+        raise ValueError("prompt_chunk must be >= 1")
+    parts = []
+    for s in range(0, B, prompt_chunk):
+        sl = slice(s, s + prompt_chunk)
+        Tc = int(lengths[sl].max())  # right padding beyond the chunk's longest prompt: dropped
+        parts.append(_patch_chunk(hm, clean_tokens[sl, :Tc], corrupted_tokens[sl, :Tc], ca[sl],
+                                  xa[sl], lengths[sl], template, layers, positions, max_batch,
+                                  progress and s == 0, fast, skip_unchanged, stack_layers))
+    return PatchGrid(template, layers, positions, torch.cat([p[0] for p in parts], dim=-1),
+                     torch.cat([p[1] for p in parts]), torch.cat([p[2] for p in parts]))
+
+
+def _patch_chunk(hm: Any, clean_tokens: torch.Tensor, corrupted_tokens: torch.Tensor,
+                 ca: torch.Tensor, xa: torch.Tensor, lengths: torch.Tensor, template: str,
+                 layers: list[int], positions: list[int], max_batch: int, progress: bool,
+                 fast: bool, skip_unchanged: bool, stacked: bool):
+    """:func:`patch_layer_pos` on one chunk of prompts: ``(logit_diff, clean_ld, corrupted_ld)``.
+
+    The fast path turns every live copy (ℓ, p, b) into a *segment*: the slots ``p .. final_b``
+    entering block ℓ (nothing before ``p`` changes). Segments of one prompt share rows
+    (first-fit decreasing); each row reads that prompt's cached corrupted keys/values for the
+    positions before each segment's start, and a block-diagonal causal mask keeps segments
+    apart, so each copy recomputes exactly its own suffix. With ``stacked`` one pass over the
+    blocks carries the rows of every layer: a row joins the batch at its block ℓ (few, large
+    matrix products, one Python call per block); otherwise one bridge forward runs per layer.
+    The plan (which copies, which rows) is made on the CPU and sent to the device in one
+    transfer, so the forwards queue on the GPU without host synchronisation.
+    """
+    dev = hm.device
+    B, T = clean_tokens.shape
+    is_resid_pre = template == SHORT_HOOKS["resid_pre"]
     names = [template.format(layer=l) for l in layers]
     resid_names = [SHORT_HOOKS["resid_pre"].format(layer=l) for l in layers]
+    corr_names = list(dict.fromkeys(resid_names + (names if skip_unchanged else [])))
     finals = lengths - 1
     ar = torch.arange(B, device=dev)
 
-    def ld(logits_at_final: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        return (logits_at_final.gather(-1, ca[rows, None]) -
-                logits_at_final.gather(-1, xa[rows, None]))[:, 0].float()
+    clean_h, _, clean_acts = _run_cached(hm, clean_tokens, list(dict.fromkeys(names)), states=True)
+    clean_ld = answer_logit_diff(hm, clean_h[ar, finals], ca, xa)
+    del clean_h
+    corr_h, corr_kv, corr_acts = _run_cached(hm, corrupted_tokens, corr_names, states=True)
+    corr_ld = answer_logit_diff(hm, corr_h[ar, finals], ca, xa)
+    del corr_h
 
-    clean_logits, _, clean_acts = _run_cached(hm, clean_tokens, names)
-    corr_logits, corr_kv, corr_res = _run_cached(hm, corrupted_tokens, resid_names)
-    clean_ld = ld(clean_logits[ar, finals], ar)
-    corr_ld = ld(corr_logits[ar, finals], ar)
-    del clean_logits, corr_logits
+    P = len(positions)
+    out = corr_ld.expand(len(layers), P, B).clone()
+    pos_np = np.asarray(positions)
+    pos_t = torch.as_tensor(pos_np, device=dev)
+    fin_np = finals.cpu().numpy()
+    live = (pos_t[:, None] <= finals[None, :]).expand(len(layers), P, B)  # after final: inert
+    if skip_unchanged:
+        same = torch.stack([(clean_acts[n] == corr_acts[n]).reshape(B, T, -1).all(-1)
+                            for n in names])  # [layers, B, T]
+        live = live & ~same[:, :, pos_t.clamp(max=T - 1)].transpose(1, 2)  # p ≥ T: not live
+    live_np = live.cpu().numpy()
+    desc = f"patch {template.split('.')[-1]}"
+    if not fast:
+        for i in tqdm(range(len(layers)), desc=desc, leave=False, disable=not progress):
+            jj, bb = np.nonzero(live_np[i])
+            if len(jj):
+                _full_forward_layer(hm, out[i], corrupted_tokens, clean_acts[names[i]], names[i],
+                                    jj, bb, pos_np, finals, ca, xa, max_batch)
+        return out, clean_ld, corr_ld
+    # plan every forward on the CPU, then one host-to-device transfer of all index arrays
+    plan = _plan(live_np, layers, pos_np, fin_np, max_batch, stacked)
+    flat = np.concatenate([a.ravel() for g in plan for a in g["arrays"].values()]
+                          or [np.zeros(0, dtype=np.int64)]).astype(np.int64)
+    flat_t = torch.from_numpy(flat).to(dev)
+    off = 0
+    for g in tqdm(plan, desc=desc, leave=False, disable=not progress):
+        views = {}
+        for k, a in g["arrays"].items():
+            views[k] = flat_t[off:off + a.size].view(a.shape)
+            off += a.size
+        run = _stacked_forward if stacked else _packed_forward
+        run(hm, out, g, views, names, resid_names, clean_acts, corr_acts, layers, is_resid_pre,
+            corr_kv, ca, xa)
+    return out, clean_ld, corr_ld
 
-    out = torch.empty(len(layers), len(positions), B, device=dev)
-    # copies sorted by position, so each group of max_batch copies shares a long KV prefix
-    copies = [(j, p, b) for j, p in enumerate(positions) for b in range(B)]
-    copies.sort(key=lambda c: c[1])
-    for i, layer in enumerate(tqdm(layers, desc=f"patch {hook}", leave=False, disable=not progress)):
-        base = corr_res[resid_names[i]]
-        clean_act = clean_acts[names[i]]
-        for g0 in range(0, len(copies), max_batch):
-            group = copies[g0:g0 + max_batch]
-            js = torch.tensor([c[0] for c in group], device=dev)
-            ps = torch.tensor([c[1] for c in group], device=dev)
-            bs = torch.tensor([c[2] for c in group], device=dev)
-            fin = finals[bs]
-            # copies whose final token precedes the patch are unaffected: corrupted value
-            live = fin >= ps
-            out[i, js[~live], bs[~live]] = corr_ld[bs[~live]]
-            if not bool(live.any()):
-                continue
-            js, ps, bs, fin = js[live], ps[live], bs[live], fin[live]
-            p0 = int(ps.min())
-            n = len(bs)
-            resid = base[bs, p0:].clone()
-            rows = torch.arange(n, device=dev)
-            hooks = []
-            if is_resid_pre:
-                resid[rows, ps - p0] = clean_act[bs, ps]
+
+def _plan(live: np.ndarray, layers: list[int], pos_np: np.ndarray, fin_np: np.ndarray,
+          max_batch: int, stacked: bool) -> list[dict]:
+    """Rows and forwards for the live copies ``live[i, j, b]`` (index arrays, numpy).
+
+    Segment of copy (i, p, b): slots ``p .. fin_b``. Each prompt's segments of one swept layer
+    are packed (capacity: the longest segment, or one more where that needs fewer slots:
+    suffixes 1..n pair up into rows of n + 1); rows are ordered by layer and cut into forwards
+    of at most ``max_batch`` copies (with ``stacked=False`` a forward holds one layer only).
+    Each forward is ``{"spans": [(i, layer, r0, r1, c0, c1)], "prefix": int, "arrays": {...}}``:
+    rows ``r0:r1`` and copies ``c0:c1`` belong to swept layer ``i``.
+    """
+    ii, jj, bb = np.nonzero(live)
+    if len(ii) == 0:
+        return []
+    seg_len = fin_np[bb] - pos_np[jj] + 1
+    cap = int(seg_len.max())
+    packings: dict[tuple, list] = {}
+    rows = []  # (i, b, [(copy index into ii/jj/bb, offset)])
+    for i in sorted(np.unique(ii).tolist(), key=lambda i: (layers[i], i)):
+        sel = np.nonzero(ii == i)[0]
+        for b in np.unique(bb[sel]):
+            idx = sel[bb[sel] == b]
+            key = tuple(seg_len[idx].tolist())
+            if key not in packings:
+                cands = [_pack(key, c, max_batch) for c in (cap, cap + 1)]
+                packings[key] = min(cands, key=lambda r: len(r) * max(
+                    sum(key[s] for s, _ in row) for row in r))
+            rows += [(i, int(b), [(int(idx[s]), o) for s, o in row]) for row in packings[key]]
+    groups, cur, n = [], [], 0
+    for row in rows:
+        if cur and (n + len(row[2]) > max_batch or (not stacked and row[0] != cur[-1][0])):
+            groups.append(cur)
+            cur, n = [], 0
+        cur.append(row)
+        n += len(row[2])
+    groups.append(cur)
+    out = []
+    for group in groups:
+        R = len(group)
+        C = max(sum(int(seg_len[c]) for c, _ in segs) for _, _, segs in group)
+        slot_copy = np.full((R, C), -1, dtype=np.int64)
+        slot_pos = np.zeros((R, C), dtype=np.int64)
+        slot_start = np.zeros((R, C), dtype=np.int64)
+        c_row, c_off, c_idx, spans = [], [], [], []
+        for r, (i, _, segs) in enumerate(group):
+            if not spans or spans[-1][0] != i:
+                spans.append([i, layers[i], r, r, len(c_idx), len(c_idx)])
+            for c, o in segs:
+                s, p = int(seg_len[c]), int(pos_np[jj[c]])
+                slot_copy[r, o:o + s] = c
+                slot_pos[r, o:o + s] = np.arange(p, p + s)
+                slot_start[r, o:o + s] = p
+                c_row.append(r)
+                c_off.append(o)
+                c_idx.append(c)
+            spans[-1][3], spans[-1][5] = r + 1, len(c_idx)
+        c_idx = np.asarray(c_idx)
+        c_off = np.asarray(c_off)
+        out.append({"spans": [tuple(s) for s in spans], "prefix": int(pos_np[jj[c_idx]].max()),
+                    "arrays": {"row_b": np.array([b for _, b, _ in group]), "slot_copy": slot_copy,
+                               "slot_pos": slot_pos, "slot_start": slot_start,
+                               "c_row": np.asarray(c_row), "c_off": c_off,
+                               "c_last": c_off + seg_len[c_idx] - 1, "c_b": bb[c_idx],
+                               "c_p": pos_np[jj[c_idx]], "c_j": jj[c_idx], "c_i": ii[c_idx]}})
+    return out
+
+
+def _segment_inputs(g, a, names, resid_names, clean_acts, corr_acts, is_resid_pre, dtype, dev):
+    """Starting residuals of the rows (patched for ``resid_pre``), hooks for other hook points,
+    and the additive attention mask ``[R, 1, C, prefix + C]``."""
+    R, C = a["slot_copy"].shape
+    valid = a["slot_copy"] >= 0
+    resid = None
+    hooks = []
+    for i, _, r0, r1, c0, c1 in g["spans"]:
+        base = corr_acts[resid_names[i]]
+        if resid is None:
+            resid = torch.empty((R, C) + tuple(base.shape[2:]), dtype=base.dtype, device=dev)
+        resid[r0:r1] = base[a["row_b"][r0:r1, None], a["slot_pos"][r0:r1]]
+        rows, offs = a["c_row"][c0:c1], a["c_off"][c0:c1]
+        src = clean_acts[names[i]][a["c_b"][c0:c1], a["c_p"][c0:c1]]
+        if is_resid_pre:
+            resid[rows, offs] = src
+        else:
+            def patch(act, hook, rows=rows, offs=offs, src=src):
+                act = act.clone()
+                act[rows, offs] = src.to(act.dtype)
+                return act
+            hooks.append((names[i], patch))
+    resid = resid * valid[..., None].to(resid.dtype)
+    k = torch.arange(C, device=dev)
+    sc = a["slot_copy"]
+    allowed = (sc[:, :, None] == sc[:, None, :]) & (k[None, None, :] <= k[None, :, None])
+    if g["prefix"] > 0:
+        pre = torch.arange(g["prefix"], device=dev)[None, None, :] < a["slot_start"][:, :, None]
+        allowed = torch.cat([pre, allowed], dim=-1)
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=dev).masked_fill_(
+        ~allowed, torch.finfo(dtype).min)[:, None]
+    return resid, hooks, mask
+
+
+class _PrefixKV:
+    """Stand-in for a transformers cache at one layer: fixed prefix keys/values before the new."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor):
+        self.keys, self.values = keys, values
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        return (torch.cat([self.keys, key_states], dim=-2),
+                torch.cat([self.values, value_states], dim=-2))
+
+    def get_seq_length(self, *args, **kwargs) -> int:
+        return int(self.keys.shape[-2])
+
+
+def _stacked_forward(hm, out, g, a, names, resid_names, clean_acts, corr_acts, layers,
+                     is_resid_pre, corr_kv, ca, xa) -> None:
+    """One pass over the blocks for packed rows of several layers (rows join at their block)."""
+    dev = hm.device
+    dtype = next(hm.hf_model.parameters()).dtype
+    h, hooks, mask = _segment_inputs(g, a, names, resid_names, clean_acts, corr_acts,
+                                     is_resid_pre, dtype, dev)
+    R = h.shape[0]
+    L = hm.n_layers
+    first = min(s[1] for s in g["spans"])
+    n_active = [max([s[3] for s in g["spans"] if s[1] <= l], default=0) for l in range(L)]
+    pos = a["slot_pos"]
+    cos, sin = hm.hf_model.model.rotary_emb(h, position_ids=pos)
+    P = g["prefix"]
+    rb = a["row_b"]
+    blocks = list(hm.bridge.blocks)
+    with hm.bridge.hooks(fwd_hooks=hooks):
+        for l in range(first, L):
+            n = n_active[l]
+            past = _PrefixKV(corr_kv[l][0][rb[:n], :, :P], corr_kv[l][1][rb[:n], :, :P]) \
+                if P > 0 else None
+            o = blocks[l](h[:n], attention_mask=mask[:n], position_ids=pos[:n],
+                          past_key_values=past, use_cache=past is not None,
+                          position_embeddings=(cos[:n], sin[:n]))
+            o = o[0] if isinstance(o, tuple) else o
+            if n == R:
+                h = o
             else:
-                def patch(act, hook, rows=rows, loc=ps - p0, src=clean_act[bs, ps]):
-                    act = act.clone()
-                    act[rows, loc] = src.to(act.dtype)
-                    return act
-                hooks.append((names[i], patch))
-            keep = T - int(fin.min())
-            if fast:
-                kv = [(k[bs, :, :p0], v[bs, :, :p0]) for k, v in corr_kv] if p0 > 0 else None
-                logits = forward_from(hm, layer, resid, kv, keep, hooks)
-            else:  # full batched forward from the tokens: exact for any hook point
-                if is_resid_pre:
-                    hooks = [(names[i], lambda act, hook, rows=rows, loc=ps, src=resid[rows, ps - p0]:
-                              act.index_put((rows, loc), src.to(act.dtype)))]
-                else:
-                    hooks = [(names[i], lambda act, hook, f=hooks[0][1], p0=p0:
-                              torch.cat([act[:, :p0], f(act[:, p0:], hook)], dim=1))]
-                logits = hm.bridge.run_with_hooks(corrupted_tokens[bs], fwd_hooks=hooks,
-                                                  logits_to_keep=keep)
-            out[i, js, bs] = ld(logits[rows, fin - (T - keep)], bs)
-    return PatchGrid(template, layers, positions, out, clean_ld, corr_ld)
+                h[:n] = o
+        final = hm.bridge.ln_final(h[a["c_row"], a["c_last"]])
+    out[a["c_i"], a["c_j"], a["c_b"]] = answer_logit_diff(hm, final, ca[a["c_b"]], xa[a["c_b"]])
+
+
+def _packed_forward(hm, out, g, a, names, resid_names, clean_acts, corr_acts, layers,
+                    is_resid_pre, corr_kv, ca, xa) -> None:
+    """One bridge forward (from block ℓ) of packed rows of one layer ℓ."""
+    dev = hm.device
+    dtype = next(hm.hf_model.parameters()).dtype
+    layer = g["spans"][0][1]
+    resid, hooks, mask = _segment_inputs(g, a, names, resid_names, clean_acts, corr_acts,
+                                         is_resid_pre, dtype, dev)
+    kv = None
+    if g["prefix"] > 0:
+        rb, P = a["row_b"], g["prefix"]
+        kv = [(kk[rb, :, :P], vv[rb, :, :P]) if l >= layer else None
+              for l, (kk, vv) in enumerate(corr_kv)]
+        kv = [x if x is not None else kv[layer] for x in kv]
+    h = forward_packed(hm, layer, resid, kv, mask, a["slot_pos"], hooks)
+    out[a["c_i"], a["c_j"], a["c_b"]] = answer_logit_diff(hm, h[a["c_row"], a["c_last"]],
+                                                          ca[a["c_b"]], xa[a["c_b"]])
+
+
+def _full_forward_layer(hm, out_i, corrupted_tokens, clean_act, name, jj, bb, pos_np, finals, ca,
+                        xa, max_batch) -> None:
+    """Batched full forwards from the tokens (exact for any hook point) for one layer."""
+    dev = hm.device
+    T = corrupted_tokens.shape[1]
+    for g0 in range(0, len(jj), max_batch):
+        js = torch.as_tensor(jj[g0:g0 + max_batch], device=dev)
+        bs = torch.as_tensor(bb[g0:g0 + max_batch], device=dev)
+        ps = torch.as_tensor(pos_np, device=dev)[js]
+        rows = torch.arange(len(bs), device=dev)
+        src = clean_act[bs, ps]
+        fin = finals[bs]
+
+        def patch(act, hook, rows=rows, ps=ps, src=src):
+            return act.index_put((rows, ps), src.to(act.dtype))
+        keep = T - int(fin.min())
+        with final_states(hm.bridge):
+            h = hm.bridge.run_with_hooks(corrupted_tokens[bs], fwd_hooks=[(name, patch)],
+                                         logits_to_keep=keep)
+        h = h if isinstance(h, torch.Tensor) else h[0]
+        out_i[js, bs] = answer_logit_diff(hm, h[rows, fin - (T - keep)], ca[bs], xa[bs])
 
 
 def _tokens_for_pairs(hm: Any, pairs: Sequence[PatchPair]):
@@ -401,8 +822,8 @@ def _tokens_for_pairs(hm: Any, pairs: Sequence[PatchPair]):
 
 def activation_patching(hm: Any, pairs: Sequence[PatchPair],
                         hooks: Sequence[str] = ("resid_pre", "attn_out", "mlp_out"),
-                        layers: Sequence[int] | None = None, max_batch: int = 64,
-                        progress: bool = True) -> pd.DataFrame:
+                        layers: Sequence[int] | None = None, max_batch: int | None = None,
+                        progress: bool = True, prompt_chunk: int | None = None) -> pd.DataFrame:
     """Layer × position activation patching of clean/corrupted pairs, as a tidy table.
 
     Implements the normalised patching metric of the module docstring (Meng et al. 2022;
@@ -413,8 +834,10 @@ def activation_patching(hm: Any, pairs: Sequence[PatchPair],
         pairs: from :func:`make_corrupted_pairs` or built by the caller.
         hooks: short names or ``"blocks.{layer}...."`` templates.
         layers: subset of layers (default all).
-        max_batch: patched copies per forward.
+        max_batch: patched copies per forward (``None``: 256 on CUDA, 64 elsewhere).
         progress: tqdm bars.
+        prompt_chunk: pairs whose clean/corrupted runs are cached at once (bounds memory;
+            ``None``: from the free memory, see :func:`auto_prompt_chunk`).
 
     Returns:
         DataFrame: example_id, chain_id, tier, kind, hook, layer, position, position_label,
@@ -429,7 +852,7 @@ def activation_patching(hm: Any, pairs: Sequence[PatchPair],
     frames = []
     for hook in hooks:
         grid = patch_layer_pos(hm, ct, xt, ca, xa, lengths, hook, layers, None, max_batch,
-                               progress)
+                               progress, prompt_chunk=prompt_chunk)
         L_, P_, B_ = grid.logit_diff.shape
         li, pi, bi = np.meshgrid(np.arange(L_), np.arange(P_), np.arange(B_), indexing="ij")
         li, pi, bi = li.ravel(), pi.ravel(), bi.ravel()
