@@ -156,7 +156,17 @@ def rows_patching_gpu(j: dict) -> list[dict]:
     for x in j["head_to_head"]:
         case = f"{x['model']} resid_pre sweep, {x['n_layers']} × {x['positions']} × {x['prompts']}"
         out.append(row("patching", case + " (fp32)", x["ours_s"], x["tl_s"], "s", x["speedup"], x["max_abs_diff"],
-                       x["ours_peak_mib"], x["tl_peak_mib"], "≥ 20×", f"max_batch {x['best_max_batch']}"))
+                       x["ours_peak_mib"], x["tl_peak_mib"], "≥ 20×", f"max_batch {x['best_max_batch']}"
+                       + ("; copies whose clean activation equals the corrupted one are not recomputed"
+                          if "ours_noskip_s" in x else "")))
+        if "ours_noskip_s" in x:
+            out.append(row("patching", case + " (fp32, every copy recomputed)", x["ours_noskip_s"], x["tl_s"], "s",
+                           x["tl_s"] / x["ours_noskip_s"], x["noskip_max_abs_diff"], x["ours_noskip_peak_mib"],
+                           x["tl_peak_mib"], "", "skip_unchanged=False"))
+        if "ours_tf32_s" in x:
+            out.append(row("patching", case + " (ours TF32 vs TL fp32)", x["ours_tf32_s"], x["tl_s"], "s",
+                           x["tl_s"] / x["ours_tf32_s"], x["tf32_max_abs_diff_vs_fp32"], x["ours_tf32_peak_mib"],
+                           x["tl_peak_mib"], "", f"rel. to max|grid| {x['tf32_rel_diff_vs_grid_max']:.1e}"))
         if "ours_bf16_s" in x:
             out.append(row("patching", case + " (ours bf16 vs TL fp32)", x["ours_bf16_s"], x["tl_s"], "s",
                            x["tl_s"] / x["ours_bf16_s"], x["bf16_max_abs_diff_vs_fp32"], x["ours_bf16_peak_mib"],
@@ -212,7 +222,12 @@ def to_markdown(res: dict) -> str:
                          f"{p['seconds']:.3f} | {p['peak_mib']:.0f} | {p['prompt_chunk'] or '–'} |")
         lines += ["", f"Fit (log-linear least squares): time {sc['fit_time']['formula']} (R² {sc['fit_time']['r2_log']:.3f}); "
                       f"memory {sc['fit_memory']['formula']} (R² {sc['fit_memory']['r2_log']:.3f})."]
-        if sc.get("unchunked_largest"):
+        if sc.get("chunk_memory"):
+            lines.append("Memory of one sweep by prompt chunk (same prompts; peak CUDA memory incl. the model): " + "; ".join(
+                f"L={c['layers']} T={c['positions']} B={c['prompts']} in chunks of {c['prompt_chunk']}: "
+                f"{c['seconds']:.2f} s, {c['peak_mib']:.0f} MiB (max abs diff {c['max_abs_diff_vs_first']:.1e})"
+                for c in sc["chunk_memory"]) + ".")
+        elif sc.get("unchunked_largest"):
             u = sc["unchunked_largest"]
             lines.append(f"Without prompt chunking, L={u['layers']} T={u['positions']} B={u['prompts']}: "
                          f"{u['seconds']:.2f} s, {u['peak_mib']:.0f} MiB.")
@@ -353,7 +368,8 @@ def gpu_suite(quick: bool, out_dir: Path, device: str = "cuda", small: bool = Fa
         res["rows"] = rows_patching_gpu(j) + res["rows"]
         if j.get("scaling"):
             res["scaling"] = {"points": j["scaling"], "fit_time": j["scaling_fit_time"],
-                              "fit_memory": j["scaling_fit_memory"], "unchunked_largest": j.get("unchunked_largest")}
+                              "fit_memory": j["scaling_fit_memory"], "unchunked_largest": j.get("unchunked_largest"),
+                              "chunk_memory": j.get("chunk_memory")}
 
     step("patching", patching)
     step("spectrum", spectrum)

@@ -1,9 +1,10 @@
 """How ``max_batch`` and TF32 move our patching sweep on a GPU (same prompts as bench_patching_gpu).
 
-``patch_layer_pos`` groups copies by position; a group recomputes positions ≥ its smallest position,
-so a large ``max_batch`` (one group per layer) recomputes every position for every copy, while a
-small one launches more forwards. Each setting's grid is compared with the fp32 ``max_batch=64``
-grid. TF32 (``torch.backends.cuda.matmul.allow_tf32``) is tried at each shape's best ``max_batch``.
+``patch_layer_pos`` packs each copy's own segment (patched position .. final token) into rows
+and runs up to ``max_batch`` copies per forward: a small ``max_batch`` launches more (smaller)
+forwards, a large one needs more memory per forward. Each setting's grid is compared with the
+fp32 ``max_batch=64`` grid. TF32 (``torch.backends.cuda.matmul.allow_tf32``) is tried at each
+shape's best ``max_batch``.
 
     python benchmarks/gpu/tune_patching.py --device cuda --out $OUT/tune_patching.json
 """
@@ -31,7 +32,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--shapes", nargs="+", default=["qwen2.5-0.5b-shape", "llama-3.2-1b-shape"])
-    ap.add_argument("--max-batches", type=int, nargs="+", default=[16, 32, 64, 128, 256])
+    ap.add_argument("--max-batches", type=int, nargs="+", default=[32, 64, 128, 256, 512])
     ap.add_argument("--prompts", type=int, default=8)
     ap.add_argument("--positions", type=int, default=16)
     ap.add_argument("--out", default="tune_patching.json")
