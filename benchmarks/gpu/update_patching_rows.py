@@ -37,6 +37,7 @@ def main(argv=None) -> dict:
     tune, prof = src / "tune_patching.json", src / "profile_patching.json"
     if tune.is_file():
         res["tune_patching"] = json.loads(tune.read_text())
+    res.pop("profile_patching", None)  # only a profile of this same run is kept
     if prof.is_file():
         res["profile_patching"] = json.loads(prof.read_text())
     when = time.strftime("%Y-%m-%d", time.localtime((src / "bench_patching_gpu.json").stat().st_mtime))

@@ -731,9 +731,37 @@ class _PrefixKV:
         return int(self.keys.shape[-2])
 
 
+@contextlib.contextmanager
+def _mlp_only_at(mlp: Any, rows: torch.Tensor, cols: torch.Tensor):
+    """Run ``mlp`` (a per-token MLP) only at slots ``(rows, cols)``; zeros elsewhere.
+
+    Used in the last block, where only each copy's final slot is read: the other slots'
+    outputs are never used, so their MLP (most of the block's arithmetic) is not computed.
+    """
+    def sub(x, *args, **kwargs):
+        object.__delattr__(mlp, "forward")
+        try:
+            part = mlp(x[rows, cols][:, None], *args, **kwargs)
+        finally:
+            object.__setattr__(mlp, "forward", sub)
+        y = torch.zeros(x.shape[:-1] + part.shape[-1:], dtype=part.dtype, device=part.device)
+        y[rows, cols] = part[:, 0]
+        return y
+
+    object.__setattr__(mlp, "forward", sub)
+    try:
+        yield
+    finally:
+        object.__delattr__(mlp, "forward")
+
+
 def _stacked_forward(hm, out, g, a, names, resid_names, clean_acts, corr_acts, layers,
                      is_resid_pre, corr_kv, ca, xa) -> None:
-    """One pass over the blocks for packed rows of several layers (rows join at their block)."""
+    """One pass over the blocks for packed rows of several layers (rows join at their block).
+
+    In the last block only the final slot of each copy is read, so its MLP runs on those slots
+    alone (unless a hook of that block is being patched).
+    """
     dev = hm.device
     dtype = next(hm.hf_model.parameters()).dtype
     h, hooks, mask = _segment_inputs(g, a, names, resid_names, clean_acts, corr_acts,
@@ -747,14 +775,19 @@ def _stacked_forward(hm, out, g, a, names, resid_names, clean_acts, corr_acts, l
     P = g["prefix"]
     rb = a["row_b"]
     blocks = list(hm.bridge.blocks)
+    last_mlp = getattr(blocks[L - 1], "mlp", None)
+    trim = last_mlp is not None and not (not is_resid_pre and any(s[1] == L - 1 for s in g["spans"]))
     with hm.bridge.hooks(fwd_hooks=hooks):
         for l in range(first, L):
             n = n_active[l]
             past = _PrefixKV(corr_kv[l][0][rb[:n], :, :P], corr_kv[l][1][rb[:n], :, :P]) \
                 if P > 0 else None
-            o = blocks[l](h[:n], attention_mask=mask[:n], position_ids=pos[:n],
-                          past_key_values=past, use_cache=past is not None,
-                          position_embeddings=(cos[:n], sin[:n]))
+            ctx = _mlp_only_at(last_mlp, a["c_row"], a["c_last"]) if trim and l == L - 1 \
+                else contextlib.nullcontext()
+            with ctx:
+                o = blocks[l](h[:n], attention_mask=mask[:n], position_ids=pos[:n],
+                              past_key_values=past, use_cache=past is not None,
+                              position_embeddings=(cos[:n], sin[:n]))
             o = o[0] if isinstance(o, tuple) else o
             if n == R:
                 h = o
