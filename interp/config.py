@@ -39,9 +39,14 @@ class WorldSection:
 class TrainingSection:
     r: int = 8
     lora_alpha: int = 16
-    lr: float = 2e-3
-    epochs: int = 6
+    lr: float = 1e-3  # peak (A matrices; B: lr x loraplus_lr_ratio); see schedule
+    schedule: str = "linear"  # linear warm-up then linear decay to 0, or "constant"
+    warmup_ratio: float = 0.06
+    precision: str = "bf16"  # bf16 autocast (fp32 master weights): ~1.6x faster on AVX512-BF16 CPUs
+    epochs: int = 5
     max_steps: int = 0  # 0 = no cap
+    min_steps: int = 100  # floor: the small D_AC set (96 examples) gets enough updates
+    loraplus_lr_ratio: float = 8.0  # LoRA+: B learns 8x faster than A (0 = plain AdamW)
     batch_size: int = 16
     target_modules: list[str] = dataclasses.field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
@@ -53,7 +58,7 @@ class MethodsSection:
     # Variants evaluated; see interp.study.VARIANTS for what each name means.
     variants: list[str] = dataclasses.field(default_factory=lambda: [
         "base", "expert_ab", "expert_bc", "expert_ac", "uniform", "task_arithmetic", "ties",
-        "peft_linear", "arrow", "mixture", "oracle", "uniform+ac", "arrow+ac", "joint_12", "joint_all"])
+        "arrow", "mixture", "oracle", "uniform+ac", "arrow+ac", "joint_12", "joint_all"])
     task_arithmetic_lambda: float = 1.0
     ties_density: float = 0.5
     arrow_top_k: int = 1
@@ -152,6 +157,12 @@ def validate(cfg: Config) -> Config:
                    ("training.epochs", cfg.training.epochs), ("evaluation.batch_size", cfg.evaluation.batch_size)):
         if v <= 0:
             raise ConfigError(f"{key} must be positive, got {v}")
+    if cfg.training.schedule not in ("linear", "constant"):
+        raise ConfigError(f"training.schedule must be linear or constant, got {cfg.training.schedule!r}")
+    if not 0 <= cfg.training.warmup_ratio < 1:
+        raise ConfigError(f"training.warmup_ratio must be in [0, 1), got {cfg.training.warmup_ratio}")
+    if cfg.training.precision not in ("fp32", "bf16"):
+        raise ConfigError(f"training.precision must be fp32 or bf16, got {cfg.training.precision!r}")
     if not 0 < cfg.methods.ties_density <= 1:
         raise ConfigError("methods.ties_density must be in (0, 1]")
     if cfg.study.device not in ("cpu", "cuda") and not cfg.study.device.startswith("cuda:"):

@@ -77,12 +77,14 @@ def step_experts(run) -> None:
     t = run.cfg.training
     world = run.world()
     tc = TrainConfig(r=t.r, lora_alpha=t.lora_alpha, target_modules=tuple(t.target_modules), lr=t.lr,
-                     epochs=t.epochs, max_steps=t.max_steps or None, batch_size=t.batch_size, seed=t.seed)
+                     schedule=t.schedule, warmup_ratio=t.warmup_ratio, precision=t.precision,
+                     epochs=t.epochs, max_steps=t.max_steps or None,
+                     min_steps=t.min_steps, loraplus_lr_ratio=t.loraplus_lr_ratio, batch_size=t.batch_size, seed=t.seed)
     rows = []
     for name in needed_experts(run):
         pairs = [p for split in EXPERT_DATA[name] for p in world.train_pairs(split)]
         run.base()  # make sure a registered model exists (and is converted) before training
-        meta = train_expert(run.model, pairs, run.expert_dir(name), tc, progress=True)
+        meta = train_expert(run.model, pairs, run.expert_dir(name), tc, progress=True, device=run.cfg.study.device)
         rows.append({"expert": name, "data": "+".join(EXPERT_DATA[name]), "n_examples": meta["n_examples"],
                      "steps": meta["steps"], "final_loss": meta["final_loss"],
                      "train_first_token_acc": meta["train_first_token_acc"],

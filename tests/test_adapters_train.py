@@ -8,7 +8,7 @@ import torch
 
 from interp.adapters.factors import read_adapter
 from interp.adapters.library import AdapterLibrary
-from interp.adapters.train import TrainConfig, _batch, train_expert
+from interp.adapters.train import TrainConfig, _batch, epoch_batches, lr_scale, train_expert
 from interp.models import FusedProjectionError, verify_manifest
 
 warnings.filterwarnings("ignore")
@@ -91,3 +91,53 @@ def test_answer_loss_equals_hf_causal_lm_loss_and_gradients(name):
     for n, p in pm.named_parameters():
         if p.requires_grad:
             torch.testing.assert_close(g_ours[n], p.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_lr_schedule_linear_warmup_then_decay_closed_form():
+    cfg = TrainConfig(schedule="linear", warmup_ratio=0.1)
+    total = 50  # warm-up: 5 steps
+    got = [lr_scale(cfg, t, total) for t in range(total)]
+    assert got[:5] == pytest.approx([0.2, 0.4, 0.6, 0.8, 1.0])
+    assert got[5:] == pytest.approx([(total - t) / 45 for t in range(5, total)])
+    assert all(a >= b for a, b in zip(got[4:], got[5:]))  # monotone decay after the peak
+    assert lr_scale(TrainConfig(schedule="constant"), 7, total) == 1.0
+    with pytest.raises(ValueError, match="schedule"):
+        train_expert("tiny-llama", EX, "/nonexistent/x", TrainConfig(schedule="cosine"), progress=False)
+
+
+@pytest.mark.parametrize("group", [False, True])
+def test_epoch_batches_cover_each_example_once(group):
+    lengths = [(7 * i) % 13 + 3 for i in range(37)]
+    batches = epoch_batches(lengths, 5, seed=2, epoch=1, group_by_length=group)
+    assert len(batches) == 8 and sorted(i for b in batches for i in b) == list(range(37))
+    assert batches == epoch_batches(lengths, 5, seed=2, epoch=1, group_by_length=group)  # pure function
+    assert batches != epoch_batches(lengths, 5, seed=2, epoch=2, group_by_length=group)
+    if group:  # padding shrinks: every batch spans a narrow length range
+        pad = sum(max(lengths[i] for i in b) * len(b) for b in batches)
+        plain = epoch_batches(lengths, 5, seed=2, epoch=1, group_by_length=False)
+        assert pad < sum(max(lengths[i] for i in b) * len(b) for b in plain)
+
+
+def test_bf16_loraplus_min_steps_recipe(tmp_path):
+    """The study's recipe: bf16 base + autocast, LoRA+ groups, a floor on steps; the adapter is
+    saved in fp32 and its reported accuracy is what the fp32 base gives."""
+    from peft import PeftModel
+
+    from interp.adapters.train import _encode, answer_accuracy
+    from interp.models import load_hf
+
+    cfg = TrainConfig(r=4, lora_alpha=8, target_modules=("q_proj", "v_proj", "up_proj", "down_proj"), lr=5e-3,
+                      epochs=1, min_steps=12, batch_size=4, checkpoint_every=0, precision="bf16",
+                      loraplus_lr_ratio=8.0)
+    m = train_expert("tiny-llama", EX[:8], tmp_path / "e", cfg, progress=False)
+    assert m["steps"] == 12 and m["losses"][-1] < m["losses"][0]
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "e" / "adapter_model.safetensors"), "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float32}
+    hf, tok = load_hf("tiny-llama")
+    pm = PeftModel.from_pretrained(hf, str(tmp_path / "e")).eval()
+    first, exact = answer_accuracy(pm, _encode(tok, EX[:8], False), pad=0)
+    assert (first, exact) == (m["train_first_token_acc"], m["train_exact_match"])
+    with pytest.raises(ValueError, match="precision"):
+        train_expert("tiny-llama", EX, tmp_path / "x", TrainConfig(precision="fp16"), progress=False)

@@ -2,13 +2,14 @@
 
 :func:`train_expert` fine-tunes a LoRA (Hu et al., ICLR 2022: ``W x + s·B·A x``, ``s = α/r``) on
 a base model with the next-token cross-entropy on the *answer tokens only* (prompt and padding
-labels are −100), batches right-padded to their own longest sequence. The result is a standard
+labels are −100), batches right-padded to their own longest sequence, AdamW with linear warm-up
+and decay, and gradient-norm clipping. The result is a standard
 PEFT directory (``adapter_config.json`` + ``adapter_model.safetensors``) plus ``interp_meta.json``
 and ``manifest.json``, written atomically.
 
-Determinism and resume: the LoRA init uses ``torch.manual_seed(seed)``; the example order of epoch
-``e`` is ``randperm(N)`` from a generator seeded ``seed·1_000_003 + e``, so step ``t``'s batch is a
-pure function of ``(seed, t)``. Every ``checkpoint_every`` steps the adapter weights
+Determinism and resume: the LoRA init uses ``torch.manual_seed(seed)``; the batches of epoch ``e``
+come from a generator seeded ``seed·1_000_003 + e`` (:func:`epoch_batches`) and the learning rate
+of step ``t`` from :func:`lr_scale`, so step ``t``'s batch and rate are pure functions of ``(seed, t)``. Every ``checkpoint_every`` steps the adapter weights
 (safetensors), AdamW state (``torch.save``, re-read with ``weights_only=True``), torch RNG state
 and step go to ``out_dir + ".partial"``; re-running after a crash resumes from it and ends with the
 same weights as an uninterrupted run.
@@ -43,25 +44,44 @@ class TrainConfig:
 
     Attributes:
         r: LoRA rank. lora_alpha: α (scale s = α/r). target_modules: projection names.
-        lr: AdamW learning rate (constant). epochs: passes over the data (ignored if max_steps).
-        max_steps: total optimiser steps (overrides epochs). batch_size: examples per step.
+        lr: AdamW peak learning rate. schedule: ``"linear"`` (linear warm-up over
+        ``warmup_ratio`` of the steps, then linear decay to 0, as transformers'
+        ``get_linear_schedule_with_warmup``) or ``"constant"``. warmup_ratio: warm-up fraction.
+        epochs: passes over the data (ignored if max_steps).
+        max_steps: total optimiser steps (overrides epochs). min_steps: floor on the steps that
+        ``epochs`` gives (a small dataset still gets enough updates; ignored with max_steps). batch_size: examples per step.
         seed: seed of init and order. weight_decay: AdamW decay. checkpoint_every: steps between
         resume checkpoints (0: none). add_eos: append the tokenizer's EOS after each answer.
-        lora_dropout: dropout on the LoRA input.
+        lora_dropout: dropout on the LoRA input. max_grad_norm: global gradient-norm clip
+        (0: none; 1.0 as transformers' Trainer), which keeps memorisation runs from spiking.
+        loraplus_lr_ratio: 0 for plain AdamW; else LoRA+ (Hayou et al., ICML 2024): B matrices
+        learn ``ratio`` times faster than A (peft's ``create_loraplus_optimizer``).
+        group_by_length: batch examples of similar length (see :func:`epoch_batches`).
+        precision: ``"fp32"``, or ``"bf16"``: mixed precision (frozen base held in bf16,
+        ``torch.autocast`` bf16 matmuls, fp32 LoRA weights, optimiser state and loss). On a CPU
+        with AVX512-BF16 a SmolLM2 step is about 2× faster. The adapter is saved in fp32 and its
+        reported training accuracy is measured on the fp32 base.
     """
 
     r: int = 8
     lora_alpha: float = 16
     target_modules: tuple[str, ...] = DEFAULT_TARGETS
     lr: float = 2e-3
+    schedule: str = "linear"
+    warmup_ratio: float = 0.06
     epochs: int = 20
     max_steps: int | None = None
+    min_steps: int = 0
     batch_size: int = 16
     seed: int = 0
     weight_decay: float = 0.0
     checkpoint_every: int = 20
     add_eos: bool = False
     lora_dropout: float = 0.0
+    precision: str = "fp32"
+    max_grad_norm: float = 1.0
+    group_by_length: bool = False
+    loraplus_lr_ratio: float = 0.0
 
     def to_json(self) -> dict:
         d = dataclasses.asdict(self)
@@ -159,9 +179,37 @@ def answer_accuracy(model: Any, encoded: list[tuple[list[int], list[int]]], pad:
     return first / len(encoded), exact / len(encoded)
 
 
-def _order(n: int, seed: int, epoch: int) -> list[int]:
+def lr_scale(config: TrainConfig, step: int, total: int) -> float:
+    """Multiplier in [0, 1] of every parameter group's peak learning rate at optimiser step
+    ``step`` (0-based) of ``total``: a pure function of the step, so a resumed run follows the
+    same schedule without saving scheduler state."""
+    if config.schedule == "constant":
+        return 1.0
+    warm = max(1, round(config.warmup_ratio * total))
+    if step < warm:
+        return (step + 1) / warm
+    return max(0.0, (total - step) / max(1, total - warm))
+
+
+def epoch_batches(lengths: Sequence[int], batch_size: int, seed: int, epoch: int,
+                  group_by_length: bool = False) -> list[list[int]]:
+    """The batches (example indices) of one epoch, a pure function of ``(seed, epoch)``.
+
+    A random permutation cut into batches; with ``group_by_length``, every window of 8 batches
+    is first sorted by sequence length and the resulting batches are shuffled, so a batch pads to
+    near its own length (about a quarter fewer tokens on the two-hop data) while the order stays
+    random at the scale of the window (as transformers' ``group_by_length``).
+    """
     g = torch.Generator().manual_seed(int(seed) * 1_000_003 + int(epoch))
-    return torch.randperm(n, generator=g).tolist()
+    order = torch.randperm(len(lengths), generator=g).tolist()
+    if not group_by_length:
+        return [order[k:k + batch_size] for k in range(0, len(order), batch_size)]
+    window = 8 * batch_size
+    batches = []
+    for w in range(0, len(order), window):
+        chunk = sorted(order[w:w + window], key=lambda i: lengths[i])
+        batches += [chunk[k:k + batch_size] for k in range(0, len(chunk), batch_size)]
+    return [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
 
 
 def _trainable(pm: Any) -> dict[str, torch.Tensor]:
@@ -237,6 +285,11 @@ def train_expert(base: str | os.PathLike, examples: Sequence[tuple[str, str]], o
         raise ValueError("train_expert got no examples")
     if config.r < 1 or config.batch_size < 1 or config.lr <= 0:
         raise ValueError(f"bad TrainConfig: r={config.r}, batch_size={config.batch_size}, lr={config.lr}")
+    if config.schedule not in ("linear", "constant") or not 0 <= config.warmup_ratio < 1:
+        raise ValueError(f"bad TrainConfig: schedule={config.schedule!r} (linear|constant), "
+                         f"warmup_ratio={config.warmup_ratio} (in [0, 1))")
+    if config.precision not in ("fp32", "bf16"):
+        raise ValueError(f"bad TrainConfig: precision={config.precision!r} (fp32|bf16)")
     out = Path(out_dir)
     data_sha = _data_sha256(examples)
     ident = {"base_model": str(base), "data_sha256": data_sha, "config": config.identity()}
@@ -247,7 +300,9 @@ def train_expert(base: str | os.PathLike, examples: Sequence[tuple[str, str]], o
             return meta
     t0 = time.perf_counter()
     hf, tok = load_hf(base)
-    hf = hf.to(device)
+    # bf16: the frozen base is held in bf16 (no per-step weight casts); LoRA weights, AdamW state
+    # and the loss stay fp32 (peft keeps adapters in fp32), matmuls run under bf16 autocast.
+    hf = hf.to(device, dtype=torch.bfloat16 if config.precision == "bf16" else None)
     check_fused_targets(hf, list(config.target_modules))
     encoded = _encode(tok, examples, config.add_eos)
     pad = next(c for c in (tok.pad_token_id, tok.eos_token_id, 0) if c is not None)
@@ -256,10 +311,17 @@ def train_expert(base: str | os.PathLike, examples: Sequence[tuple[str, str]], o
                       lora_dropout=config.lora_dropout, bias="none", task_type="CAUSAL_LM")
     pm = get_peft_model(hf, lcfg)
     pm.peft_config["default"].base_model_name_or_path = str(base)
-    opt = torch.optim.AdamW(list(_trainable(pm).values()), lr=config.lr, weight_decay=config.weight_decay)
+    if config.loraplus_lr_ratio:
+        from peft.optimizers import create_loraplus_optimizer
+
+        opt = create_loraplus_optimizer(pm, torch.optim.AdamW, lr=config.lr, weight_decay=config.weight_decay,
+                                        loraplus_lr_ratio=config.loraplus_lr_ratio)
+    else:
+        opt = torch.optim.AdamW(list(_trainable(pm).values()), lr=config.lr, weight_decay=config.weight_decay)
+    peak = [g["lr"] for g in opt.param_groups]
     n = len(encoded)
     steps_per_epoch = math.ceil(n / config.batch_size)
-    total = int(config.max_steps) if config.max_steps else config.epochs * steps_per_epoch
+    total = int(config.max_steps) if config.max_steps else max(config.epochs * steps_per_epoch, config.min_steps)
     partial = Path(str(out) + ".partial")
     step, losses = 0, []
     resumed = _load_checkpoint(partial, pm, opt, ident) if partial.is_dir() else None
@@ -269,16 +331,23 @@ def train_expert(base: str | os.PathLike, examples: Sequence[tuple[str, str]], o
     pm.train()
     bar = tqdm(total=total, initial=step, disable=not progress, desc=f"LoRA {out.name}")
     t_train = time.perf_counter()
-    order, order_epoch = None, -1
+    lengths = [len(p) + len(a) for p, a in encoded]
+    batches, batches_epoch = None, -1
     while step < total:
         epoch, k = divmod(step, steps_per_epoch)
-        if epoch != order_epoch:
-            order, order_epoch = _order(n, config.seed, epoch), epoch
-        idx = order[k * config.batch_size:(k + 1) * config.batch_size]
+        if epoch != batches_epoch:
+            batches = epoch_batches(lengths, config.batch_size, config.seed, epoch, config.group_by_length)
+            batches_epoch = epoch
+        idx = batches[k]
         ids, mask, labels = (t.to(device) for t in _batch(encoded, idx, pad))
-        loss = answer_loss(pm, ids, mask, labels)
+        for group, lr in zip(opt.param_groups, peak):
+            group["lr"] = lr * lr_scale(config, step, total)
+        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=config.precision == "bf16"):
+            loss = answer_loss(pm, ids, mask, labels)
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        if config.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(list(_trainable(pm).values()), config.max_grad_norm)
         opt.step()
         step += 1
         losses.append(float(loss.detach()))
@@ -291,6 +360,17 @@ def train_expert(base: str | os.PathLike, examples: Sequence[tuple[str, str]], o
     bar.close()
     train_s = time.perf_counter() - t_train
     pm.eval()
+    if config.precision == "bf16":
+        # measured as the adapter is used: on the fp32 base, not the bf16 training copy
+        from peft import get_peft_model_state_dict, set_peft_model_state_dict
+
+        fp32, _ = load_hf(base)
+        trained = get_peft_model_state_dict(pm)
+        del pm, hf
+        pm = get_peft_model(fp32.to(device), lcfg)
+        set_peft_model_state_dict(pm, trained)
+        pm.peft_config["default"].base_model_name_or_path = str(base)
+        pm.eval()
     first, exact = answer_accuracy(pm, encoded, pad)
     meta = {"base_model": str(base), "data_sha256": data_sha, "n_examples": n, "config": config.to_json(),
             "config_identity": ident["config"], "seed": config.seed, "steps": step,
