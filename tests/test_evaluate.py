@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 import torch
 
-from interp.evaluate import (TABLE_COLUMNS, accuracy_table, greedy_answers, score_examples,
+from interp.evaluate import (TABLE_COLUMNS, accuracy_table, greedy_answers, logits_at, score_examples,
                              wilson_interval)
 
 
@@ -82,6 +82,25 @@ def test_exact_match_equals_real_greedy(tiny_llama):
     gen = greedy_answers(hm, [e.prompt for e in exs[::2]], max_new_tokens=3, batch_size=4,
                          stop_at_eos=False)
     assert gen == [e.answer for e in exs[::2]]
+
+
+@pytest.mark.parametrize("name", ["tiny_llama", "tiny_qwen2"])
+def test_kv_cached_greedy_equals_uncached_one_by_one(name, request):
+    # left padding + position ids + KV cache must decode every row as the bridge does alone
+    hm = request.getfixturevalue(name)
+    prompts = ["The city of Kel", "ab", "A much longer prompt about several things here", "Hello", "x y"]
+    got = greedy_answers(hm, prompts, max_new_tokens=4, batch_size=3, stop_at_eos=False)
+    want = [hm.tokenizer.decode(_greedy_ids(hm, p, 4)) for p in prompts]
+    assert got == want
+
+
+@pytest.mark.parametrize("name", ["tiny_llama", "tiny_qwen2"])
+def test_logits_at_equals_full_bridge_logits(name, request):
+    hm = request.getfixturevalue(name)
+    toks, _ = hm.tokenize(["The city of Kel is in", "ab cd", "Hello there friend"])
+    rows, cols = torch.tensor([0, 0, 1, 2, 2]), torch.tensor([0, 5, 1, 2, 3])
+    full = hm.logits(toks).float()
+    assert torch.allclose(logits_at(hm, toks, rows, cols), full[rows, cols], atol=1e-5)
 
 
 def test_answer_logprob_matches_independent_computation(tiny_qwen2):
