@@ -2,14 +2,14 @@
 
 :func:`train_expert` fine-tunes a LoRA (Hu et al., ICLR 2022: ``W x + s·B·A x``, ``s = α/r``) on
 a base model with the next-token cross-entropy on the *answer tokens only* (prompt and padding
-labels are −100), batches right-padded to their own longest sequence, AdamW with linear warm-up
-and decay, and gradient-norm clipping. The result is a standard
-PEFT directory (``adapter_config.json`` + ``adapter_model.safetensors``) plus ``interp_meta.json``
+labels are −100), batches right-padded to their own longest sequence, AdamW (optionally LoRA+)
+with linear warm-up and decay, and gradient-norm clipping. The result is a standard PEFT directory (``adapter_config.json`` + ``adapter_model.safetensors``) plus ``interp_meta.json``
 and ``manifest.json``, written atomically.
 
 Determinism and resume: the LoRA init uses ``torch.manual_seed(seed)``; the batches of epoch ``e``
 come from a generator seeded ``seed·1_000_003 + e`` (:func:`epoch_batches`) and the learning rate
-of step ``t`` from :func:`lr_scale`, so step ``t``'s batch and rate are pure functions of ``(seed, t)``. Every ``checkpoint_every`` steps the adapter weights
+of step ``t`` from :func:`lr_scale`, so step ``t``'s batch and rate are pure functions of
+``(seed, t)``. Every ``checkpoint_every`` steps the adapter weights
 (safetensors), AdamW state (``torch.save``, re-read with ``weights_only=True``), torch RNG state
 and step go to ``out_dir + ".partial"``; re-running after a crash resumes from it and ends with the
 same weights as an uninterrupted run.
@@ -49,7 +49,8 @@ class TrainConfig:
         ``get_linear_schedule_with_warmup``) or ``"constant"``. warmup_ratio: warm-up fraction.
         epochs: passes over the data (ignored if max_steps).
         max_steps: total optimiser steps (overrides epochs). min_steps: floor on the steps that
-        ``epochs`` gives (a small dataset still gets enough updates; ignored with max_steps). batch_size: examples per step.
+        ``epochs`` gives (a small dataset still gets enough updates; ignored with max_steps).
+        batch_size: examples per step.
         seed: seed of init and order. weight_decay: AdamW decay. checkpoint_every: steps between
         resume checkpoints (0: none). add_eos: append the tokenizer's EOS after each answer.
         lora_dropout: dropout on the LoRA input. max_grad_norm: global gradient-norm clip
