@@ -106,7 +106,7 @@ def main():
     diff = (torch.tensor(tl["values"]) - torch.tensor(ours8["values"])).abs().max().item()
     res = {
         "model": "smollm2-135m", "device": "cpu", "torch_threads": torch.get_num_threads(),
-        "cpu": platform.processor() or platform.machine(), "note": "CPU shared with other agents",
+        "cpu": platform.processor() or platform.machine(), "note": f"load average {os.getloadavg()[0]:.2f} at start",
         "n_layers": 30, "n_tokens": tl["n_tokens"], "max_batch": a.max_batch,
         "tl_seconds": tl["seconds"], "ours_seconds_same_prompts": ours8["seconds"],
         "speedup_same_prompts": tl["seconds"] / ours8["seconds"],

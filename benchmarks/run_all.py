@@ -272,8 +272,8 @@ def header(device: str, quick: bool) -> dict:
 
 def cpu_suite(quick: bool, out_dir: Path, reuse: tuple[str, ...] = ()) -> dict:
     res = header("cpu", quick)
-    res["note"] = ("CPU shared with other jobs while measured: absolute times are noisy; ratios come from "
-                   "ours and the baseline in one run.")
+    res["note"] = ("Rows may come from runs at different times (see each row's note and the load average "
+                   "recorded in its JSON); ratios always come from ours and the baseline in one run.")
     steps = [
         ("patching", ["benchmarks/bench_patching.py"] + (["--n-tl", "2", "--n-ours", "4"] if quick else []),
          "bench_patching.json", lambda j, mem: rows_patching_cpu(j)),
