@@ -86,11 +86,12 @@ def logits_at(hm: Any, tokens: torch.Tensor, rows: torch.Tensor, cols: torch.Ten
     (logit soft-capping) or models without ``get_decoder``. Equal to ``hm.logits(tokens)[rows,
     cols]`` (tested).
     """
-    inner = hm.hf_model
-    decoder = inner.get_decoder() if hasattr(inner, "get_decoder") else None
-    head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
-    if decoder is None or head is None or getattr(inner.config, "final_logit_softcapping", None):
+    from interp.models import decoder_and_head
+
+    split = decoder_and_head(hm.hf_model)
+    if split is None:
         return hm.logits(tokens)[rows.to(tokens.device), cols.to(tokens.device)].float()
+    decoder, head = split
     hidden = decoder(input_ids=tokens, use_cache=False).last_hidden_state
     return head(hidden[rows.to(hidden.device), cols.to(hidden.device)]).float()
 

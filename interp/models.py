@@ -495,6 +495,19 @@ def _load_hf_dir(path: str | os.PathLike) -> tuple[Any, Any]:
     return hf, tok
 
 
+def decoder_and_head(model: Any) -> tuple[Any, Any] | None:
+    """``(decoder, unembedding)`` of a transformers causal LM whose head is a plain linear map,
+    so a caller can run the decoder once and unembed only the positions it reads; ``None`` for
+    models without ``get_decoder`` or with logit soft-capping (the head does more than W_U·h).
+    Used by training (answer-only loss) and evaluation (:func:`interp.evaluate.logits_at`)."""
+    cfg = getattr(model, "config", None)
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if decoder is None or head is None or getattr(cfg, "final_logit_softcapping", None):
+        return None
+    return decoder, head
+
+
 def bridge_model(hf_model: Any, tokenizer: Any, label: str, device: str | torch.device = "cpu") -> Any:
     """Wrap a (possibly PEFT-injected) transformers model in a ``TransformerBridge``, offline.
 

@@ -7,6 +7,7 @@ resumes without redoing finished units.
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import json
 from pathlib import Path
@@ -76,10 +77,9 @@ def step_experts(run) -> None:
 
     t = run.cfg.training
     world = run.world()
-    tc = TrainConfig(r=t.r, lora_alpha=t.lora_alpha, target_modules=tuple(t.target_modules), lr=t.lr,
-                     schedule=t.schedule, warmup_ratio=t.warmup_ratio, precision=t.precision,
-                     epochs=t.epochs, max_steps=t.max_steps or None,
-                     min_steps=t.min_steps, loraplus_lr_ratio=t.loraplus_lr_ratio, batch_size=t.batch_size, seed=t.seed)
+    # every [training] key is a TrainConfig field of the same name (config.py keeps them in step)
+    tc = TrainConfig(**{**dataclasses.asdict(t), "target_modules": tuple(t.target_modules),
+                        "max_steps": t.max_steps or None})
     rows = []
     for name in needed_experts(run):
         pairs = [p for split in EXPERT_DATA[name] for p in world.train_pairs(split)]

@@ -30,8 +30,8 @@ from typing import Any, Callable, Sequence
 import torch
 
 from interp.adapters.testing import DEFAULT_TARGETS, META
-from interp.models import (atomic_directory, atomic_write_text, check_fused_targets, load_hf, verify_manifest,
-                           write_manifest)
+from interp.models import (atomic_directory, atomic_write_text, check_fused_targets, decoder_and_head, load_hf,
+                           verify_manifest, write_manifest)
 
 CKPT_WEIGHTS = "lora_weights.safetensors"
 CKPT_OPTIM = "optimizer.pt"
@@ -57,10 +57,9 @@ class TrainConfig:
         (0: none; 1.0 as transformers' Trainer), which keeps memorisation runs from spiking.
         loraplus_lr_ratio: 0 for plain AdamW; else LoRA+ (Hayou et al., ICML 2024): B matrices
         learn ``ratio`` times faster than A (peft's ``create_loraplus_optimizer``).
-        group_by_length: batch examples of similar length (see :func:`epoch_batches`).
         precision: ``"fp32"``, or ``"bf16"``: mixed precision (frozen base held in bf16,
         ``torch.autocast`` bf16 matmuls, fp32 LoRA weights, optimiser state and loss). On a CPU
-        with AVX512-BF16 a SmolLM2 step is about 2× faster. The adapter is saved in fp32 and its
+        with AVX512-BF16 a SmolLM2 step is 1.5× (batch 16) to 2× (batch 8) faster. The adapter is saved in fp32 and its
         reported training accuracy is measured on the fp32 base.
     """
 
@@ -81,7 +80,6 @@ class TrainConfig:
     lora_dropout: float = 0.0
     precision: str = "fp32"
     max_grad_norm: float = 1.0
-    group_by_length: bool = False
     loraplus_lr_ratio: float = 0.0
 
     def to_json(self) -> dict:
@@ -144,12 +142,10 @@ def answer_loss(pm: Any, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Te
         pm: the PEFT model (LoRA layers active). ids, mask, labels: ``[batch, pos]`` (labels −100
             outside answers).
     """
-    inner = pm.get_base_model()
-    cfg = getattr(inner, "config", None)
-    decoder = inner.get_decoder() if hasattr(inner, "get_decoder") else None
-    head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
-    if decoder is None or head is None or getattr(cfg, "final_logit_softcapping", None):
+    split = decoder_and_head(pm.get_base_model())
+    if split is None:
         return pm(input_ids=ids, attention_mask=mask, labels=labels, use_cache=False).loss
+    decoder, head = split
     hidden = decoder(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
     target = labels[:, 1:]
     keep = target != -100
@@ -192,25 +188,16 @@ def lr_scale(config: TrainConfig, step: int, total: int) -> float:
     return max(0.0, (total - step) / max(1, total - warm))
 
 
-def epoch_batches(lengths: Sequence[int], batch_size: int, seed: int, epoch: int,
-                  group_by_length: bool = False) -> list[list[int]]:
-    """The batches (example indices) of one epoch, a pure function of ``(seed, epoch)``.
+def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """The batches (example indices) of one epoch: ``randperm(n)`` from a generator seeded
+    ``seed·1_000_003 + epoch``, cut into batches, a pure function of ``(seed, epoch)``.
 
-    A random permutation cut into batches; with ``group_by_length``, every window of 8 batches
-    is first sorted by sequence length and the resulting batches are shuffled, so a batch pads to
-    near its own length (about a quarter fewer tokens on the two-hop data) while the order stays
-    random at the scale of the window (as transformers' ``group_by_length``).
+    (Grouping batches by length was measured on the two-hop data: 5% faster per step, higher
+    final loss; not used.)
     """
     g = torch.Generator().manual_seed(int(seed) * 1_000_003 + int(epoch))
-    order = torch.randperm(len(lengths), generator=g).tolist()
-    if not group_by_length:
-        return [order[k:k + batch_size] for k in range(0, len(order), batch_size)]
-    window = 8 * batch_size
-    batches = []
-    for w in range(0, len(order), window):
-        chunk = sorted(order[w:w + window], key=lambda i: lengths[i])
-        batches += [chunk[k:k + batch_size] for k in range(0, len(chunk), batch_size)]
-    return [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
+    order = torch.randperm(n, generator=g).tolist()
+    return [order[k:k + batch_size] for k in range(0, n, batch_size)]
 
 
 def _trainable(pm: Any) -> dict[str, torch.Tensor]:
@@ -332,12 +319,11 @@ def train_expert(base: str | os.PathLike, examples: Sequence[tuple[str, str]], o
     pm.train()
     bar = tqdm(total=total, initial=step, disable=not progress, desc=f"LoRA {out.name}")
     t_train = time.perf_counter()
-    lengths = [len(p) + len(a) for p, a in encoded]
     batches, batches_epoch = None, -1
     while step < total:
         epoch, k = divmod(step, steps_per_epoch)
         if epoch != batches_epoch:
-            batches = epoch_batches(lengths, config.batch_size, config.seed, epoch, config.group_by_length)
+            batches = epoch_batches(n, config.batch_size, config.seed, epoch)
             batches_epoch = epoch
         idx = batches[k]
         ids, mask, labels = (t.to(device) for t in _batch(encoded, idx, pad))
