@@ -330,3 +330,50 @@ def test_smollm2_lora_equals_peft(tmp_path):
     assert _maxdiff(got, ref) <= 1e-4
     with pm.disable_adapter(), torch.no_grad():
         assert _maxdiff(pm(toks).logits, ref) > 1e-3
+
+
+@pytest.mark.parametrize("combine,kw", [("none", {}), ("uniform", {}), ("task_arithmetic", {"lam": 0.7}),
+                                        ("ties", {"density": 0.25}), ("arrow", {"top_k": 1})])
+def test_fold_static_update_equals_unfolded_and_restores(ads, combine, kw):
+    from interp.adapters import fold_static_update
+
+    hm = _f64(load_hooked(BASE, ads, combine=combine, **kw))  # float64: folding is exact up to 1e-12
+    toks = _tokens(hm)
+    before = {n: p.detach().clone() for n, p in hm.hf_model.named_parameters()}
+    ref = hm.logits(toks)
+    base = _f64(load_hooked(BASE, ads, combine="none"))
+    with base.peft_model.disable_adapter():
+        plain = base.logits(toks)
+    assert _maxdiff(ref, plain) > 1e-2  # the update matters, so equality below is informative
+    fired = []
+    hook = hm.info["lora_runtime"].sites[0].hook_router
+    h = hook.register_forward_hook(lambda m, i, o: fired.append(1))
+    with fold_static_update(hm) as folded:
+        inside = hm.logits(toks)
+        n_inside = len(fired)
+    assert folded == (combine != "arrow")  # Arrow's weights depend on the input: never folded
+    assert _maxdiff(inside, ref) <= 1e-9
+    assert (n_inside == 0) == folded  # folded sites skip the adapter hook points
+    h.remove()
+    for n, p in hm.hf_model.named_parameters():  # weights restored bit for bit
+        assert torch.equal(p, before[n]), n
+    assert torch.equal(hm.logits(toks), ref)
+
+
+def test_fold_static_update_skips_routed_and_training(ads):
+    from interp.adapters import fold_static_update
+
+    hm = load_hooked(BASE, ads, combine="oracle")
+    with fold_static_update(hm) as folded:
+        assert not folded
+    hm = load_hooked(BASE, ads, combine="uniform")
+    hm.hf_model.train()
+    with fold_static_update(hm) as folded:
+        assert not folded
+    hm.hf_model.eval()
+    with fold_static_update(hm):
+        with pytest.raises(RuntimeError, match="already active"):
+            with fold_static_update(hm):
+                pass
+    with fold_static_update(object()) as folded:
+        assert not folded  # anything without a LoRA runtime (a bare HookedModel) runs unchanged

@@ -14,7 +14,7 @@ from typing import Any, Sequence
 import torch
 
 from interp.adapters.factors import LoraDelta, read_adapter
-from interp.adapters.hooks import delta_hook_name, install_lora_hooks, router_hook_name, site_name
+from interp.adapters.hooks import delta_hook_name, fold_static_update, install_lora_hooks, router_hook_name, site_name
 from interp.adapters.library import AdapterError, AdapterLibrary
 from interp.adapters.merge import (PEFT_COMBINATIONS, MergeError, dare, deltas_from_peft, faithfulness_report,
                                    svd_merge, task_arithmetic, ties, weighted_average)
@@ -25,7 +25,7 @@ from interp.adapters.testing import make_random_adapter
 COMBINES = ("none", "uniform", "weighted", "task_arithmetic", "ties", "dare", "svd", *PEFT_COMBINATIONS,
             "arrow", "mixture", "oracle", "merge_and_unload")
 
-__all__ = ["load_hooked", "COMBINES", "AdapterLibrary", "AdapterError", "route_examples", "route_tokens",
+__all__ = ["load_hooked", "fold_static_update", "COMBINES", "AdapterLibrary", "AdapterError", "route_examples", "route_tokens",
            "make_random_adapter", "LoraDelta", "read_adapter", "delta_hook_name", "router_hook_name",
            "site_name", "MergeError", "RoutingError"]
 

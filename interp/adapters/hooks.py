@@ -29,10 +29,11 @@ so logits equal PEFT's forward bit for bit.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import re
 import types
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Iterator, Protocol
 
 import torch
 
@@ -119,6 +120,7 @@ class LoraRuntime:
         self.sites = sites
         self.router = router
         self.override: Callable[[LoraSite, torch.Tensor], torch.Tensor] | None = None
+        self.folded = False  # set by fold_static_update: sites pass straight to their base layer
 
     def weights(self, site: LoraSite, x: torch.Tensor) -> torch.Tensor | None:
         if self.override is not None:
@@ -147,6 +149,8 @@ def _make_forward(site: LoraSite, runtime: LoraRuntime, original: Callable) -> C
             return original(x, *args, **kwargs)
         kwargs.pop("adapter_names", None)
         result = self.base_layer(x, *args, **kwargs)
+        if runtime.folded:  # the update already sits in base_layer.weight
+            return result
         w = runtime.weights(site, x)
         static_active = w is None
         if static_active:
@@ -217,3 +221,68 @@ def install_lora_hooks(peft_inner_model: Any, bridge: Any, router: Router | None
     if not runtime.sites:
         raise ValueError("no PEFT LoRA layers found to hook")
     return runtime
+
+
+@contextlib.contextmanager
+def fold_static_update(hm: Any) -> Iterator[bool]:
+    """Inside the block, a hooked model with a *static* LoRA update runs at the base model's cost.
+
+    Each LoRA site's update ``ΔW = Σ_e w_e · s_e · B_e A_e`` (``w`` from a
+    :class:`~interp.adapters.route.StaticRouter`, i.e. Uniform / weighted / task arithmetic /
+    mixture, or PEFT's active adapters at weight 1: single experts, TIES, DARE, SVD and peft
+    merges) is added to the site's ``base_layer.weight`` — a new tensor, so the original is put
+    back bit for bit on exit — and the site passes straight to its base layer. The forward equals
+    the unfolded one up to float32 rounding (``(W + ΔW)x`` vs ``Wx + ΔWx``; tested), without the
+    ``2·n_adapters`` extra matmuls per site: on SmolLM2 the Uniform merge of two experts scores
+    prompts 1.5x faster. This is peft's ``merge_adapter`` done reversibly.
+
+    Nothing is folded (the block runs the model unchanged and the context yields ``False``) when
+    the update depends on the input or cannot be folded exactly: no adapters, an input-dependent
+    router (Arrow, oracle) or ``runtime.override`` (``route_tokens``), the model in training mode
+    (LoRA dropout), adapters disabled or merged by peft, or base weights that are not float32/float64 (folding into bf16 would round
+    ΔW away). Adapter hook points (``hook_delta``, ``hook_router``) do not fire while folded; use
+    it for evaluation and residual-stream analyses, not for per-adapter attributions.
+
+    Yields:
+        ``True`` if the update was folded.
+
+    Raises:
+        RuntimeError: nested use on the same model.
+    """
+    from interp.adapters.route import StaticRouter
+
+    runtime = (getattr(hm, "info", None) or {}).get("lora_runtime")
+    foldable = (runtime is not None and getattr(hm, "peft_model", None) is not None
+                and runtime.override is None and (runtime.router is None or isinstance(runtime.router, StaticRouter))
+                and not hm.hf_model.training
+                and not any(s.layer.disable_adapters or s.layer.merged for s in runtime.sites))
+    if foldable and runtime.folded:
+        raise RuntimeError("fold_static_update is already active on this model")
+    if foldable:
+        foldable = all(s.layer.base_layer.weight.dtype in (torch.float32, torch.float64) for s in runtime.sites)
+    if not foldable:
+        yield False
+        return
+    saved: list[tuple[torch.nn.Parameter, torch.Tensor]] = []
+    try:
+        with torch.no_grad():
+            for site in runtime.sites:
+                layer, W = site.layer, site.layer.base_layer.weight
+                if isinstance(runtime.router, StaticRouter):
+                    w = {a: runtime.router.by_name.get(a, 0.0) for a in site.adapters}
+                else:
+                    active = set(layer.active_adapters)
+                    w = {a: 1.0 if a in active else 0.0 for a in site.adapters}
+                delta = torch.zeros(W.shape, dtype=torch.float64, device=W.device)
+                for a, wa in w.items():
+                    if wa != 0.0:
+                        A, B = layer.lora_A[a].weight.double(), layer.lora_B[a].weight.double()
+                        delta += (wa * float(layer.scaling[a])) * (B @ A)
+                saved.append((W, W.data))
+                W.data = (W.data.double() + delta).to(W.dtype)
+        runtime.folded = True
+        yield True
+    finally:
+        runtime.folded = False
+        for W, original in saved:
+            W.data = original
