@@ -79,6 +79,8 @@ class MechanismsSection:
     n_patching_pairs: int = 3     # clean/corrupted pairs per tier and variant
     patching_variants: list[str] = dataclasses.field(default_factory=lambda: ["base", "uniform"])
     probes: bool = True
+    probe_estimator: str = "ridge"  # or "logistic": same held-out accuracy here, 20-60x slower
+    probe_layer_stride: int = 1     # probe every k-th layer (and the last)
     patchscope: bool = True
     backpatch: bool = True
 
@@ -163,6 +165,10 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"training.warmup_ratio must be in [0, 1), got {cfg.training.warmup_ratio}")
     if cfg.training.precision not in ("fp32", "bf16"):
         raise ConfigError(f"training.precision must be fp32 or bf16, got {cfg.training.precision!r}")
+    if cfg.mechanisms.probe_estimator not in ("logistic", "ridge"):
+        raise ConfigError(f"mechanisms.probe_estimator must be logistic or ridge, got {cfg.mechanisms.probe_estimator!r}")
+    if cfg.mechanisms.probe_layer_stride < 1:
+        raise ConfigError(f"mechanisms.probe_layer_stride must be >= 1, got {cfg.mechanisms.probe_layer_stride}")
     if not 0 < cfg.methods.ties_density <= 1:
         raise ConfigError("methods.ties_density must be in (0, 1]")
     if cfg.study.device not in ("cpu", "cuda") and not cfg.study.device.startswith("cuda:"):

@@ -72,3 +72,19 @@ def test_grouped_folds_stop_a_probe_from_recognising_e1():
     grouped = probe_features({"e1_last": X[None]}, labels, n_splits=3, progress=False, groups=groups)
     assert plain["accuracy"].iloc[0] > 0.8 and grouped["accuracy"].iloc[0] < 0.5
     assert bool(grouped["grouped"].iloc[0]) and not bool(plain["grouped"].iloc[0])
+
+
+def test_ridge_and_logistic_probes_agree_on_separable_and_random():
+    rng = np.random.default_rng(3)
+    n_classes, per, d = 5, 12, 24
+    y = np.repeat([f"c{k}" for k in range(n_classes)], per)
+    means = rng.normal(0, 4, (n_classes, d))
+    X = np.stack([means[int(c[1])] + rng.normal(0, 0.5, d) for c in y])
+    feats = {"final": np.stack([X, rng.normal(0, 1, X.shape)])}
+    out = {e: probe_features(feats, y, layers=[0, 1], progress=False, estimator=e) for e in ("logistic", "ridge")}
+    for e, df in out.items():
+        assert (df.estimator == e).all()
+        assert df.accuracy.iloc[0] >= 0.95 and df.selectivity.iloc[0] > 0.5, e
+        assert df.accuracy.iloc[1] < 0.5, e
+    with pytest.raises(ValueError, match="unknown probe estimator"):
+        probe_features(feats, y, progress=False, estimator="mlp")

@@ -1,8 +1,12 @@
 """Linear probes for the bridge entity, with control tasks (Hewitt & Liang 2019).
 
-Per layer, a scikit-learn logistic regression decodes e₂'s identity from the residual stream
+Per layer, a linear scikit-learn classifier decodes e₂'s identity from the residual stream
 (``blocks.ℓ.hook_resid_pre``) at e₁'s last token and at the final token, cross-validated with
-``StratifiedKFold``. A *control task* (Hewitt & Liang 2019, "Designing and Interpreting Probes
+``StratifiedKFold``: multinomial ``LogisticRegression`` (``estimator="logistic"``, the usual
+probe) or ``RidgeClassifier`` (``"ridge"``: one-vs-all least squares on ±1 targets, solved in
+closed form; on SmolLM2 features, 384 examples × 576 dims × 63 classes, a 3-fold fit takes
+0.06–0.16 s against 1–10 s for the logistic probe, at the same, chance-level, held-out accuracy).
+Features are standardised inside each training fold. A *control task* (Hewitt & Liang 2019, "Designing and Interpreting Probes
 with Control Tasks", EMNLP 2019, §2) re-runs the same probe on labels randomly permuted across
 examples (class sizes preserved, seeded); *selectivity* = accuracy − control accuracy.
 
@@ -64,14 +68,19 @@ def collect_features(hm: Any, examples: Sequence[Any], positions: Sequence[str] 
     return feats
 
 
+ESTIMATORS = ("logistic", "ridge")
+
+
 def _cv_accuracy(X: np.ndarray, y: np.ndarray, n_splits: int, seed: int, C: float,
-                 groups: np.ndarray | None = None) -> float:
-    from sklearn.linear_model import LogisticRegression
+                 groups: np.ndarray | None = None, estimator: str = "logistic") -> float:
+    from sklearn.linear_model import LogisticRegression, RidgeClassifier
     from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold, cross_val_score
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    clf = make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=2000))
+    # the same inverse-regularisation C for both: ridge penalty alpha = 1/C
+    head = LogisticRegression(C=C, max_iter=2000) if estimator == "logistic" else RidgeClassifier(alpha=1.0 / C)
+    clf = make_pipeline(StandardScaler(), head)
     if groups is not None:  # no group (e.g. one e₁) in both the training and the held-out fold
         cv = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
         return float(cross_val_score(clf, X, y, cv=cv, groups=groups, scoring="accuracy").mean())
@@ -99,8 +108,8 @@ def _prepare_labels(labels: Sequence[Any], n_splits: int) -> tuple[np.ndarray, n
 def probe_features(features: dict[str, np.ndarray], labels: Sequence[Any],
                    layers: Sequence[int] | None = None, n_splits: int = 5, seed: int = 0,
                    C: float = 1.0, progress: bool = True,
-                   groups: Sequence[Any] | None = None) -> pd.DataFrame:
-    """Cross-validated logistic probes with a control task, on precomputed features.
+                   groups: Sequence[Any] | None = None, estimator: str = "logistic") -> pd.DataFrame:
+    """Cross-validated linear probes with a control task, on precomputed features.
 
     Args:
         features: position name → ``[n_layers, n_examples, d]`` array.
@@ -108,18 +117,23 @@ def probe_features(features: dict[str, np.ndarray], labels: Sequence[Any],
         layers: layer numbers of the features' first axis (default ``0..n-1``).
         n_splits: StratifiedKFold folds.
         seed: seeds the folds and the control relabelling.
-        C: inverse L2 regularisation of ``LogisticRegression``.
+        C: inverse L2 regularisation (``LogisticRegression(C)``, ``RidgeClassifier(alpha=1/C)``).
         progress: tqdm bar.
         groups: one group per example (e.g. e₁'s name); folds never split a group, so a probe
             cannot succeed by recognising e₁ from another template of the same prompt.
+        estimator: ``"logistic"`` or ``"ridge"`` (see the module docstring).
 
     Returns:
         DataFrame: layer, position, accuracy, control_accuracy, selectivity, n, n_classes,
-        chance (majority-class rate), task (``"identity"`` or ``"one_vs_rest:<class>"``).
+        chance (majority-class rate), task (``"identity"`` or ``"one_vs_rest:<class>"``),
+        grouped, estimator.
 
     Raises:
-        ValueError: label count mismatch or labels that cannot be cross-validated.
+        ValueError: label count mismatch, labels that cannot be cross-validated, an unknown
+            estimator.
     """
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"unknown probe estimator {estimator!r}; choose one of {', '.join(ESTIMATORS)}")
     mask, y, task = _prepare_labels(labels, n_splits)
     g = None if groups is None else np.asarray([str(v) for v in groups])[mask]
     rng = np.random.default_rng(seed)
@@ -132,12 +146,12 @@ def probe_features(features: dict[str, np.ndarray], labels: Sequence[Any],
         lay = list(range(F.shape[0])) if layers is None else list(layers)
         for k in tqdm(range(F.shape[0]), desc=f"probes {pos}", leave=False, disable=not progress):
             X = F[k][mask]
-            acc = _cv_accuracy(X, y, n_splits, seed, C, g)
-            ctl = _cv_accuracy(X, y_control, n_splits, seed, C, g)
+            acc = _cv_accuracy(X, y, n_splits, seed, C, g, estimator)
+            ctl = _cv_accuracy(X, y_control, n_splits, seed, C, g, estimator)
             rows.append({"layer": lay[k], "position": pos, "accuracy": acc,
                          "control_accuracy": ctl, "selectivity": acc - ctl, "n": int(len(y)),
                          "n_classes": int(len(counts)), "chance": float(counts.max() / len(y)),
-                         "task": task, "grouped": g is not None})
+                         "task": task, "grouped": g is not None, "estimator": estimator})
     return pd.DataFrame(rows)
 
 
@@ -147,7 +161,7 @@ def probe_bridge_entity(hm: Any, examples: Sequence[Any],
                         n_splits: int = 5, seed: int = 0, C: float = 1.0,
                         spans: Sequence[SpanDict] | None = None, spans_fn: SpansFn | None = None,
                         batch_size: int = 16, progress: bool = True,
-                        group: str | None = "e1") -> pd.DataFrame:
+                        group: str | None = "e1", estimator: str = "logistic") -> pd.DataFrame:
     """Per-layer probes decoding e₂'s identity from the residual (see module docstring).
 
     Args:
@@ -155,7 +169,7 @@ def probe_bridge_entity(hm: Any, examples: Sequence[Any],
         examples: objects with ``prompt``, ``char_spans`` and the ``label`` attribute.
         positions, layers, spans, spans_fn, batch_size: feature extraction
             (:func:`collect_features`).
-        label, n_splits, seed, C, progress: probing (:func:`probe_features`).
+        label, n_splits, seed, C, progress, estimator: probing (:func:`probe_features`).
         group: attribute whose value must not straddle folds (default ``"e1"``: the same prompt
             in another template would otherwise let the probe recognise e₁, not decode e₂);
             ``None`` for plain stratified folds.
@@ -171,4 +185,4 @@ def probe_bridge_entity(hm: Any, examples: Sequence[Any],
     feats = collect_features(hm, examples, positions, layers, spans, spans_fn, batch_size)
     groups = [getattr(ex, group) for ex in examples] if group and all(hasattr(ex, group) for ex in examples) else None
     return probe_features(feats, [getattr(ex, label) for ex in examples], layers, n_splits, seed,
-                          C, progress, groups)
+                          C, progress, groups, estimator)
