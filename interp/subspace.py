@@ -73,12 +73,23 @@ def factor_svd(delta: LoraDelta) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
     Raises:
         SubspaceError: ``delta`` is not a LoraDelta.
     """
+    if not isinstance(delta, LoraDelta):
+        raise SubspaceError(f"expected a LoraDelta, got {type(delta).__name__}")
+    # Tables ask for the same module's SVD many times (spectra, bases, energy kept in each merge):
+    # memoised on the object, keyed by the factors' identity and in-place version counters, so
+    # an edited or replaced factor is never served a stale decomposition.
+    stamp = (delta.A._version, delta.B._version, float(delta.scale))
+    hit = delta.__dict__.get("_svd_memo")
+    if hit is not None and hit[0] is delta.A and hit[1] is delta.B and hit[2] == stamp:
+        return hit[3]
     A, B = _factors(delta)
     QB, RB = torch.linalg.qr(B, mode="reduced")          # [d_out, p], [p, r]
     QA, RA = torch.linalg.qr(A.T, mode="reduced")        # [d_in, q], [q, r]
     core = float(delta.scale) * (RB @ RA.T)              # [p, q]
     Uc, S, Vch = torch.linalg.svd(core, full_matrices=False)
-    return QB @ Uc, S, QA @ Vch.T
+    out = (QB @ Uc, S, QA @ Vch.T)
+    delta.__dict__["_svd_memo"] = (delta.A, delta.B, stamp, out)
+    return out
 
 
 def spectrum(delta: LoraDelta, dense: bool = False) -> torch.Tensor:

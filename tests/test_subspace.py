@@ -53,6 +53,19 @@ def test_factor_svd_reconstructs_and_is_orthonormal():
     assert torch.allclose(V.T @ V, torch.eye(6, dtype=torch.float64), atol=1e-12)
 
 
+def test_factor_svd_memo_follows_edits_of_the_factors():
+    d = rand_delta(40, 25, 6, seed=3)
+    first = sp.factor_svd(d)
+    assert sp.factor_svd(d) is first  # memoised
+    with torch.no_grad():
+        d.A.mul_(2.0)  # in place: the version counter moves
+    assert torch.allclose(sp.factor_svd(d)[1], 2 * first[1], rtol=1e-12)
+    d.B = d.B[:, :6].clone() * 3  # replaced tensor: the identity moves
+    assert torch.allclose(sp.factor_svd(d)[1], 6 * first[1], rtol=1e-12)
+    d.scale = -d.scale
+    assert torch.allclose(sp.spectrum(d), torch.linalg.svdvals(d.dense())[:6], rtol=1e-9)
+
+
 def test_negative_scale_gives_nonnegative_spectrum():
     d = rand_delta(20, 15, 4, seed=1, scale=-2.0)
     assert torch.all(sp.spectrum(d) >= 0)
