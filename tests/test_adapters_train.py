@@ -135,3 +135,34 @@ def test_bf16_loraplus_min_steps_recipe(tmp_path):
     assert (first, exact) == (m["train_first_token_acc"], m["train_exact_match"])
     with pytest.raises(ValueError, match="precision"):
         train_expert("tiny-llama", EX, tmp_path / "x", TrainConfig(precision="fp16"), progress=False)
+
+
+def test_answer_accuracy_equals_full_logits_argmax(tmp_path):
+    """Reading only answer positions gives the accuracy that full-vocabulary logits give."""
+    from interp.adapters import make_random_adapter
+    from interp.adapters.train import _encode, answer_accuracy
+    from interp.models import load_hf
+    from peft import PeftModel
+
+    hf, tok = load_hf("tiny-llama")
+    pm = PeftModel.from_pretrained(hf, str(make_random_adapter("tiny-llama", tmp_path / "a", r=4, seed=5))).eval()
+    enc = _encode(tok, EX, False)
+    # the gold answers of EX against a random model: build "gold" from the model's own argmax for
+    # half the examples so both metrics are strictly between 0 and 1
+    first_ref = exact_ref = 0
+    forced = []
+    with torch.no_grad():
+        for k, (p, a) in enumerate(enc):
+            ids = torch.tensor([p + a])
+            pred = pm(input_ids=ids).logits[0].argmax(-1).tolist()
+            if k % 2 == 0:
+                a = pred[len(p) - 1: len(p) - 1 + len(a)]
+                ids = torch.tensor([p + a])
+                pred = pm(input_ids=ids).logits[0].argmax(-1).tolist()
+            got = pred[len(p) - 1: len(p) - 1 + len(a)]
+            first_ref += int(got[0] == a[0])
+            exact_ref += int(got == a)
+            forced.append((p, a))
+    first, exact = answer_accuracy(pm, forced, pad=0, batch_size=3)
+    assert (first, exact) == (first_ref / len(EX), exact_ref / len(EX))
+    assert 0 < first < 1

@@ -159,15 +159,24 @@ def answer_accuracy(model: Any, encoded: list[tuple[list[int], list[int]]], pad:
     """Teacher-forced accuracy on answers: (first-token accuracy, exact-match accuracy).
 
     Exact match = every answer token is the argmax given the true prefix, which is equivalent to
-    greedy decoding reproducing the answer exactly.
+    greedy decoding reproducing the answer exactly. As in :func:`answer_loss`, only the positions
+    that predict an answer token are unembedded.
     """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    split = decoder_and_head(base)
+    dev = next(model.parameters()).device
     first, exact = 0, 0
     for s in range(0, len(encoded), batch_size):
         idx = list(range(s, min(len(encoded), s + batch_size)))
         ids, mask, labels = _batch(encoded, idx, pad)
-        dev = next(model.parameters()).device
         ids, mask = ids.to(dev), mask.to(dev)
-        pred = model(input_ids=ids, attention_mask=mask).logits.argmax(-1)
+        if split is None:
+            pred = model(input_ids=ids, attention_mask=mask).logits.argmax(-1)
+        else:
+            hidden = split[0](input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+            keep = (labels[:, 1:] != -100).to(dev)
+            pred = torch.full(keep.shape, -1, dtype=torch.long, device=dev)
+            pred[keep] = split[1](hidden[:, :-1][keep]).argmax(-1)
         for j, i in enumerate(idx):
             p, a = encoded[i]
             got = pred[j, len(p) - 1: len(p) - 1 + len(a)].tolist()
