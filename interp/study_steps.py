@@ -16,6 +16,7 @@ from typing import Any
 import pandas as pd
 from tqdm.auto import tqdm
 
+from interp.adapters.hooks import fold_static_update
 from interp.models import atomic_write_text
 from interp.study import console
 
@@ -134,18 +135,20 @@ def _score_variant(run, variant: str, world) -> pd.DataFrame:
     bs = run.cfg.evaluation.batch_size
     frames = []
     sets = eval_sets(run, world)
-    for hop, exs in tqdm(sets.items(), desc=f"evaluate {variant}", leave=False):
-        df = score_examples(hm, exs, batch_size=bs)
-        df["hop"] = hop
-        frames.append(df)
-    # explicit chaining: the variant's own greedy hop-1 answer fed into the hop-2 template
     hop1 = sets.get("hop1", [])
-    if hop1:
-        preds = greedy_answers(hm, hop1, max_new_tokens=5, batch_size=bs)
-        chained = chaining_prompts(hop1, preds)
-        df = score_examples(hm, chained, batch_size=bs)
-        df["hop"] = "chain"
-        frames.append(df)
+    with fold_static_update(hm):  # merges and single experts at the base model's cost
+        for hop, exs in tqdm(sets.items(), desc=f"evaluate {variant}", leave=False):
+            df = score_examples(hm, exs, batch_size=bs)
+            df["hop"] = hop
+            frames.append(df)
+        # explicit chaining: the variant's own greedy hop-1 answer fed into the hop-2 template
+        if hop1:
+            # decode steps read every weight for one token per row: wide batches amortise that
+            preds = greedy_answers(hm, hop1, max_new_tokens=5, batch_size=max(bs, 256))
+            chained = chaining_prompts(hop1, preds)
+            df = score_examples(hm, chained, batch_size=bs)
+            df["hop"] = "chain"
+            frames.append(df)
     out = pd.concat(frames, ignore_index=True)
     if hop1:
         out.loc[out["hop"] == "hop1", "greedy_answer"] = preds
@@ -165,7 +168,8 @@ def _oracle_chain(run, world, ab: pd.DataFrame) -> pd.DataFrame:
         return pd.DataFrame()
     preds = ab.loc[ab["hop"] == "hop1", "greedy_answer"].fillna("").astype(str).tolist()
     hm = run.load_variant("expert_bc")
-    df = score_examples(hm, chaining_prompts(hop1, preds), batch_size=run.cfg.evaluation.batch_size)
+    with fold_static_update(hm):
+        df = score_examples(hm, chaining_prompts(hop1, preds), batch_size=run.cfg.evaluation.batch_size)
     _free(hm)
     return df.assign(hop="chain")
 
@@ -253,8 +257,6 @@ def mechanism_examples(run, world) -> list:
 
 def step_mechanisms(run) -> None:
     """Logit lens / EntRec, Patchscopes, activation patching, back-patching, probes per variant."""
-    from interp.mechanisms import lens, patching
-
     world = run.world()
     m = run.cfg.mechanisms
     exs = mechanism_examples(run, world)
@@ -269,43 +271,10 @@ def step_mechanisms(run) -> None:
                 tables[name].append(pd.read_csv(cache / f"{v}.{name}.{key}.csv"))
             continue
         hm = run.load_variant(v)
-        parts: dict[str, pd.DataFrame] = {}
-        parts["lens"] = lens.entrec(hm, exs)
-        if m.patchscope:
-            from interp.mechanisms.patchscope import patchscope
-
-            few = exs[: max(4, m.n_examples // 2)]
-            parts["patchscope"] = pd.concat(
-                [patchscope(hm, few, source_position="final", target=t, progress=False)
-                 for t in ("identity", "description")], ignore_index=True)
-        if v in m.patching_variants and m.n_patching_pairs > 0:
-            pool = [e for e in world.get(split="test", kind="two_hop") if e.template_id == 0]
-            try:  # donors need the same tier, template and token length: search the whole test set
-                pairs = patching.make_corrupted_pairs(pool, hm, seed=run.cfg.study.seed)
-            except ValueError as err:
-                console.print(f"[yellow]{v}: no clean/corrupted pairs ({err}); patching skipped[/yellow]")
-                pairs = []
-            pairs = _spread_pairs(pairs, m.n_patching_pairs, run.cfg.world.tiers)
-            if pairs:
-                parts["patching"] = label_positions(
-                    patching.activation_patching(hm, pairs, hooks=("resid_pre",)), pairs, hm)
-            if m.backpatch:
-                parts["backpatch"] = patching.back_patching(hm, exs[: max(4, m.n_examples // 2)])
-            parts["knockout"] = patching.attention_knockout(hm, exs[: max(4, m.n_examples // 2)], window=3)
-        if m.probes and v in m.patching_variants:
-            from interp.mechanisms.probes import probe_bridge_entity
-
-            # Tiers H and R, where several chains share a real bridge city, so a probe for e₂ must
-            # generalise across e₁ (in F every e₂ belongs to one e₁); every template, for CV folds.
-            # Every third layer: each layer costs two cross-validated multinomial fits.
-            probe_exs = [e for e in world.get(split="test", kind="two_hop") if e.tier in ("H", "R")]
-            probe_exs = probe_exs or world.get(split="test", kind="two_hop")
-            layers = sorted(set(range(0, hm.n_layers, 3)) | {hm.n_layers - 1})
-            try:
-                parts["probes"] = probe_bridge_entity(hm, probe_exs, layers=layers, n_splits=3,
-                                                      seed=run.cfg.study.seed, progress=False)
-            except ValueError as err:
-                console.print(f"[yellow]{v}: probes skipped ({err})[/yellow]")
+        # every analysis here reads the residual stream, none an adapter's own hook: a static
+        # update (merges, single experts) is folded into the weights and runs at base cost
+        with fold_static_update(hm):
+            parts = _mechanism_parts(run, v, hm, exs, world)
         for name, df in parts.items():
             df = df.copy()
             df.insert(0, "method", v)
@@ -317,6 +286,52 @@ def step_mechanisms(run) -> None:
     for name, dfs in tables.items():
         if dfs:
             run.write_csv(pd.concat(dfs, ignore_index=True), name)
+
+
+def _mechanism_parts(run, v: str, hm, exs: list, world) -> dict[str, pd.DataFrame]:
+    """The mechanism tables of one variant (lens, Patchscopes, patching, back-patching, knockout,
+    probes), as configured in ``[mechanisms]``."""
+    from interp.mechanisms import lens, patching
+
+    m = run.cfg.mechanisms
+    parts: dict[str, pd.DataFrame] = {}
+    parts["lens"] = lens.entrec(hm, exs)
+    if m.patchscope:
+        from interp.mechanisms.patchscope import patchscope
+
+        few = exs[: max(4, m.n_examples // 2)]
+        parts["patchscope"] = pd.concat(
+            [patchscope(hm, few, source_position="final", target=t, progress=False)
+             for t in ("identity", "description")], ignore_index=True)
+    if v in m.patching_variants and m.n_patching_pairs > 0:
+        pool = [e for e in world.get(split="test", kind="two_hop") if e.template_id == 0]
+        try:  # donors need the same tier, template and token length: search the whole test set
+            pairs = patching.make_corrupted_pairs(pool, hm, seed=run.cfg.study.seed)
+        except ValueError as err:
+            console.print(f"[yellow]{v}: no clean/corrupted pairs ({err}); patching skipped[/yellow]")
+            pairs = []
+        pairs = _spread_pairs(pairs, m.n_patching_pairs, run.cfg.world.tiers)
+        if pairs:
+            parts["patching"] = label_positions(
+                patching.activation_patching(hm, pairs, hooks=("resid_pre",)), pairs, hm)
+        if m.backpatch:
+            parts["backpatch"] = patching.back_patching(hm, exs[: max(4, m.n_examples // 2)])
+        parts["knockout"] = patching.attention_knockout(hm, exs[: max(4, m.n_examples // 2)], window=3)
+    if m.probes and v in m.patching_variants:
+        from interp.mechanisms.probes import probe_bridge_entity
+
+        # Tiers H and R, where several chains share a real bridge city, so a probe for e₂ must
+        # generalise across e₁ (in F every e₂ belongs to one e₁); every template, for CV folds.
+        probe_exs = [e for e in world.get(split="test", kind="two_hop") if e.tier in ("H", "R")]
+        probe_exs = probe_exs or world.get(split="test", kind="two_hop")
+        layers = sorted(set(range(0, hm.n_layers, m.probe_layer_stride)) | {hm.n_layers - 1})
+        try:
+            parts["probes"] = probe_bridge_entity(hm, probe_exs, layers=layers, n_splits=3,
+                                                  seed=run.cfg.study.seed, progress=False,
+                                                  estimator=m.probe_estimator)
+        except ValueError as err:
+            console.print(f"[yellow]{v}: probes skipped ({err})[/yellow]")
+    return parts
 
 
 def label_positions(df: pd.DataFrame, pairs: list, hm) -> pd.DataFrame:
