@@ -151,6 +151,21 @@ def rows_training(j: dict) -> list[dict]:
             for x in j["rows"]]
 
 
+def rows_inference(j: dict) -> list[dict]:
+    sc, bp = j["scoring"], j["backpatch"]
+    return [
+        row("inference", f"score_examples, SmolLM2 Uniform merge of 2 rank-8 experts (7 projections), "
+                         f"{sc['n_prompts']} prompts: fold_static_update vs peft forward", sc["fold_s"], sc["peft_s"], "s",
+            sc["speedup_fold_vs_peft"], sc["max_abs_diff_fold_vs_peft"], None, None, "",
+            f"peft add_weighted_adapter(cat); unfolded hooked runtime {sc['hooked_s']:.3g} s "
+            f"({sc['speedup_fold_vs_hooked']:.2f}x slower than folded); diff = answer log-prob (nats)"),
+        row("inference", f"back_patching, SmolLM2, {bp['n_prompts']} prompts × {bp['cells']} cells "
+                         f"(layers {bp['layers'][0]}, {bp['layers'][1] if len(bp['layers']) > 1 else ''}, … {bp['layers'][-1]})",
+            bp["ours_s"], bp["tl_s"], "s", bp["speedup"], bp["max_abs_diff"], None, None, "",
+            "TransformerLens run_with_hooks, one full forward per cell; diff = answer log-prob (nats)"),
+    ]
+
+
 def rows_patching_gpu(j: dict) -> list[dict]:
     out = []
     for x in j["head_to_head"]:
@@ -284,6 +299,8 @@ def cpu_suite(quick: bool, out_dir: Path, reuse: tuple[str, ...] = ()) -> dict:
          lambda j, mem: rows_merge(j, mem, merge_check("cpu"))),
         ("training", ["benchmarks/bench_training.py", "--device", "cpu"] + (["--quick"] if quick else []),
          "bench_training.json", lambda j, mem: rows_training(j)),
+        ("inference", ["benchmarks/bench_inference.py"] + (["--n", "32", "--n-backpatch", "4", "--stride", "6"] if quick else []),
+         "bench_inference.json", lambda j, mem: rows_inference(j)),
     ]
     for name, args, js, conv in steps:
         try:
