@@ -72,6 +72,23 @@ STEP_DEPS: dict[str, tuple[str, ...]] = {
 }
 
 
+def csv_text(df: pd.DataFrame, significant: int | None = None) -> str:
+    """CSV text of a table that ``pd.read_csv`` reads back as written.
+
+    Every non-numeric field is quoted (``csv.QUOTE_NONNUMERIC``): pandas leaves a field holding a
+    bare carriage return unquoted, and a decoded token such as ``"\\r"`` (a random model's top
+    prediction) would then split its row in two. Floats are optionally rounded to ``significant``
+    digits (values, not a format string, so they stay unquoted numbers).
+    """
+    import csv
+
+    if significant:
+        df = df.copy()
+        for c in df.select_dtypes("float").columns:
+            df[c] = df[c].map(lambda x: float(f"{x:.{significant}g}") if pd.notna(x) else x)
+    return df.to_csv(index=False, quoting=csv.QUOTE_NONNUMERIC)
+
+
 class StudyError(RuntimeError):
     """A study step cannot run (missing upstream results, unwritable directory...)."""
 
@@ -107,7 +124,7 @@ class Run:
 
     def write_csv(self, df: pd.DataFrame, name: str) -> Path:
         path = self.results / f"{name}.csv"
-        atomic_write_text(path, df.to_csv(index=False, float_format="%.6g"))
+        atomic_write_text(path, csv_text(df, significant=6))
         return path
 
     def read_csv(self, name: str) -> pd.DataFrame:

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from interp.adapters.hooks import fold_static_update
 from interp.models import atomic_write_text
-from interp.study import console
+from interp.study import console, csv_text
 
 
 def _free(*objs: Any) -> None:
@@ -193,7 +193,7 @@ def step_evaluate(run) -> None:
             frames[v] = pd.read_csv(path)
             continue
         df = _score_variant(run, v, world)
-        atomic_write_text(path, df.to_csv(index=False))
+        atomic_write_text(path, csv_text(df))
         frames[v] = pd.read_csv(path)  # as a resumed run sees it: tables are byte-identical either way
     if "oracle" in variants:
         path = scored_dir / f"oracle.{key}.csv"
@@ -201,7 +201,7 @@ def step_evaluate(run) -> None:
             oracle = oracle_scores(frames["expert_ab"], frames["expert_bc"])
             chain = _oracle_chain(run, world, frames["expert_ab"])
             oracle = pd.concat([oracle[oracle["hop"] != "chain"], chain], ignore_index=True)
-            atomic_write_text(path, oracle.to_csv(index=False))
+            atomic_write_text(path, csv_text(oracle))
         frames["oracle"] = pd.read_csv(path)
     rows = []
     for v in variants:
@@ -278,7 +278,7 @@ def step_mechanisms(run) -> None:
         for name, df in parts.items():
             df = df.copy()
             df.insert(0, "method", v)
-            atomic_write_text(cache / f"{v}.{name}.{key}.csv", df.to_csv(index=False))
+            atomic_write_text(cache / f"{v}.{name}.{key}.csv", csv_text(df))
             tables[name].append(pd.read_csv(cache / f"{v}.{name}.{key}.csv"))  # same as on resume
         atomic_write_text(done, json.dumps(sorted(parts)))
         if hm is not run._base:

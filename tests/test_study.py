@@ -148,3 +148,19 @@ def test_kill_9_during_mechanisms_resumes_to_identical_tables(tiny_run, tmp_path
     for name in ("lens", "patching", "probes", "backpatch"):
         a = (tiny_run / "results" / f"{name}.csv").read_bytes()
         assert (copy / "results" / f"{name}.csv").read_bytes() == a, name
+
+
+def test_csv_text_round_trips_tokens_with_line_breaks():
+    """A decoded token can be a bare carriage return; plain ``to_csv`` would split its row."""
+    import io
+
+    from interp.study import csv_text
+
+    df = pd.DataFrame({"pred_first_token": ["\r", "a\nb", ' "q"', None], "ok": [True, False, True, False],
+                       "logprob": [-1.23456789, 2.0, float("nan"), 3.5], "n": [1, 2, 3, 4]})
+    plain = pd.read_csv(io.StringIO(df.to_csv(index=False)))
+    assert plain["pred_first_token"][0] != "\r" or plain.shape != df.shape  # the failure being fixed
+    back = pd.read_csv(io.StringIO(csv_text(df, significant=6)))
+    assert back["pred_first_token"].tolist()[:3] == ["\r", "a\nb", ' "q"'] and pd.isna(back["pred_first_token"][3])
+    assert back["ok"].tolist() == [True, False, True, False] and back["n"].tolist() == [1, 2, 3, 4]
+    assert back["logprob"][0] == -1.23457 and pd.isna(back["logprob"][2])
