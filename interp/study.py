@@ -73,12 +73,14 @@ STEP_DEPS: dict[str, tuple[str, ...]] = {
 
 
 def csv_text(df: pd.DataFrame, significant: int | None = None) -> str:
-    """CSV text of a table that ``pd.read_csv`` reads back as written.
+    """CSV text of a table whose rows ``pd.read_csv`` reads back intact.
 
     Every non-numeric field is quoted (``csv.QUOTE_NONNUMERIC``): pandas leaves a field holding a
     bare carriage return unquoted, and a decoded token such as ``"\\r"`` (a random model's top
     prediction) would then split its row in two. Floats are optionally rounded to ``significant``
-    digits (values, not a format string, so they stay unquoted numbers).
+    digits (values, not a format string, so they stay unquoted numbers). ``read_csv`` still infers
+    types per column: text that looks like a number, a boolean or ``NA`` (a decoded token ``"7"``)
+    comes back as one unless the column is read with ``dtype=str``.
     """
     import csv
 

@@ -205,6 +205,13 @@ def test_back_patching_diagonal_is_noop_and_offdiagonal_matches_hooks(tiny_qwen2
     got = df[(df.source_layer == ls) & (df.target_layer == lt) & (df.example_id == b)]["logprob"]
     assert abs(got.item() - want) < 1e-4
     assert abs(want - diag[diag.example_id == b]["base_logprob"].iloc[0]) > 1e-4  # it did change
+    sub = back_patching(hm, exs, source_layers=[3, 3, 1], target_layers=[1], progress=False)
+    assert len(sub) == 3 * 2  # duplicate layers ignored
+    for kwargs, msg in [({"source_layers": [0], "target_layers": [3]}, "no cell"), ({"max_batch": 0}, "max_batch")]:
+        with pytest.raises(ValueError, match=msg):
+            back_patching(hm, exs, progress=False, **kwargs)
+    with pytest.raises(ValueError, match="answer"):
+        back_patching(hm, [dataclasses.replace(exs[0], answer="")], progress=False)
 
 
 def test_attention_knockout(tiny_llama):

@@ -88,3 +88,19 @@ def test_ridge_and_logistic_probes_agree_on_separable_and_random():
         assert df.accuracy.iloc[1] < 0.5, e
     with pytest.raises(ValueError, match="unknown probe estimator"):
         probe_features(feats, y, progress=False, estimator="mlp")
+
+
+def test_one_vs_rest_fallback_with_a_class_named_other_and_clear_input_errors():
+    rng = np.random.default_rng(2)
+    y = ["other"] * 6 + ["a"] * 3 + ["b"] * 3
+    X = rng.normal(0, 1, (1, len(y), 8))
+    df = probe_features({"final": X}, y, n_splits=5, progress=False, estimator="ridge")
+    assert df.task.iloc[0] == "one_vs_rest:other" and df.n.iloc[0] == 12  # 6 vs 6, not all one class
+    for kwargs, msg in [({"C": 0.0}, "C"), ({"n_splits": 1}, "n_splits"), ({"layers": [3, 4]}, "layer numbers"),
+                        ({"groups": [0] * 5}, "groups for"), ({"groups": [0] * 6 + [1] * 6}, "distinct groups")]:
+        with pytest.raises(ValueError, match=msg):
+            probe_features({"final": X}, y, progress=False, **{"n_splits": 5, **kwargs})
+    with pytest.raises(ValueError, match="examples"):
+        probe_features({"final": X}, y[:8], progress=False)
+    with pytest.raises(ValueError, match="NaN"):
+        probe_features({"final": np.full_like(X, np.nan)}, y, progress=False)

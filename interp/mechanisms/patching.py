@@ -926,7 +926,8 @@ def back_patching(hm: Any, examples: Sequence[Any], source_layers: Sequence[int]
     Args:
         hm: any ``HookedModel``.
         examples: objects with ``prompt`` and ``answer`` (plus optional metadata).
-        source_layers, target_layers: subsets of ``0..n_layers-1`` (default all).
+        source_layers, target_layers: subsets of ``0..n_layers-1`` (default all; duplicates
+            ignored).
         max_batch: copies per forward.
         progress: tqdm bar.
 
@@ -936,15 +937,23 @@ def back_patching(hm: Any, examples: Sequence[Any], source_layers: Sequence[int]
         (``correct and not was_correct``). ℓs = ℓt rows reproduce the unpatched run.
 
     Raises:
-        ValueError: no examples, layers out of range.
+        ValueError: no examples, layers out of range, no cell with ℓs ≥ ℓt, an empty answer,
+            ``max_batch < 1``.
     """
     if not examples:
         raise ValueError("back_patching() got no examples")
+    if max_batch < 1:
+        raise ValueError(f"max_batch must be >= 1, got {max_batch}")
     L = hm.n_layers
-    src = list(range(L)) if source_layers is None else [int(l) for l in source_layers]
-    tgt = list(range(L)) if target_layers is None else [int(l) for l in target_layers]
+    src = list(range(L)) if source_layers is None else sorted({int(l) for l in source_layers})
+    tgt = list(range(L)) if target_layers is None else sorted({int(l) for l in target_layers})
     if any(not 0 <= l < L for l in src + tgt):
         raise ValueError(f"layers must lie in [0, {L})")
+    if not any(ls >= lt for lt in tgt for ls in src):
+        raise ValueError(f"no cell with source layer >= target layer (sources {src}, targets {tgt})")
+    empty = [i for i, ex in enumerate(examples) if not hm.encode(ex.answer)]
+    if empty:
+        raise ValueError(f"example {empty[0]} has an answer that tokenises to nothing")
     dev = hm.device
     toks, lengths = hm.tokenize([ex.prompt for ex in examples])
     B = toks.shape[0]

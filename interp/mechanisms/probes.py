@@ -97,7 +97,7 @@ def _prepare_labels(labels: Sequence[Any], n_splits: int) -> tuple[np.ndarray, n
         mask = np.isin(y, list(keep))
         return mask, y[mask], "identity"
     top = classes[np.argmax(counts)]
-    yb = np.where(y == top, top, "other")
+    yb = np.where(y == top, "1", "0")  # not a label name: a class called "other" must not collide
     _, c2 = np.unique(yb, return_counts=True)
     if len(c2) < 2 or c2.min() < n_splits:
         raise ValueError(f"cannot cross-validate with {n_splits} folds: need two classes with at "
@@ -134,8 +134,27 @@ def probe_features(features: dict[str, np.ndarray], labels: Sequence[Any],
     """
     if estimator not in ESTIMATORS:
         raise ValueError(f"unknown probe estimator {estimator!r}; choose one of {', '.join(ESTIMATORS)}")
+    labels = list(labels)
+    if not labels:
+        raise ValueError("probe_features got no labels")
+    if n_splits < 2:
+        raise ValueError(f"n_splits must be >= 2, got {n_splits}")
+    if not C > 0:
+        raise ValueError(f"C (inverse regularisation) must be > 0, got {C}")
+    for pos, F in features.items():
+        if F.ndim != 3 or F.shape[1] != len(labels):
+            raise ValueError(f"features for {pos!r} have shape {tuple(F.shape)}; expected [n_layers, "
+                             f"{len(labels)} examples (one per label), d]")
+        if not np.isfinite(F).all():
+            raise ValueError(f"features for {pos!r} contain NaN or inf")
+        if layers is not None and len(layers) != F.shape[0]:
+            raise ValueError(f"{len(layers)} layer numbers for {F.shape[0]} feature layers of {pos!r}")
+    if groups is not None and len(groups) != len(labels):
+        raise ValueError(f"{len(groups)} groups for {len(labels)} labels")
     mask, y, task = _prepare_labels(labels, n_splits)
     g = None if groups is None else np.asarray([str(v) for v in groups])[mask]
+    if g is not None and len(set(g)) < n_splits:
+        raise ValueError(f"grouped folds need >= n_splits={n_splits} distinct groups, got {len(set(g))}")
     rng = np.random.default_rng(seed)
     y_control = rng.permutation(y)  # random relabelling, class sizes preserved
     _, counts = np.unique(y, return_counts=True)
