@@ -197,5 +197,7 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
             raise ConfigError(f"{p} is not valid TOML: {e}") from e
     for dotted, value in (overrides or {}).items():
         sec, _, key = dotted.partition(".")
+        if not sec or not key:
+            raise ConfigError(f"override {dotted!r} must name a section and a key, e.g. 'study.model'")
         data.setdefault(sec, {})[key] = value
     return validate(_build(Config, data, ""))

@@ -36,3 +36,6 @@ def test_missing_file_and_overrides(tmp_path):
     cfg = load_config(None, {"world.n_chains_per_tier": 8, "training.lr": 1})
     assert cfg.world.n_chains_per_tier == 8 and cfg.training.lr == 1.0 and isinstance(cfg.training.lr, float)
     assert cfg.section_hash("world") != load_config(None).section_hash("world")
+    for bad in ("mechanisms", "mechanisms.", ".probes"):
+        with pytest.raises(ConfigError, match="section and a key"):
+            load_config(None, {bad: 1})
