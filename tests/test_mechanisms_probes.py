@@ -11,14 +11,19 @@ from interp.mechanisms.lens import offsets_token_spans
 from interp.mechanisms.probes import collect_features, probe_features
 
 
-def test_probe_separable_vs_control():
-    rng = np.random.default_rng(0)
-    n_classes, per, d = 4, 15, 32
+def _separable_then_noise(seed: int, n_classes: int, per: int, d: int):
+    """Labels and a two-layer feature stack: layer 0 separates the classes (Gaussian clusters),
+    layer 1 is pure noise."""
+    rng = np.random.default_rng(seed)
     y = np.repeat([f"c{k}" for k in range(n_classes)], per)
     means = rng.normal(0, 4, (n_classes, d))
     X = np.stack([means[int(c[1])] + rng.normal(0, 0.5, d) for c in y])
-    noise = rng.normal(0, 1, X.shape)
-    df = probe_features({"final": np.stack([X, noise])}, y, layers=[5, 6], progress=False)
+    return y, np.stack([X, rng.normal(0, 1, X.shape)])
+
+
+def test_probe_separable_vs_control():
+    y, F = _separable_then_noise(0, n_classes=4, per=15, d=32)
+    df = probe_features({"final": F}, y, layers=[5, 6], progress=False)
     sep, rand = df[df.layer == 5].iloc[0], df[df.layer == 6].iloc[0]
     assert sep.accuracy >= 0.98
     assert sep.control_accuracy < 0.5 and sep.selectivity > 0.5
@@ -75,12 +80,8 @@ def test_grouped_folds_stop_a_probe_from_recognising_e1():
 
 
 def test_ridge_and_logistic_probes_agree_on_separable_and_random():
-    rng = np.random.default_rng(3)
-    n_classes, per, d = 5, 12, 24
-    y = np.repeat([f"c{k}" for k in range(n_classes)], per)
-    means = rng.normal(0, 4, (n_classes, d))
-    X = np.stack([means[int(c[1])] + rng.normal(0, 0.5, d) for c in y])
-    feats = {"final": np.stack([X, rng.normal(0, 1, X.shape)])}
+    y, F = _separable_then_noise(3, n_classes=5, per=12, d=24)
+    feats = {"final": F}
     out = {e: probe_features(feats, y, layers=[0, 1], progress=False, estimator=e) for e in ("logistic", "ridge")}
     for e, df in out.items():
         assert (df.estimator == e).all()

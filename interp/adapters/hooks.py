@@ -239,8 +239,8 @@ def fold_static_update(hm: Any) -> Iterator[bool]:
     Nothing is folded (the block runs the model unchanged and the context yields ``False``) when
     the update depends on the input or cannot be folded exactly: no adapters, an input-dependent
     router (Arrow, oracle) or ``runtime.override`` (``route_tokens``), the model in training mode
-    (LoRA dropout), adapters disabled or merged by peft, or base weights that are not float32/float64 (folding into bf16 would round
-    ΔW away). Adapter hook points (``hook_delta``, ``hook_router``) do not fire while folded; use
+    (LoRA dropout), adapters disabled or merged by peft, or base weights that are not
+    float32/float64 (folding into bf16 would round ΔW away). Adapter hook points (``hook_delta``, ``hook_router``) do not fire while folded; use
     it for evaluation and residual-stream analyses, not for per-adapter attributions.
 
     Yields:
@@ -263,21 +263,22 @@ def fold_static_update(hm: Any) -> Iterator[bool]:
     if not foldable:
         yield False
         return
+    from interp.adapters.factors import LoraDelta
+
     saved: list[tuple[torch.nn.Parameter, torch.Tensor]] = []
     try:
         with torch.no_grad():
             for site in runtime.sites:
                 layer, W = site.layer, site.layer.base_layer.weight
-                if isinstance(runtime.router, StaticRouter):
-                    w = {a: runtime.router.by_name.get(a, 0.0) for a in site.adapters}
-                else:
-                    active = set(layer.active_adapters)
-                    w = {a: 1.0 if a in active else 0.0 for a in site.adapters}
+                # the weights the forward itself would use: any token gives them (static router)
+                x0 = torch.zeros(1, W.shape[1], dtype=W.dtype, device=W.device)
+                w = runtime.weights(site, x0)
+                w = (_active_weights(site, x0) if w is None else w)[0].tolist()
                 delta = torch.zeros(W.shape, dtype=torch.float64, device=W.device)
-                for a, wa in w.items():
+                for a, wa in zip(site.adapters, w):
                     if wa != 0.0:
-                        A, B = layer.lora_A[a].weight.double(), layer.lora_B[a].weight.double()
-                        delta += (wa * float(layer.scaling[a])) * (B @ A)
+                        d = LoraDelta(layer.lora_A[a].weight, layer.lora_B[a].weight, float(layer.scaling[a]))
+                        delta += wa * d.dense()
                 saved.append((W, W.data))
                 W.data = (W.data.double() + delta).to(W.dtype)
         runtime.folded = True

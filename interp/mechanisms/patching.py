@@ -951,13 +951,14 @@ def back_patching(hm: Any, examples: Sequence[Any], source_layers: Sequence[int]
         raise ValueError(f"layers must lie in [0, {L})")
     if not any(ls >= lt for lt in tgt for ls in src):
         raise ValueError(f"no cell with source layer >= target layer (sources {src}, targets {tgt})")
-    empty = [i for i, ex in enumerate(examples) if not hm.encode(ex.answer)]
+    answer_ids = [hm.encode(ex.answer) for ex in examples]
+    empty = [i for i, ids in enumerate(answer_ids) if not ids]
     if empty:
         raise ValueError(f"example {empty[0]} has an answer that tokenises to nothing")
     dev = hm.device
     toks, lengths = hm.tokenize([ex.prompt for ex in examples])
     B = toks.shape[0]
-    ans = torch.tensor([hm.encode(ex.answer)[0] for ex in examples], device=dev)
+    ans = torch.tensor([ids[0] for ids in answer_ids], device=dev)
     names = [f"blocks.{l}.hook_resid_pre" for l in range(L)]
     logits, kv, res = _run_cached(hm, toks, names)
     fin = lengths - 1

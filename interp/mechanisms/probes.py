@@ -6,8 +6,8 @@ Per layer, a linear scikit-learn classifier decodes e₂'s identity from the res
 probe) or ``RidgeClassifier`` (``"ridge"``: one-vs-all least squares on ±1 targets, solved in
 closed form; on SmolLM2 features, 384 examples × 576 dims × 63 classes, a 3-fold fit takes
 0.06–0.16 s against 1–10 s for the logistic probe, at the same, chance-level, held-out accuracy).
-Features are standardised inside each training fold. A *control task* (Hewitt & Liang 2019, "Designing and Interpreting Probes
-with Control Tasks", EMNLP 2019, §2) re-runs the same probe on labels randomly permuted across
+Features are standardised inside each training fold. A *control task* (Hewitt & Liang 2019,
+"Designing and Interpreting Probes with Control Tasks", EMNLP 2019, §2) re-runs the same probe on labels randomly permuted across
 examples (class sizes preserved, seeded); *selectivity* = accuracy − control accuracy.
 
 Few examples per class: StratifiedKFold needs every class to have at least ``n_splits`` members.
