@@ -165,8 +165,11 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"training.warmup_ratio must be in [0, 1), got {cfg.training.warmup_ratio}")
     if cfg.training.precision not in ("fp32", "bf16"):
         raise ConfigError(f"training.precision must be fp32 or bf16, got {cfg.training.precision!r}")
-    if cfg.mechanisms.probe_estimator not in ("logistic", "ridge"):
-        raise ConfigError(f"mechanisms.probe_estimator must be logistic or ridge, got {cfg.mechanisms.probe_estimator!r}")
+    from interp.mechanisms.probes import ESTIMATORS
+
+    if cfg.mechanisms.probe_estimator not in ESTIMATORS:
+        raise ConfigError(f"mechanisms.probe_estimator must be one of {', '.join(ESTIMATORS)}, "
+                          f"got {cfg.mechanisms.probe_estimator!r}")
     if cfg.mechanisms.probe_layer_stride < 1:
         raise ConfigError(f"mechanisms.probe_layer_stride must be >= 1, got {cfg.mechanisms.probe_layer_stride}")
     if not 0 < cfg.methods.ties_density <= 1:

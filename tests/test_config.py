@@ -21,6 +21,8 @@ def test_defaults_and_shipped_configs_load():
     ("[world]\ntiers = ['F', 'X']\n", "world.tiers"),
     ("[training]\nbatch_size = 0\n", "training.batch_size"),
     ("[study]\ndevice = 'tpu'\n", "study.device"),
+    ("[mechanisms]\nprobe_estimator = 'mlp'\n", "mechanisms.probe_estimator"),
+    ("[mechanisms]\nprobe_layer_stride = 0\n", "mechanisms.probe_layer_stride"),
     ("[study\n", "not valid TOML"),
 ])
 def test_bad_configs_name_the_problem(tmp_path, text, match):
