@@ -35,13 +35,30 @@ def run_cmd(
     model: Optional[str] = typer.Option(None, "--model", "-m", help="registered name or local model dir"),
     steps: Optional[str] = typer.Option(None, "--steps", help="comma-separated subset of steps to run"),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda"),
+    threads: Optional[str] = typer.Option(
+        None, "--threads", help="torch threads (default: the config's study.threads; 0 or 'auto': "
+                                "the cores not busy with other work, measured at start)"),
+    precision: Optional[str] = typer.Option(
+        None, "--precision", help="training precision: auto (bf16 where measured faster), fp32 or bf16"),
 ) -> None:
     """Run the two-hop reuse study end to end (world -> experts -> merges/routes -> evaluation ->
     mechanisms -> subspace -> figures -> report). Re-running resumes from cached steps."""
     from interp.study import run_study
 
+    overrides: dict = {}
+    if threads is not None:
+        overrides["study.threads"] = 0 if threads.strip().lower() == "auto" else _int_option("--threads", threads)
+    if precision is not None:
+        overrides["training.precision"] = precision
     run_study(config=config, out=out, model=model,
-              steps=[s.strip() for s in steps.split(",")] if steps else None, device=device)
+              steps=[s.strip() for s in steps.split(",")] if steps else None, device=device, overrides=overrides)
+
+
+def _int_option(flag: str, value: str) -> int:
+    try:
+        return int(value)
+    except ValueError:
+        raise typer.BadParameter(f"{flag} must be an integer or 'auto', got {value!r}") from None
 
 
 def main() -> None:  # pragma: no cover

@@ -10,9 +10,12 @@ import dataclasses
 import hashlib
 import json
 import tomllib
+import types
 import typing
 from pathlib import Path
 from typing import Any
+
+from interp.adapters.recipe import TrainConfig
 
 
 class ConfigError(ValueError):
@@ -24,6 +27,7 @@ class StudySection:
     model: str = "smollm2-135m"
     seed: int = 0
     device: str = "cpu"
+    threads: int = 0  # torch intra-op threads; 0: the cores not busy with other work (interp.hardware)
 
 
 @dataclasses.dataclass
@@ -35,22 +39,8 @@ class WorldSection:
     seed: int = 0
 
 
-@dataclasses.dataclass
-class TrainingSection:
-    r: int = 8
-    lora_alpha: int = 16
-    lr: float = 1e-3  # peak (A matrices; B: lr x loraplus_lr_ratio); see schedule
-    schedule: str = "linear"  # linear warm-up then linear decay to 0, or "constant"
-    warmup_ratio: float = 0.06
-    precision: str = "bf16"  # bf16 base + autocast, fp32 LoRA/AdamW: 1.5x faster per step (batch 16, AVX512-BF16)
-    epochs: int = 5
-    max_steps: int = 0  # 0 = no cap
-    min_steps: int = 60   # floor: the small D_AC set (96 examples) gets 10 epochs (100% on its facts)
-    loraplus_lr_ratio: float = 8.0  # LoRA+: B learns 8x faster than A (0 = plain AdamW)
-    batch_size: int = 16
-    target_modules: list[str] = dataclasses.field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
-    seed: int = 0
+# the [training] section is the training recipe itself: one source of defaults and checks
+TrainingSection = TrainConfig
 
 
 @dataclasses.dataclass
@@ -106,6 +96,16 @@ class Config:
 
 def _check_type(value: Any, tp: Any, key: str) -> Any:
     origin = typing.get_origin(tp)
+    if origin in (types.UnionType, typing.Union):  # "int | None": None comes from run.json, not TOML
+        if value is None and type(None) in typing.get_args(tp):
+            return None
+        (tp,) = [a for a in typing.get_args(tp) if a is not type(None)]
+        return _check_type(value, tp, key)
+    if origin is tuple:  # tuple[str, ...] from a TOML array
+        item_tp = typing.get_args(tp)[0]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key {key!r} must be a list, got {type(value).__name__} {value!r}")
+        return tuple(_check_type(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value))
     if origin is list:
         (item_tp,) = typing.get_args(tp)
         if not isinstance(value, list):
@@ -155,16 +155,13 @@ def validate(cfg: Config) -> Config:
         unknown = [n for n in names if n not in VARIANTS]
         if unknown:
             raise ConfigError(f"{key} has unknown variant {unknown[0]!r}; known: {', '.join(VARIANTS)}")
-    for key, v in (("training.r", cfg.training.r), ("training.batch_size", cfg.training.batch_size),
-                   ("training.epochs", cfg.training.epochs), ("evaluation.batch_size", cfg.evaluation.batch_size)):
-        if v <= 0:
-            raise ConfigError(f"{key} must be positive, got {v}")
-    if cfg.training.schedule not in ("linear", "constant"):
-        raise ConfigError(f"training.schedule must be linear or constant, got {cfg.training.schedule!r}")
-    if not 0 <= cfg.training.warmup_ratio < 1:
-        raise ConfigError(f"training.warmup_ratio must be in [0, 1), got {cfg.training.warmup_ratio}")
-    if cfg.training.precision not in ("fp32", "bf16"):
-        raise ConfigError(f"training.precision must be fp32 or bf16, got {cfg.training.precision!r}")
+    if cfg.evaluation.batch_size <= 0:
+        raise ConfigError(f"evaluation.batch_size must be positive, got {cfg.evaluation.batch_size}")
+    bad = cfg.training.problems()
+    if bad:
+        raise ConfigError(f"training.{bad[0]}")
+    if cfg.study.threads < 0:
+        raise ConfigError(f"study.threads must be >= 0 (0: automatic), got {cfg.study.threads}")
     from interp.mechanisms.probes import ESTIMATORS
 
     if cfg.mechanisms.probe_estimator not in ESTIMATORS:

@@ -102,6 +102,7 @@ class Run:
     cfg: Config
     out: Path
     timings: dict[str, float]
+    machine: dict[str, Any] | None = None  # threads and precision chosen, and why (run.json)
     _base: Any = None
 
     @property
@@ -261,7 +262,8 @@ def run_study(config: str | Path | Config | None = None, out: str | Path = "runs
         raise ConfigError(f"unknown step {unknown[0]!r}; steps are {', '.join(STEPS)}")
     out = Path(out)
     _check_writable(out)
-    run = Run(cfg, out, timings={})
+    machine = _resolve_machine(cfg)
+    run = Run(cfg, out, timings={}, machine=machine)
     prev = {}
     runjson = out / "run.json"
     if runjson.is_file():
@@ -295,6 +297,25 @@ def run_study(config: str | Path | Config | None = None, out: str | Path = "runs
     return out
 
 
+def _resolve_machine(cfg: Config) -> dict[str, Any]:
+    """Set torch's thread count and resolve ``training.precision = "auto"`` for this machine.
+
+    The resolved precision replaces ``"auto"`` in ``cfg`` before any cache key is computed, so
+    experts trained in bf16 on one processor are not reused as if fp32 on another. The choice and
+    its reason are printed once and written to ``run.json``.
+    """
+    from interp.hardware import choose_precision, cpu_description, set_threads
+
+    threads = set_threads(cfg.study.threads)
+    choice = choose_precision(cfg.training.precision, cfg.study.device)
+    cfg.training.precision = choice.precision
+    why_threads = "as configured" if cfg.study.threads else "the cores not busy with other work"
+    console.print(f"[bold]machine[/bold]: {threads} torch thread(s) ({why_threads}); "
+                  f"training precision {choice.precision}: {choice.reason}")
+    return {"threads": threads, "threads_requested": cfg.study.threads or "auto",
+            "precision": choice.to_json(), "cpu": cpu_description()}
+
+
 def _flatten(d: dict[str, Any]) -> dict[str, Any]:
     return {f"{s}.{k}": v for s, sec in d.items() for k, v in sec.items()}
 
@@ -303,7 +324,7 @@ def _write_runjson(run: Run, keys: dict[str, str], timings: dict[str, float]) ->
     cfg = run.cfg
     data = {"config": cfg.to_dict(), "seeds": {"study": cfg.study.seed, "world": cfg.world.seed,
                                                "training": cfg.training.seed},
-            "step_keys": keys, "timings": timings, "versions": versions()}
+            "step_keys": keys, "timings": timings, "machine": run.machine, "versions": versions()}
     atomic_write_text(run.out / "run.json", json.dumps(data, indent=1))
 
 

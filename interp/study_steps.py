@@ -73,14 +73,12 @@ def needed_experts(run) -> list[str]:
 
 def step_experts(run) -> None:
     """Train every expert the variants need (cached per expert; resumable mid-training)."""
-    from interp.adapters.train import TrainConfig, train_expert
+    from interp.adapters.train import train_expert
     from interp.study import EXPERT_DATA
 
     t = run.cfg.training
     world = run.world()
-    # every [training] key is a TrainConfig field of the same name (config.py keeps them in step)
-    tc = TrainConfig(**{**dataclasses.asdict(t), "target_modules": tuple(t.target_modules),
-                        "max_steps": t.max_steps or None})
+    tc = t  # the [training] section is a TrainConfig
     rows = []
     for name in needed_experts(run):
         pairs = [p for split in EXPERT_DATA[name] for p in world.train_pairs(split)]

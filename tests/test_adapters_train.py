@@ -14,7 +14,7 @@ from interp.models import FusedProjectionError, verify_manifest
 warnings.filterwarnings("ignore")
 EX = [(f"Q{i} is", f" a{i % 4}") for i in range(12)]
 CFG = TrainConfig(r=4, lora_alpha=8, target_modules=("q_proj", "v_proj", "up_proj"), lr=1e-2, max_steps=8,
-                  batch_size=6, checkpoint_every=3, seed=1)
+                  batch_size=6, checkpoint_every=3, seed=1, loraplus_lr_ratio=0.0, precision="fp32")
 
 
 def test_batch_labels_answer_only_right_padded():
@@ -57,7 +57,7 @@ def test_train_resume_equals_uninterrupted(tmp_path):
 
 def test_train_learns_and_refuses_bad_input(tmp_path):
     cfg = TrainConfig(r=4, lora_alpha=8, target_modules=("q_proj", "v_proj", "up_proj", "down_proj"), lr=2e-2,
-                      max_steps=30, batch_size=4, checkpoint_every=0)
+                      max_steps=30, batch_size=4, checkpoint_every=0, loraplus_lr_ratio=0.0, precision="fp32")
     m = train_expert("tiny-llama", EX[:4], tmp_path / "learn", cfg, progress=False)
     assert m["train_first_token_acc"] == 1.0 and m["final_loss"] < 0.1 * m["losses"][0]
     with pytest.raises(ValueError, match="no examples"):

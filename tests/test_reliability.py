@@ -68,7 +68,8 @@ _TRAIN_SCRIPT = textwrap.dedent("""
     def cb(step, loss):
         if kill_at and step == kill_at:
             os.kill(os.getpid(), signal.SIGKILL)   # no cleanup, no exception handlers
-    cfg = TrainConfig(r=2, lora_alpha=4, lr=5e-3, epochs=3, batch_size=8, checkpoint_every=2, seed=3)
+    cfg = TrainConfig(r=2, lora_alpha=4, lr=5e-3, epochs=3, batch_size=8, checkpoint_every=2, seed=3,
+                      min_steps=0, loraplus_lr_ratio=0.0, precision="fp32")
     train_expert("tiny-llama", pairs, sys.argv[1], cfg, progress=False, callback=cb)
 """)
 

@@ -29,69 +29,15 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from interp.adapters.testing import DEFAULT_TARGETS, META
+from interp.adapters.recipe import TrainConfig
+from interp.adapters.testing import META
+from interp.hardware import choose_precision
 from interp.models import (atomic_directory, atomic_write_text, check_fused_targets, decoder_and_head, load_hf,
                            verify_manifest, write_manifest)
 
 CKPT_WEIGHTS = "lora_weights.safetensors"
 CKPT_OPTIM = "optimizer.pt"
 CKPT_STATE = "state.json"
-
-
-@dataclasses.dataclass
-class TrainConfig:
-    """LoRA training hyper-parameters.
-
-    Attributes:
-        r: LoRA rank. lora_alpha: α (scale s = α/r). target_modules: projection names.
-        lr: AdamW peak learning rate. schedule: ``"linear"`` (linear warm-up over
-        ``warmup_ratio`` of the steps, then linear decay to 0, as transformers'
-        ``get_linear_schedule_with_warmup``) or ``"constant"``. warmup_ratio: warm-up fraction.
-        epochs: passes over the data (ignored if max_steps).
-        max_steps: total optimiser steps (overrides epochs). min_steps: floor on the steps that
-        ``epochs`` gives (a small dataset still gets enough updates; ignored with max_steps).
-        batch_size: examples per step.
-        seed: seed of init and order. weight_decay: AdamW decay. checkpoint_every: steps between
-        resume checkpoints (0: none). add_eos: append the tokenizer's EOS after each answer.
-        lora_dropout: dropout on the LoRA input. max_grad_norm: global gradient-norm clip
-        (0: none; 1.0 as transformers' Trainer), which keeps memorisation runs from spiking.
-        loraplus_lr_ratio: 0 for plain AdamW; else LoRA+ (Hayou et al., ICML 2024): B matrices
-        learn ``ratio`` times faster than A (peft's ``create_loraplus_optimizer``).
-        precision: ``"fp32"``, or ``"bf16"``: mixed precision (frozen base held in bf16,
-        ``torch.autocast`` bf16 matmuls, fp32 LoRA weights, optimiser state and loss). On a CPU
-        with AVX512-BF16 a SmolLM2 step is 1.5× (batch 16) to 2× (batch 8) faster. The adapter is saved in fp32 and its
-        reported training accuracy is measured on the fp32 base.
-    """
-
-    r: int = 8
-    lora_alpha: float = 16
-    target_modules: tuple[str, ...] = DEFAULT_TARGETS
-    lr: float = 2e-3
-    schedule: str = "linear"
-    warmup_ratio: float = 0.06
-    epochs: int = 20
-    max_steps: int | None = None
-    min_steps: int = 0
-    batch_size: int = 16
-    seed: int = 0
-    weight_decay: float = 0.0
-    checkpoint_every: int = 20
-    add_eos: bool = False
-    lora_dropout: float = 0.0
-    precision: str = "fp32"
-    max_grad_norm: float = 1.0
-    loraplus_lr_ratio: float = 0.0
-
-    def to_json(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["target_modules"] = list(self.target_modules)
-        return d
-
-    def identity(self) -> dict:
-        """The fields that determine the trained weights (checkpoint cadence excluded)."""
-        d = self.to_json()
-        d.pop("checkpoint_every")
-        return d
 
 
 def _data_sha256(examples: Sequence[tuple[str, str]]) -> str:
@@ -280,13 +226,12 @@ def train_expert(base: str | os.PathLike, examples: Sequence[tuple[str, str]], o
 
     if not examples:
         raise ValueError("train_expert got no examples")
-    if config.r < 1 or config.batch_size < 1 or config.lr <= 0:
-        raise ValueError(f"bad TrainConfig: r={config.r}, batch_size={config.batch_size}, lr={config.lr}")
-    if config.schedule not in ("linear", "constant") or not 0 <= config.warmup_ratio < 1:
-        raise ValueError(f"bad TrainConfig: schedule={config.schedule!r} (linear|constant), "
-                         f"warmup_ratio={config.warmup_ratio} (in [0, 1))")
-    if config.precision not in ("fp32", "bf16"):
-        raise ValueError(f"bad TrainConfig: precision={config.precision!r} (fp32|bf16)")
+    bad = config.problems()
+    if bad:
+        raise ValueError(f"bad TrainConfig: {'; '.join(bad)}")
+    choice = choose_precision(config.precision, device)
+    if choice.precision != config.precision:  # "auto" resolved: the weights depend on the choice
+        config = dataclasses.replace(config, precision=choice.precision)
     out = Path(out_dir)
     data_sha = _data_sha256(examples)
     ident = {"base_model": str(base), "data_sha256": data_sha, "config": config.identity()}
@@ -374,7 +319,7 @@ def train_expert(base: str | os.PathLike, examples: Sequence[tuple[str, str]], o
             "train_first_token_acc": first, "train_exact_match": exact,
             "wall_time_s": time.perf_counter() - t0,
             "steps_per_s": (step - start_step) / train_s if train_s > 0 and step > start_step else None,
-            "resumed_from_step": start_step}
+            "resumed_from_step": start_step, "precision": choice.to_json()}
     with atomic_directory(out) as tmp:
         pm.save_pretrained(str(tmp), safe_serialization=True)
         atomic_write_text(tmp / META, json.dumps(meta, indent=1))
