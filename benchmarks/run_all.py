@@ -151,6 +151,23 @@ def rows_training(j: dict) -> list[dict]:
             for x in j["rows"]]
 
 
+def rows_machine(j: dict) -> list[dict]:
+    cpu = j["cpu"]
+    where = f"{cpu['model']}, torch capability {cpu['capability']}, AVX512-BF16 {'yes' if cpu['avx512_bf16'] else 'no'}"
+    out = []
+    for x in j["rows"]:
+        if x["benchmark"] == "training step":
+            out.append(row("precision", f"training step {x['model']} ({x['case']}): bf16 vs fp32 on {where}",
+                           x["bf16_s"], x["fp32_s"], "s/step", x["bf16_speedup"], None, None, None,
+                           "auto picks the faster", f"auto chose {x['auto_choice']} "
+                           f"({'the faster' if x['auto_is_faster'] else 'NOT the faster'}): {x['auto_reason']}"))
+        else:
+            out.append(row("threads", f"forward {x['model']} 16×32 fp32, {x['case']}: 1 vs 2 torch threads",
+                           x["threads1_s"], x["threads2_s"], "s", x["threads2_s"] / x["threads1_s"], None, None, None,
+                           "", "ours = 1 thread, baseline = 2 threads; speed-up > 1: one thread is faster"))
+    return out
+
+
 def rows_inference(j: dict) -> list[dict]:
     sc, bp = j["scoring"], j["backpatch"]
     return [
@@ -299,6 +316,8 @@ def cpu_suite(quick: bool, out_dir: Path, reuse: tuple[str, ...] = ()) -> dict:
          lambda j, mem: rows_merge(j, mem, merge_check("cpu"))),
         ("training", ["benchmarks/bench_training.py", "--device", "cpu"] + (["--quick"] if quick else []),
          "bench_training.json", lambda j, mem: rows_training(j)),
+        ("machine", ["benchmarks/bench_machine.py"] + (["--quick"] if quick else []), "bench_machine.json",
+         lambda j, mem: rows_machine(j)),
         ("inference", ["benchmarks/bench_inference.py"] + (["--n", "32", "--n-backpatch", "4", "--stride", "6"] if quick else []),
          "bench_inference.json", lambda j, mem: rows_inference(j)),
     ]

@@ -57,3 +57,17 @@ def test_markdown_table_renders_rows_and_missing_values():
     lines = [l for l in md.splitlines() if l.startswith("| patching") or l.startswith("| merge")]
     assert len(lines) == 2 and "20.0×" in lines[0] and "100 / 200" in lines[0]
     assert "–" in lines[1] and "boom" in md and math.isnan(res["rows"][1]["peak_mib_ours"])
+
+
+def test_machine_rows_name_the_processor_and_flag_a_wrong_auto_choice():
+    from run_all import rows_machine
+
+    j = {"cpu": {"model": "AMD EPYC", "capability": "AVX2", "avx512_bf16": False},
+         "rows": [{"benchmark": "training step", "model": "m", "case": "c", "fp32_s": 1.0, "bf16_s": 5.0,
+                   "bf16_speedup": 0.2, "auto_choice": "bf16", "auto_reason": "r", "auto_is_faster": False},
+                  {"benchmark": "forward threads", "model": "m", "case": "beside one busy process",
+                   "threads1_s": 2.0, "threads2_s": 10.0, "two_over_one": 5.0}]}
+    prec, thr = rows_machine(j)
+    assert "AMD EPYC" in prec["case"] and "AVX2" in prec["case"] and "AVX512-BF16 no" in prec["case"]
+    assert prec["speedup"] == 0.2 and "NOT the faster" in prec["note"]
+    assert thr["speedup"] == 5.0
