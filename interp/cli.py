@@ -1,40 +1,109 @@
-"""The ``interp`` command: list models, run the two-hop reuse study."""
+"""The ``interp`` command: list models, run the two-hop reuse study.
+
+Only typer is imported at start (``interp --help`` must not pay for torch); each command imports
+what it needs. A user error (bad config key, unknown step or device, missing model or file) prints
+one line and exits with status 2; ``--debug`` shows the traceback instead. Ctrl-C exits with 130
+and leaves every finished unit cached, so the same command resumes.
+"""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import typer
 
+# the study's steps, for --help without importing the study (tests check it equals interp.study.STEPS)
+STEP_NAMES = "world,experts,evaluate,mechanisms,subspace,figures,report"
+DEFAULT_OUT = Path("runs/demo")  # the same directory `make demo` and the notebook use
+
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="interp: mechanistic interpretability of LoRA reuse (merge, route, patch, measure).")
+_state = {"debug": False}
+
+
+@app.callback()
+def _main(debug: bool = typer.Option(False, "--debug", help="show full tracebacks of errors")) -> None:
+    _state["debug"] = debug
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Exception types that mean bad input, not a bug in interp (shown as one line)."""
+    from interp.adapters.library import AdapterError
+    from interp.config import ConfigError
+    from interp.hardware import HardwareError
+    from interp.models import FusedProjectionError, ModelLoadError
+    from interp.study import StudyError
+
+    return (ConfigError, StudyError, HardwareError, ModelLoadError, FusedProjectionError, AdapterError,
+            FileNotFoundError, PermissionError)
+
+
+def _guarded(fn: Callable[[], None]) -> None:
+    try:
+        fn()
+    except KeyboardInterrupt:
+        typer.echo("interrupted: finished units are cached; run the same command again to resume", err=True)
+        raise typer.Exit(130) from None
+    except Exception as e:  # noqa: BLE001 - sorted into user errors and bugs below
+        if _state["debug"] or not isinstance(e, _user_errors()):
+            raise
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
 
 
 @app.command("models")
 def models_cmd() -> None:
     """Registered models: name, kind, size, and whether they are available offline."""
-    from rich.console import Console
-    from rich.table import Table
 
-    from interp.models import cache_dir, list_models
+    def body() -> None:
+        from rich.console import Console
+        from rich.table import Table
 
-    t = Table(title=f"interp models (cache: {cache_dir()})")
-    for col in ("name", "kind", "params", "offline", "description"):
-        t.add_column(col)
-    for m in list_models():
-        t.add_row(m["name"], m["kind"], m["params"], "yes" if m["available"] else "no", m["description"])
-    Console().print(t)
+        from interp.models import cache_dir, list_models
+
+        t = Table(title=f"interp models (cache: {cache_dir()})")
+        for col in ("name", "kind", "params", "offline", "description"):
+            t.add_column(col)
+        for m in list_models():
+            t.add_row(m["name"], m["kind"], m["params"], "yes" if m["available"] else "no", m["description"])
+        Console().print(t)
+
+    _guarded(body)
+
+
+def check_model_source(name: str) -> None:
+    """Refuse, before any work, a model that is neither registered and available nor a local
+    Hugging Face directory (``config.json`` inside).
+
+    Raises:
+        interp.models.ModelLoadError: naming the model and what was looked for.
+    """
+    from interp.models import ModelLoadError, list_models
+
+    known = {m["name"]: m for m in list_models()}
+    if name in known:
+        if not known[name]["available"]:
+            raise ModelLoadError(f"model {name!r} is registered but not available offline "
+                                 f"({known[name]['description']}); see `interp models`")
+        return
+    p = Path(name).expanduser()
+    if not p.is_dir():
+        raise ModelLoadError(f"model {name!r} is neither a registered name ({', '.join(known)}) nor a local "
+                             "directory; interp never downloads models")
+    if not (p / "config.json").is_file():
+        raise ModelLoadError(f"model directory {p} has no config.json (expected a Hugging Face model directory)")
 
 
 @app.command("run")
 def run_cmd(
     config: Path = typer.Option(Path("experiments/two_hop.toml"), "--config", "-c",
                                 help="study config (TOML); keys are validated"),
-    out: Path = typer.Option(Path("runs/two_hop"), "--out", "-o", help="run directory (resumable)"),
+    out: Path = typer.Option(DEFAULT_OUT, "--out", "-o", help="run directory (resumable)"),
     model: Optional[str] = typer.Option(None, "--model", "-m", help="registered name or local model dir"),
-    steps: Optional[str] = typer.Option(None, "--steps", help="comma-separated subset of steps to run"),
-    device: str = typer.Option("cpu", "--device", help="cpu or cuda"),
+    steps: Optional[str] = typer.Option(None, "--steps", help=f"comma-separated subset of: {STEP_NAMES}"),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda or cuda:N (default: the config's)"),
     threads: Optional[str] = typer.Option(
         None, "--threads", help="torch threads (default: the config's study.threads; 0 or 'auto': "
                                 "the cores not busy with other work, measured at start)"),
@@ -43,22 +112,42 @@ def run_cmd(
 ) -> None:
     """Run the two-hop reuse study end to end (world -> experts -> merges/routes -> evaluation ->
     mechanisms -> subspace -> figures -> report). Re-running resumes from cached steps."""
-    from interp.study import run_study
 
-    overrides: dict = {}
-    if threads is not None:
-        overrides["study.threads"] = 0 if threads.strip().lower() == "auto" else _int_option("--threads", threads)
-    if precision is not None:
-        overrides["training.precision"] = precision
-    run_study(config=config, out=out, model=model,
-              steps=[s.strip() for s in steps.split(",")] if steps else None, device=device, overrides=overrides)
+    def body() -> None:
+        from interp.config import ConfigError, load_config
+        from interp.study import run_study
+
+        step_list = [s.strip() for s in steps.split(",") if s.strip()] if steps is not None else None
+        unknown = [s for s in step_list or [] if s not in STEP_NAMES.split(",")]
+        if unknown or step_list == []:
+            raise ConfigError(f"unknown step {unknown[0]!r}; steps are {STEP_NAMES}" if unknown
+                              else f"--steps is empty; steps are {STEP_NAMES}")
+        overrides: dict = {}
+        if threads is not None:
+            overrides["study.threads"] = _int_option("--threads", threads)
+        if precision is not None:
+            overrides["training.precision"] = precision
+        if model:
+            overrides["study.model"] = model
+        if device:
+            overrides["study.device"] = device
+        default = config == Path("experiments/two_hop.toml") and not config.is_file()
+        cfg = load_config(None if default else config, overrides)  # every key checked before any work
+        check_model_source(cfg.study.model)
+        run_study(config=cfg, out=out, steps=step_list)
+
+    _guarded(body)
 
 
 def _int_option(flag: str, value: str) -> int:
+    from interp.config import ConfigError
+
+    if value.strip().lower() == "auto":
+        return 0
     try:
         return int(value)
     except ValueError:
-        raise typer.BadParameter(f"{flag} must be an integer or 'auto', got {value!r}") from None
+        raise ConfigError(f"{flag} must be an integer or 'auto', got {value!r}") from None
 
 
 def main() -> None:  # pragma: no cover
@@ -66,4 +155,4 @@ def main() -> None:  # pragma: no cover
 
 
 if __name__ == "__main__":  # pragma: no cover
-    main()
+    sys.exit(main())

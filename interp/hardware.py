@@ -129,6 +129,27 @@ def _cached_speedup(desc: dict[str, Any]) -> float:
     return speedup
 
 
+def check_device(device: str | torch.device) -> str:
+    """``device`` as a string if torch can use it here.
+
+    Raises:
+        HardwareError: not a device string, or CUDA asked for where torch sees no GPU (or too few).
+    """
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise HardwareError(f"device must be cpu, cuda or cuda:N, got {device!r}") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise HardwareError(f"device {device!r} asked for, but torch sees no CUDA GPU on this machine "
+                                f"(torch {torch.__version__}); use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise HardwareError(f"device {device!r}: this machine has {torch.cuda.device_count()} GPU(s)")
+    elif dev.type != "cpu":
+        raise HardwareError(f"device must be cpu, cuda or cuda:N, got {device!r}")
+    return str(dev)
+
+
 def choose_precision(requested: str = "auto", device: str | torch.device = "cpu") -> PrecisionChoice:
     """Resolve a training precision request for ``device``.
 

@@ -304,8 +304,9 @@ def _resolve_machine(cfg: Config) -> dict[str, Any]:
     experts trained in bf16 on one processor are not reused as if fp32 on another. The choice and
     its reason are printed once and written to ``run.json``.
     """
-    from interp.hardware import choose_precision, cpu_description, set_threads
+    from interp.hardware import check_device, choose_precision, cpu_description, set_threads
 
+    check_device(cfg.study.device)
     threads = set_threads(cfg.study.threads)
     choice = choose_precision(cfg.training.precision, cfg.study.device)
     cfg.training.precision = choice.precision

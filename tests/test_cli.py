@@ -1,0 +1,84 @@
+"""The command line as a new user meets it: one-line errors before any work, fast start, offline."""
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from interp.cli import STEP_NAMES, app
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--config", "nope.toml"], "config file nope.toml does not exist"),
+    (["--steps", "world,magic"], "unknown step 'magic'"),
+    (["--device", "gpu"], "study.device must be cpu or cuda"),
+    (["--threads", "two"], "--threads must be an integer"),
+    (["--precision", "fp16"], "training.precision='fp16'"),
+    (["--model", "/no/such/model"], "neither a registered name"),
+])
+def test_user_errors_are_one_line_before_any_work(tmp_path, args, message):
+    out = tmp_path / "run"
+    res = CliRunner().invoke(app, ["run", "--config", "experiments/tiny.toml", "--out", str(out), *args])
+    assert res.exit_code == 2, res.output
+    lines = [l for l in res.output.splitlines() if l.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], res.output
+    assert "Traceback" not in res.output and not out.exists()  # nothing written
+
+
+def test_unknown_config_key_and_debug_traceback(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[world]\nn_chain_per_tier = 3\n")
+    res = CliRunner().invoke(app, ["run", "--config", str(bad), "--out", str(tmp_path / "r")])
+    assert res.exit_code == 2 and "world.n_chain_per_tier" in res.output
+    res = CliRunner().invoke(app, ["--debug", "run", "--config", str(bad), "--out", str(tmp_path / "r")])
+    assert res.exit_code != 0 and res.exception is not None and "n_chain_per_tier" in str(res.exception)
+
+
+def test_model_dir_without_config_json(tmp_path):
+    (tmp_path / "m").mkdir()
+    res = CliRunner().invoke(app, ["run", "--model", str(tmp_path / "m"), "--out", str(tmp_path / "r")])
+    assert res.exit_code == 2 and "no config.json" in res.output
+
+
+def test_help_lists_the_steps_and_the_default_run_dir():
+    from interp.study import STEPS
+
+    assert STEP_NAMES.split(",") == STEPS
+    res = CliRunner().invoke(app, ["run", "--help"], env={"COLUMNS": "200"})
+    assert res.exit_code == 0 and STEP_NAMES in res.output and "runs/demo" in res.output
+
+
+def test_cli_start_imports_no_torch():
+    code = "import sys, interp.cli; bad = [m for m in ('torch', 'transformers', 'pandas') if m in sys.modules]; " \
+           "assert not bad, bad"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+def test_offline_enforced_without_environment_variables(tmp_path):
+    """No HF_*_OFFLINE in the environment and every non-loopback connection refused: the tiny study
+    still runs, because interp switches the hub libraries offline itself."""
+    script = textwrap.dedent(f"""
+        import socket
+        attempts = []
+        def refuse(self, address, *a, **k):
+            attempts.append(address)
+            raise OSError(f"network used: {{address}}")
+        socket.socket.connect = refuse
+        socket.create_connection = lambda *a, **k: refuse(None, a)
+        from interp.study import run_study
+        run_study("experiments/tiny.toml", out={str(tmp_path / "r")!r}, steps=["world", "experts", "evaluate"],
+                  overrides={{"methods.variants": ["base", "expert_ab", "uniform"],
+                              "mechanisms.variants": ["base"], "training.epochs": 1}})
+        import huggingface_hub.constants as c
+        assert c.HF_HUB_OFFLINE and not attempts, attempts
+    """)
+    env = {k: v for k, v in os.environ.items() if "OFFLINE" not in k}
+    res = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert (tmp_path / "r" / "results" / "accuracy.csv").is_file()
