@@ -1,0 +1,295 @@
+"""The study runner: a config and a list of steps → one resumable run directory.
+
+Each step writes its tables under ``DIR/results`` and a marker ``DIR/steps/STEP.json`` holding
+its cache key (a hash of the config sections it depends on plus its upstream steps' keys); a
+re-run skips steps whose key still matches, and long steps also cache per unit (per expert, per
+variant) with :func:`cached_csv`, so an interrupted run resumes where it stopped. A study is a
+:class:`Step` list (see :mod:`interp.study.two_hop`); the runner knows nothing of what the steps do.
+"""
+
+from __future__ import annotations
+
+import csv
+import gc
+import hashlib
+import json
+import os
+import platform
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import pandas as pd
+from rich.console import Console
+
+from interp.config import Config, ConfigError, load_config
+from interp.errors import StudyError
+from interp.models import atomic_write_text
+from interp.study.tables import check_table
+from interp.study.variants import VARIANTS
+
+console = Console(stderr=True)
+
+
+def csv_text(df: pd.DataFrame, significant: int | None = None) -> str:
+    """CSV text of a table whose rows ``pd.read_csv`` reads back intact.
+
+    Every non-numeric field is quoted (``csv.QUOTE_NONNUMERIC``): pandas leaves a field holding a
+    bare carriage return unquoted, and a decoded token such as ``"\\r"`` (a random model's top
+    prediction) would then split its row in two. Floats are optionally rounded to ``significant``
+    digits (values, not a format string, so they stay unquoted numbers). ``read_csv`` still infers
+    types per column: text that looks like a number, a boolean or ``NA`` (a decoded token ``"7"``)
+    comes back as one unless the column is read with ``dtype=str``.
+    """
+    if significant:
+        df = df.copy()
+        for c in df.select_dtypes("float").columns:
+            df[c] = df[c].map(lambda x: float(f"{x:.{significant}g}") if pd.notna(x) else x)
+    return df.to_csv(index=False, quoting=csv.QUOTE_NONNUMERIC)
+
+
+def cached_csv(path: Path, compute: Callable[[], pd.DataFrame]) -> pd.DataFrame:
+    """The table cached at ``path``: computed and written (atomically) first if absent.
+
+    Always returned as read back from the file, so a fresh run and a resumed one see the same
+    values (CSV round-trips floats and types; tables downstream are byte-identical either way).
+    """
+    path = Path(path)
+    if not path.is_file():
+        atomic_write_text(path, csv_text(compute()))
+    return pd.read_csv(path)
+
+
+def unit_key(inputs: Any) -> str:
+    """16-hex cache key of one unit of work (a variant's tables): a hash of its JSON inputs."""
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class Step:
+    """One step of a study: ``run(Run)`` writes its outputs; ``deps`` are the config sections its
+    results depend on besides its upstream steps (they enter its cache key)."""
+
+    name: str
+    run: Callable[["Run"], None]
+    deps: tuple[str, ...] = ()
+
+
+@dataclass
+class Run:
+    """State shared by the steps of one study run (config, directory, the base model once)."""
+
+    cfg: Config
+    out: Path
+    timings: dict[str, float]
+    _base: Any = None
+
+    @property
+    def results(self) -> Path:
+        return self.out / "results"
+
+    @property
+    def cache(self) -> Path:
+        return self.out / "cache"
+
+    @property
+    def model(self) -> str:
+        return self.cfg.study.model
+
+    def base(self):
+        """The base model as a HookedModel (loaded once)."""
+        if self._base is None:
+            from interp.models import load_model
+
+            self._base = load_model(self.model, device=self.cfg.study.device)
+        return self._base
+
+    def release(self, hm: Any) -> None:
+        """Free a loaded variant's model now (not the base model, which the run keeps)."""
+        if hm is not self._base:
+            del hm
+            gc.collect()
+
+    def write_csv(self, df: pd.DataFrame, name: str) -> Path:
+        """``DIR/results/NAME.csv`` (6 significant digits), checked against its schema."""
+        check_table(name, df)
+        path = self.results / f"{name}.csv"
+        atomic_write_text(path, csv_text(df, significant=6))
+        return path
+
+    def read_csv(self, name: str) -> pd.DataFrame:
+        """``DIR/results/NAME.csv``. Raises :class:`StudyError` if the step has not written it."""
+        path = self.results / f"{name}.csv"
+        if not path.is_file():
+            raise StudyError(f"{path} is missing: run the step that writes it first")
+        return pd.read_csv(path)
+
+    def table(self, name: str) -> pd.DataFrame | None:
+        """``DIR/results/NAME.csv`` or ``None`` when that optional table was not written."""
+        path = self.results / f"{name}.csv"
+        return pd.read_csv(path) if path.is_file() else None
+
+    def world(self):
+        """The run's :class:`~interp.tasks.two_hop.World` (``DIR/world.json``)."""
+        from interp.tasks.two_hop import World
+
+        p = self.out / "world.json"
+        if not p.is_file():
+            raise StudyError(f"{p} is missing: run the 'world' step first")
+        return World.from_json(p)
+
+    def expert_dir(self, name: str) -> Path:
+        return self.out / "adapters" / name
+
+    def variant_adapters(self, variant: str) -> dict[str, str]:
+        return {e: str(self.expert_dir(e)) for e in VARIANTS[variant].experts}
+
+    def load_variant(self, variant: str):
+        """The HookedModel of one variant (base, an expert, a merge or a router), loaded as its
+        :class:`~interp.study.variants.Variant` entry says."""
+        v = VARIANTS[variant]
+        if not v.experts:
+            return self.base()
+        from interp import load_hooked
+
+        return load_hooked(self.model, self.variant_adapters(variant), combine=v.load_combine,
+                           **v.options(self.cfg.methods))
+
+
+# ----------------------------------------------------------------------------------------------
+# step bookkeeping
+# ----------------------------------------------------------------------------------------------
+
+
+def _step_key(cfg: Config, steps: Sequence[Step], i: int, upstream: dict[str, str]) -> str:
+    deps = steps[i].deps
+    blob = json.dumps({"own": cfg.section_hash(*deps) if deps else "",
+                       "up": [upstream.get(s.name, "") for s in steps[:i]]}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _marker(out: Path, step: str) -> Path:
+    return out / "steps" / f"{step}.json"
+
+
+def _done(out: Path, step: str) -> dict | None:
+    p = _marker(out, step)
+    if not p.is_file():
+        return None
+    try:
+        return json.loads(p.read_text())
+    except json.JSONDecodeError:
+        return None
+
+
+def versions() -> dict[str, str]:
+    """Versions of Python and the libraries whose behaviour the results depend on."""
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version(), "platform": platform.platform()}
+    for pkg in ("interp", "torch", "transformers", "transformer-lens", "peft", "scikit-learn", "numpy",
+                "pandas", "plotly", "kaleido", "safetensors"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            out[pkg] = "not installed"
+    return out
+
+
+def _check_writable(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{os.getpid()}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise StudyError(f"run directory {out} is not writable: {e}") from e
+
+
+def _flatten(d: dict[str, Any]) -> dict[str, Any]:
+    return {f"{s}.{k}": v for s, sec in d.items() for k, v in sec.items()}
+
+
+def resolve_config(config: str | Path | Config | None, overrides: dict[str, Any]) -> Config:
+    """A validated config from a path, a :class:`Config` or ``None`` (defaults), plus dotted
+    overrides. A missing default path ``experiments/two_hop.toml`` falls back to the defaults."""
+    if isinstance(config, Config):
+        return load_config(None, {**_flatten(config.to_dict()), **overrides}) if overrides else config
+    path = Path(config) if config is not None else None
+    if path is not None and not path.is_file() and str(path) == "experiments/two_hop.toml":
+        path = None
+    return load_config(path, overrides)
+
+
+def run_pipeline(pipeline: Sequence[Step], cfg: Config, out: str | Path,
+                 steps: list[str] | None = None) -> Path:
+    """Run (or resume) ``pipeline`` on ``cfg`` into ``out``; see :func:`interp.study.run_study`.
+
+    Raises:
+        ConfigError: an unknown step name. StudyError: unwritable directory, missing upstream.
+    """
+    names = [s.name for s in pipeline]
+    unknown = [s for s in (steps or []) if s not in names]
+    if unknown:
+        raise ConfigError(f"unknown step {unknown[0]!r}; steps are {', '.join(names)}")
+    out = Path(out)
+    _check_writable(out)
+    run = Run(cfg, out, timings={})
+    prev = {}
+    runjson = out / "run.json"
+    if runjson.is_file():
+        try:
+            prev = json.loads(runjson.read_text())
+        except json.JSONDecodeError:
+            prev = {}
+    timings = dict(prev.get("timings", {}))
+    keys: dict[str, str] = {}
+    t_all = time.perf_counter()
+    for i, step in enumerate(pipeline):
+        key = _step_key(cfg, pipeline, i, keys)
+        keys[step.name] = key
+        marker = _done(out, step.name)
+        if steps is not None and step.name not in steps:
+            continue  # --steps: run exactly those, on the results already in `out`
+        if steps is None and marker is not None and marker.get("key") == key:
+            console.print(f"[dim]✓ {step.name}: cached ({marker.get('seconds', 0):.1f} s when run)[/dim]")
+            continue
+        console.rule(f"[bold]{step.name}")
+        t0 = time.perf_counter()
+        step.run(run)
+        dt = time.perf_counter() - t0
+        timings[step.name] = round(dt, 2)
+        atomic_write_text(_marker(out, step.name),
+                          json.dumps({"key": key, "seconds": dt, "finished": time.time()}))
+        _write_runjson(run, keys, timings)
+        console.print(f"[green]✓ {step.name}[/green] {dt:.1f} s")
+    timings["total_this_invocation"] = round(time.perf_counter() - t_all, 2)
+    _write_runjson(run, keys, timings)
+    console.print(f"[bold green]done[/bold green]: {out}/report.html")
+    return out
+
+
+def _write_runjson(run: Run, keys: dict[str, str], timings: dict[str, float]) -> None:
+    cfg = run.cfg
+    data = {"config": cfg.to_dict(), "seeds": {"study": cfg.study.seed, "world": cfg.world.seed,
+                                               "training": cfg.training.seed},
+            "step_keys": keys, "timings": timings, "versions": versions()}
+    atomic_write_text(run.out / "run.json", json.dumps(data, indent=1))
+
+
+def open_run(out: str | Path) -> Run:
+    """Open a finished (or partial) run directory for interactive analysis.
+
+    >>> run = open_run("runs/demo"); acc = run.read_csv("accuracy"); hm = run.load_variant("uniform")
+
+    Raises:
+        StudyError: ``out`` has no ``run.json``.
+    """
+    out = Path(out)
+    p = out / "run.json"
+    if not p.is_file():
+        raise StudyError(f"{out} is not a study run directory (no run.json)")
+    data = json.loads(p.read_text())
+    cfg = load_config(None, _flatten(data["config"]))
+    return Run(cfg, out, timings=data.get("timings", {}))
