@@ -47,9 +47,13 @@ class FigureError(InterpError, ValueError):
     """A figure builder got a table without the columns or values it plots."""
 
 
+class SubspaceError(InterpError, ValueError):
+    """Inputs to a subspace metric do not fit (shapes, empty adapters, zero updates)."""
+
+
 class StudyError(InterpError, RuntimeError):
     """A study step cannot run (missing upstream results, unwritable directory...)."""
 
 
 __all__ = ["InterpError", "EvaluationError", "MechanismError", "LensError", "PatchscopeError",
-           "PatchingError", "UnsupportedHookError", "ProbeError", "FigureError", "StudyError"]
+           "PatchingError", "UnsupportedHookError", "ProbeError", "FigureError", "SubspaceError", "StudyError"]
