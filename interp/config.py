@@ -14,8 +14,10 @@ import typing
 from pathlib import Path
 from typing import Any
 
+from interp.errors import InterpError
 
-class ConfigError(ValueError):
+
+class ConfigError(InterpError, ValueError):
     """A study config has an unknown key, a wrong type or an impossible value."""
 
 

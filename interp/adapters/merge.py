@@ -33,6 +33,7 @@ import pandas as pd
 import torch
 
 from interp.adapters.factors import LoraDelta, layer_of, short_module
+from interp.errors import InterpError
 
 Adapter = dict[str, LoraDelta]
 
@@ -48,7 +49,7 @@ PEFT_COMBINATIONS = {
 }
 
 
-class MergeError(ValueError):
+class MergeError(InterpError, ValueError):
     """Merge inputs do not fit (no experts, weight count mismatch, shape mismatch, bad density)."""
 
 

@@ -35,16 +35,16 @@ def module_inputs(hm: Any, prompts: Sequence[str], modules: Sequence[str],
         ``{module: Tensor[n, d_in]}`` float32 on CPU.
 
     Raises:
-        ValueError: empty prompts/modules or an unknown ``position``; KeyError / SubspaceError:
+        SubspaceError: empty prompts/modules or an unknown ``position``; KeyError / SubspaceError:
             a module path that does not resolve to a linear layer; RuntimeError: a hooked module
             never ran (e.g. bypassed by a fused projection).
     """
     if position not in ("final", "all"):
-        raise ValueError(f"module_inputs: position must be 'final' or 'all', got {position!r}")
+        raise SubspaceError(f"module_inputs: position must be 'final' or 'all', got {position!r}")
     if not prompts:
-        raise ValueError("module_inputs: no prompts")
+        raise SubspaceError("module_inputs: no prompts")
     if not modules:
-        raise ValueError("module_inputs: no modules")
+        raise SubspaceError("module_inputs: no modules")
     tokens, lengths = hm.tokenize(list(prompts))
     captured: dict[str, torch.Tensor] = {}
     handles = []
@@ -127,7 +127,7 @@ def key_overlap_table(hm: Any, expert: Mapping[str, LoraDelta], composed_prompts
         trigger = mean ‖ΔW x‖₂ in the module's output units).
 
     Raises:
-        ValueError / KeyError / SubspaceError: as :func:`module_inputs` and :func:`key_overlap`.
+        SubspaceError / KeyError / SubspaceError: as :func:`module_inputs` and :func:`key_overlap`.
     """
     modules = list(expert) if modules is None else list(modules)
     unknown = [m for m in modules if m not in expert]

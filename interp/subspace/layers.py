@@ -53,9 +53,9 @@ def late_mass(profile: torch.Tensor, bridge_layer: int) -> float:
         profile: ``[n_layers]`` from :func:`layer_energy`; bridge_layer: ℓ* (−1 → all mass).
 
     Raises:
-        ValueError: ℓ* outside [−1, n_layers − 1].
+        SubspaceError: ℓ* outside [−1, n_layers − 1].
     """
     profile = torch.as_tensor(profile, dtype=DTYPE)
     if not -1 <= bridge_layer < profile.shape[0]:
-        raise ValueError(f"late_mass: bridge_layer {bridge_layer} outside [-1, {profile.shape[0] - 1}]")
+        raise SubspaceError(f"late_mass: bridge_layer {bridge_layer} outside [-1, {profile.shape[0] - 1}]")
     return float(profile[bridge_layer + 1:].sum())

@@ -64,10 +64,10 @@ def truncation_loss(delta: LoraDelta, k: int) -> float:
         delta: the exact update (e.g. :func:`weighted_sum` of the experts); k ≥ 0.
 
     Raises:
-        SubspaceError: zero update; ValueError: k < 0.
+        SubspaceError: zero update; SubspaceError: k < 0.
     """
     if k < 0:
-        raise ValueError(f"truncation_loss: k must be >= 0, got {k}")
+        raise SubspaceError(f"truncation_loss: k must be >= 0, got {k}")
     s = _check_sigma(factor_svd(delta)[1], "truncation_loss")
     e = s ** 2
     return float(e[k:].sum() / e.sum())

@@ -81,14 +81,14 @@ def grassmann_distance(Q1: torch.Tensor, Q2: torch.Tensor, kind: str = "geodesic
     ``kind="projection"``: d_P = (Σ sin²θ_i)^{1/2} (= ‖Q1Q1ᵀ − Q2Q2ᵀ‖_F/√2 for equal dimensions).
 
     Raises:
-        SubspaceError: bad bases; ValueError: unknown ``kind``.
+        SubspaceError: bad bases; SubspaceError: unknown ``kind``.
     """
     theta = principal_angles(Q1, Q2)
     if kind == "geodesic":
         return float(torch.sqrt((theta ** 2).sum()))
     if kind == "projection":
         return float(torch.sqrt((torch.sin(theta) ** 2).sum()))
-    raise ValueError(f"grassmann_distance: kind must be 'geodesic' or 'projection', got {kind!r}")
+    raise SubspaceError(f"grassmann_distance: kind must be 'geodesic' or 'projection', got {kind!r}")
 
 
 def _same_shape(d1: LoraDelta, d2: LoraDelta, name: str) -> None:
@@ -145,7 +145,7 @@ def sign_conflict_rate(d1: LoraDelta, d2: LoraDelta, sample: int | None = None, 
         conflict rate ∈ [0, 1] (``nan`` if no entry is non-zero in both).
 
     Raises:
-        SubspaceError: different shapes; ValueError: ``sample`` < 1 or ``chunk_rows`` < 1.
+        SubspaceError: different shapes; SubspaceError: ``sample`` < 1 or ``chunk_rows`` < 1.
     """
     _same_shape(d1, d2, "sign_conflict_rate")
     A1, B1 = _factors(d1)
@@ -154,7 +154,7 @@ def sign_conflict_rate(d1: LoraDelta, d2: LoraDelta, sample: int | None = None, 
     s1, s2 = float(d1.scale), float(d2.scale)
     if sample is not None:
         if sample < 1:
-            raise ValueError(f"sign_conflict_rate: sample must be >= 1, got {sample}")
+            raise SubspaceError(f"sign_conflict_rate: sample must be >= 1, got {sample}")
         g = torch.Generator().manual_seed(seed)
         p = torch.randint(0, d1.d_out, (sample,), generator=g).to(A1.device)
         q = torch.randint(0, d1.d_in, (sample,), generator=g).to(A1.device)
@@ -164,7 +164,7 @@ def sign_conflict_rate(d1: LoraDelta, d2: LoraDelta, sample: int | None = None, 
         n = int(both.sum())
         return float("nan") if n == 0 else float(((x1 * x2) < 0).sum()) / n
     if chunk_rows < 1:
-        raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
+        raise SubspaceError(f"chunk_rows must be >= 1, got {chunk_rows}")
     conflicts = 0
     both_n = 0
     for lo in range(0, d1.d_out, chunk_rows):
@@ -228,17 +228,17 @@ def intruder_dimensions(W: torch.Tensor, delta: LoraDelta, k: int = 10,
         ``{eps: count}``, counts in [0, k].
 
     Raises:
-        SubspaceError: shape mismatch; ValueError: bad k, eps or side.
+        SubspaceError: shape mismatch; SubspaceError: bad k, eps or side.
     """
     if side not in ("left", "right"):
-        raise ValueError(f"intruder_dimensions: side must be 'left' or 'right', got {side!r}")
+        raise SubspaceError(f"intruder_dimensions: side must be 'left' or 'right', got {side!r}")
     epss = [float(eps)] if isinstance(eps, (int, float)) else [float(e) for e in eps]
     if any(not 0 < e <= 1 for e in epss):
-        raise ValueError(f"intruder_dimensions: eps must be in (0, 1], got {epss}")
+        raise SubspaceError(f"intruder_dimensions: eps must be in (0, 1], got {epss}")
     W = _check_weight(W, delta, "intruder_dimensions")
     kmax = min(W.shape)
     if not 1 <= k <= kmax:
-        raise ValueError(f"intruder_dimensions: k must be in [1, {kmax}], got {k}")
+        raise SubspaceError(f"intruder_dimensions: k must be in [1, {kmax}], got {k}")
     U0, _, V0h = torch.linalg.svd(W, full_matrices=False)
     U1, _, V1h = torch.linalg.svd(W + delta.dense().to(W.device), full_matrices=False)
     X, Y = (U0, U1[:, :k]) if side == "left" else (V0h.T, V1h[:k].T)

@@ -79,10 +79,10 @@ def energy_rank(sigma: torch.Tensor, tau: float = 0.9) -> int:
         k_τ, an int in [1, number of non-zero σ].
 
     Raises:
-        SubspaceError: bad ``sigma``; ValueError: ``tau`` outside (0, 1].
+        SubspaceError: bad ``sigma``; SubspaceError: ``tau`` outside (0, 1].
     """
     if not 0.0 < tau <= 1.0:
-        raise ValueError(f"energy_rank: tau must be in (0, 1], got {tau}")
+        raise SubspaceError(f"energy_rank: tau must be in (0, 1], got {tau}")
     s = _check_sigma(sigma, "energy_rank")
     e = s ** 2
     c = torch.cumsum(e, 0)
@@ -96,10 +96,10 @@ def tail_energy_rank(sigma: torch.Tensor, eps: float) -> int:
     ε = 0.05). Equals :func:`energy_rank` with τ = 1 − ε²; returns 0 when ε ≥ 1.
 
     Raises:
-        SubspaceError: bad ``sigma``; ValueError: ε < 0.
+        SubspaceError: bad ``sigma``; SubspaceError: ε < 0.
     """
     if eps < 0:
-        raise ValueError(f"eps must be >= 0, got {eps}")
+        raise SubspaceError(f"eps must be >= 0, got {eps}")
     if eps >= 1:
         _check_sigma(sigma, "tail_energy_rank")
         return 0

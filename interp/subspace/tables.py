@@ -112,11 +112,11 @@ def overlap_table(deltas: Mapping[str, Mapping[str, LoraDelta]],
 
     Raises:
         SubspaceError: unknown adapter names in pairs, fewer than two adapters, or a pair with no
-            module in common; ValueError: bad ``sign_conflict``.
+            module in common; SubspaceError: bad ``sign_conflict``.
     """
     _check_adapters(deltas)
     if sign_conflict not in (None, "sample", "exact"):
-        raise ValueError(f"overlap_table: sign_conflict must be None, 'sample' or 'exact', got {sign_conflict!r}")
+        raise SubspaceError(f"overlap_table: sign_conflict must be None, 'sample' or 'exact', got {sign_conflict!r}")
     names = list(deltas)
     pairs = list(itertools.combinations(names, 2)) if pairs is None else [tuple(p) for p in pairs]
     if not pairs:
