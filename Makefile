@@ -10,7 +10,7 @@ export TOKENIZERS_PARALLELISM := false
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 RUN_DIR ?= runs/demo
 
-.PHONY: setup demo test test-fast bench browser clean
+.PHONY: setup demo test test-fast bench browser figures clean
 
 setup: $(VENV)/.installed
 
@@ -37,6 +37,10 @@ test: setup browser
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not smollm and not browser"
+
+# Small PNGs + index.html in figures/ from a finished run (default runs/demo); nothing recomputed.
+figures: setup browser
+	$(BIN)/python figures/make_figures.py $(RUN_DIR)
 
 bench: setup
 	$(BIN)/python benchmarks/run_all.py

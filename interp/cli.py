@@ -30,14 +30,9 @@ def _main(debug: bool = typer.Option(False, "--debug", help="show full traceback
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Exception types that mean bad input, not a bug in interp (shown as one line)."""
-    from interp.adapters.library import AdapterError
-    from interp.config import ConfigError
-    from interp.hardware import HardwareError
-    from interp.models import FusedProjectionError, ModelLoadError
-    from interp.study import StudyError
+    from interp.errors import InterpError
 
-    return (ConfigError, StudyError, HardwareError, ModelLoadError, FusedProjectionError, AdapterError,
-            FileNotFoundError, PermissionError)
+    return (InterpError, FileNotFoundError, PermissionError)
 
 
 def _guarded(fn: Callable[[], None]) -> None:

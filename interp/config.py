@@ -16,9 +16,10 @@ from pathlib import Path
 from typing import Any
 
 from interp.adapters.recipe import TrainConfig
+from interp.errors import InterpError
 
 
-class ConfigError(ValueError):
+class ConfigError(InterpError, ValueError):
     """A study config has an unknown key, a wrong type or an impossible value."""
 
 
@@ -142,7 +143,7 @@ def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
 
 def validate(cfg: Config) -> Config:
     """Value checks beyond types. Raises :class:`ConfigError` naming the key."""
-    from interp.study import VARIANTS
+    from interp.study.variants import VARIANTS
 
     if cfg.world.n_chains_per_tier < 2:
         raise ConfigError("world.n_chains_per_tier must be >= 2")

@@ -29,6 +29,8 @@ from typing import Any, Callable, Sequence
 import pandas as pd
 import torch
 
+from interp.errors import EvaluationError
+
 TABLE_COLUMNS = ["method", "library", "test_set", "hop", "metric", "n", "accuracy", "ci_low",
                  "ci_high"]
 METRIC_COLUMNS = {"first_token": "first_token_correct", "exact": "exact_match"}
@@ -46,17 +48,17 @@ def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
         ``(lo, hi)``, fractions in [0, 1].
 
     Raises:
-        ValueError: ``n <= 0``, ``k`` outside ``[0, n]``, non-integer counts, or ``z <= 0``.
+        EvaluationError: ``n <= 0``, ``k`` outside ``[0, n]``, non-integer counts, or ``z <= 0``.
     """
     if isinstance(k, bool) or isinstance(n, bool) or int(k) != k or int(n) != n:
-        raise ValueError(f"wilson_interval needs integer counts, got k={k!r}, n={n!r}")
+        raise EvaluationError(f"wilson_interval needs integer counts, got k={k!r}, n={n!r}")
     k, n = int(k), int(n)
     if n <= 0:
-        raise ValueError(f"wilson_interval needs n > 0, got n={n}")
+        raise EvaluationError(f"wilson_interval needs n > 0, got n={n}")
     if not 0 <= k <= n:
-        raise ValueError(f"wilson_interval needs 0 <= k <= n, got k={k}, n={n}")
+        raise EvaluationError(f"wilson_interval needs 0 <= k <= n, got k={k}, n={n}")
     if not z > 0:
-        raise ValueError(f"wilson_interval needs z > 0, got {z}")
+        raise EvaluationError(f"wilson_interval needs z > 0, got {z}")
     p = k / n
     denom = 1 + z * z / n
     centre = (p + z * z / (2 * n)) / denom
@@ -67,7 +69,7 @@ def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
 def _encode(hm: Any, text: str, what: str) -> list[int]:
     ids = hm.encode(text)
     if not ids:
-        raise ValueError(f"{what} {text!r} tokenises to no tokens")
+        raise EvaluationError(f"{what} {text!r} tokenises to no tokens")
     return ids
 
 
@@ -118,13 +120,13 @@ def score_examples(hm: Any, examples: Sequence[Any], batch_size: int = 16,
         the last prompt position), ``gold_first_token``.
 
     Raises:
-        ValueError: empty ``examples``, ``batch_size < 1``, a prompt or answer that tokenises to
+        EvaluationError: empty ``examples``, ``batch_size < 1``, a prompt or answer that tokenises to
             nothing, or a sequence longer than the model's context.
     """
     if not examples:
-        raise ValueError("score_examples got an empty list of examples")
+        raise EvaluationError("score_examples got an empty list of examples")
     if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        raise EvaluationError(f"batch_size must be >= 1, got {batch_size}")
     n_ctx = int(getattr(hm.bridge.cfg, "n_ctx", 0) or 0)
     rows: list[dict] = []
     starts = range(0, len(examples), batch_size)
@@ -137,7 +139,7 @@ def score_examples(hm: Any, examples: Sequence[Any], batch_size: int = 16,
         ans = [_encode(hm, e.answer, "answer") for e in batch]
         width = max(len(p) + len(a) for p, a in zip(ps, ans))
         if n_ctx and width > n_ctx:
-            raise ValueError(f"a prompt+answer has {width} tokens, more than the context {n_ctx}")
+            raise EvaluationError(f"a prompt+answer has {width} tokens, more than the context {n_ctx}")
         toks = torch.full((len(batch), width), hm.pad_token_id, dtype=torch.long)
         for i, (p, a) in enumerate(zip(ps, ans)):
             toks[i, :len(p) + len(a)] = torch.tensor(p + a)
@@ -186,21 +188,21 @@ def accuracy_table(scored: pd.DataFrame, by: Sequence[str] = ("method", "library
         ``by`` columns after ``hop``); accuracies and bounds are fractions in [0, 1].
 
     Raises:
-        ValueError: empty frame, missing grouping/metric columns, unknown metric.
+        EvaluationError: empty frame, missing grouping/metric columns, unknown metric.
     """
     if scored is None or len(scored) == 0:
-        raise ValueError("accuracy_table got an empty scored frame")
+        raise EvaluationError("accuracy_table got an empty scored frame")
     by = list(by)
     required = ["method", "library", "test_set", "hop"]
     missing = [c for c in required if c not in by] + [c for c in by if c not in scored.columns]
     if missing:
-        raise ValueError(f"accuracy_table: missing grouping columns {missing} (scored frames "
+        raise EvaluationError(f"accuracy_table: missing grouping columns {missing} (scored frames "
                          f"need {required}; the caller adds them)")
     for m in metrics:
         if m not in METRIC_COLUMNS:
-            raise ValueError(f"unknown metric {m!r}; expected one of {sorted(METRIC_COLUMNS)}")
+            raise EvaluationError(f"unknown metric {m!r}; expected one of {sorted(METRIC_COLUMNS)}")
         if METRIC_COLUMNS[m] not in scored.columns:
-            raise ValueError(f"scored frame has no {METRIC_COLUMNS[m]!r} column for metric {m!r}")
+            raise EvaluationError(f"scored frame has no {METRIC_COLUMNS[m]!r} column for metric {m!r}")
     extra = [c for c in by if c not in required]
     rows = []
     for keys, g in scored.groupby(by, sort=True, dropna=False):
@@ -240,12 +242,12 @@ def greedy_answers(hm: Any, examples: Sequence[Any], max_new_tokens: int = 8,
         the decoded continuation of each prompt (``tokenizer.decode`` of the new ids).
 
     Raises:
-        ValueError: empty input, ``max_new_tokens < 1``, a prompt that tokenises to nothing.
+        EvaluationError: empty input, ``max_new_tokens < 1``, a prompt that tokenises to nothing.
     """
     if not examples:
-        raise ValueError("greedy_answers got an empty list of examples")
+        raise EvaluationError("greedy_answers got an empty list of examples")
     if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        raise EvaluationError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     eos = hm.tokenizer.eos_token_id
     dev = hm.device
     out: list[str] = []

@@ -24,6 +24,8 @@ import plotly.express as px
 import plotly.graph_objects as go
 import plotly.io as pio
 
+from interp.errors import FigureError
+
 # Method colours stay fixed across figures so a reader can track a variant by colour.
 PALETTE = ["#4C72B0", "#DD8452", "#55A868", "#C44E52", "#8172B3", "#937860", "#DA8BC3",
            "#8C8C8C", "#CCB974", "#64B5CD", "#1B9E77", "#D95F02", "#7570B3", "#E7298A"]
@@ -50,7 +52,7 @@ def _color_map(methods: Iterable[str]) -> dict[str, str]:
 def _require(df: pd.DataFrame, cols: Iterable[str], what: str) -> None:
     missing = [c for c in cols if c not in df.columns]
     if missing:
-        raise ValueError(f"{what}: table lacks columns {missing} (has {list(df.columns)})")
+        raise FigureError(f"{what}: table lacks columns {missing} (has {list(df.columns)})")
 
 
 def accuracy_figure(acc: pd.DataFrame, metric: str = "first_token", hop: str = "two_hop") -> go.Figure:
@@ -65,7 +67,7 @@ def accuracy_figure(acc: pd.DataFrame, metric: str = "first_token", hop: str = "
     _require(acc, ["method", "test_set", "hop", "accuracy", "ci_low", "ci_high"], "accuracy_figure")
     d = acc[(acc["hop"] == hop) & ((acc["metric"] == metric) if "metric" in acc else True)].copy()
     if d.empty:
-        raise ValueError(f"accuracy_figure: no rows for hop={hop!r}, metric={metric!r}")
+        raise FigureError(f"accuracy_figure: no rows for hop={hop!r}, metric={metric!r}")
     d["err_plus"] = d["ci_high"] - d["accuracy"]
     d["err_minus"] = d["accuracy"] - d["ci_low"]
     fig = px.bar(d, x="method", y="accuracy", color="test_set", barmode="group",
@@ -90,7 +92,7 @@ def lens_figure(lens: pd.DataFrame, value: str = "logprob", position: str = "fin
     _require(lens, ["method", "layer", "position", "target", value], "lens_figure")
     d = lens[lens["position"] == position]
     if d.empty:
-        raise ValueError(f"lens_figure: no rows at position {position!r}")
+        raise FigureError(f"lens_figure: no rows at position {position!r}")
     g = d.groupby(["method", "target", "layer"])[value]
     agg = g.mean().rename("mean").to_frame().join(g.sem().fillna(0).rename("sem")).reset_index()
     targets = sorted(agg["target"].unique())

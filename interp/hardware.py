@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from interp.adapters.recipe import PRECISIONS
+from interp.errors import InterpError
 
 # bf16 must beat fp32 by this factor on the probe to be chosen: a training step also runs fp32
 # LoRA factors, casts and the optimiser, which dilute a matmul-only gain.
@@ -35,7 +36,7 @@ MIN_BF16_SPEEDUP = 1.3
 PROBE_SHAPE = (128, 576, 1536)  # rows x d_model x d_mlp: a SmolLM2 MLP matmul on one batch
 
 
-class HardwareError(ValueError):
+class HardwareError(InterpError, ValueError):
     """A precision, device or thread request this machine cannot honour."""
 
 

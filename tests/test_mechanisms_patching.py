@@ -259,3 +259,74 @@ def test_difference():
         difference(a, b.drop(columns="value"), on=["layer"])
     with pytest.raises(ValueError, match="share no"):
         difference(a, b.assign(layer=b.layer + 10), on=["layer"])
+
+
+def test_resid_mid_equals_transformer_lens_own_patch(tiny_llama):
+    """``blocks.{layer}.hook_resid_mid`` (patched with full forwards) against the bridge's own
+    ``run_with_hooks`` patch of the same hook, one (layer, position) cell at a time."""
+    hm = tiny_llama
+    ct, xt, cl, ca, xa, clean_cache, metric, _ = _setup(hm)
+    hook = "blocks.{layer}.hook_resid_mid"
+    grid = patch_layer_pos(hm, ct, xt, ca, xa, cl, hook=hook, layers=[0, 2], positions=[0, 3, 5],
+                           progress=False)
+    for i, layer in enumerate(grid.layers):
+        name = hook.format(layer=layer)
+        for j, p in enumerate(grid.positions):
+            def patch(act, hook, p=p):
+                act = act.clone()
+                act[:, p] = clean_cache[name][:, p]
+                return act
+            with torch.no_grad():
+                ref = metric(hm.bridge.run_with_hooks(xt, fwd_hooks=[(name, patch)]))
+            live = p <= cl - 1  # positions after a prompt's end cannot change its answer
+            assert (grid.logit_diff[i, j][live] - ref[live]).abs().max().item() <= 1e-4
+    assert grid.logit_diff.std() > 1e-3
+
+
+def test_resid_mid_patch_reaches_only_the_mlp_input(tiny_llama):
+    """Semantics stated in ``patch_layer_pos``: on the bridge, ``hook_resid_mid`` is an alias of
+    ``ln2.hook_in``; patching it replaces the MLP's input only, while the skip connection keeps the
+    corrupted residual. So patching it at every position with the clean values equals patching
+    ``hook_mlp_out`` with the clean MLP output, and does NOT restore the clean logits (as
+    HookedTransformer's resid_mid patch would)."""
+    hm = tiny_llama
+    ct, xt, cl, ca, xa, clean_cache, metric, clean_ld = _setup(hm)
+    mid, mlp = "blocks.1.hook_resid_mid", "blocks.1.hook_mlp_out"
+    with torch.no_grad():
+        out = metric(hm.bridge.run_with_hooks(xt, fwd_hooks=[(mid, lambda act, hook: clean_cache[mid])]))
+        via_mlp = metric(hm.bridge.run_with_hooks(xt, fwd_hooks=[(mlp, lambda act, hook: clean_cache[mlp])]))
+    assert (out - via_mlp).abs().max().item() <= 1e-4
+    assert (out - clean_ld).abs().max().item() > 1e-2
+    torch.testing.assert_close(clean_cache[mid], clean_cache["blocks.1.hook_resid_pre"]
+                               + clean_cache["blocks.1.hook_attn_out"], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("hook", ["blocks.{layer}.attn.hook_pattern", "blocks.{layer}.attn.hook_attn_scores",
+                                  "blocks.{layer}.attn.hook_cos"])
+def test_head_or_batch_axis_hooks_are_refused(tiny_llama, hook):
+    """A hook whose activation is not [batch, pos, ...] would patch head p (or fail): refused by
+    name (head axis first) or by its cached shape, with the supported hooks listed."""
+    from interp.errors import InterpError, UnsupportedHookError
+
+    hm = tiny_llama
+    ct, xt, cl, ca, xa, *_ = _setup(hm)
+    with pytest.raises(UnsupportedHookError, match="supported: short names") as e:
+        patch_layer_pos(hm, ct, xt, ca, xa, cl, hook=hook, layers=[0], progress=False)
+    assert isinstance(e.value, InterpError) and isinstance(e.value, ValueError)
+
+
+def test_hook_z_patches_every_head_at_the_position(tiny_llama):
+    """attn.hook_z is [batch, pos, head, d_head]: a cell patches all heads at position p."""
+    hm = tiny_llama
+    ct, xt, cl, ca, xa, clean_cache, metric, _ = _setup(hm)
+    grid = patch_layer_pos(hm, ct, xt, ca, xa, cl, hook="blocks.{layer}.attn.hook_z", layers=[1],
+                           positions=[4], progress=False)
+    name = "blocks.1.attn.hook_z"
+
+    def patch(act, hook):
+        act = act.clone()
+        act[:, 4] = clean_cache[name][:, 4]
+        return act
+    with torch.no_grad():
+        ref = metric(hm.bridge.run_with_hooks(xt, fwd_hooks=[(name, patch)]))
+    assert (grid.logit_diff[0, 0] - ref).abs().max().item() <= 1e-4

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from interp.errors import InterpError
+
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PICKLE_WEIGHTS = "adapter_model.bin"
@@ -26,7 +28,7 @@ _KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>[AB])(?
 _LAYER = re.compile(r"\.layers\.(\d+)\.|\.h\.(\d+)\.|\.blocks\.(\d+)\.")
 
 
-class AdapterFormatError(ValueError):
+class AdapterFormatError(InterpError, ValueError):
     """An adapter directory is missing files or holds tensors that are not a LoRA."""
 
 

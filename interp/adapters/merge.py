@@ -33,6 +33,7 @@ import pandas as pd
 import torch
 
 from interp.adapters.factors import LoraDelta, layer_of, short_module
+from interp.errors import InterpError
 
 Adapter = dict[str, LoraDelta]
 
@@ -48,7 +49,7 @@ PEFT_COMBINATIONS = {
 }
 
 
-class MergeError(ValueError):
+class MergeError(InterpError, ValueError):
     """Merge inputs do not fit (no experts, weight count mismatch, shape mismatch, bad density)."""
 
 
@@ -97,16 +98,36 @@ def weighted_average(deltas_list: Sequence[Adapter], weights: Sequence[float] | 
             different ΔW shapes at one module.
     """
     weights = _check(deltas_list, weights)
-    out: Adapter = {}
-    for m in _modules(deltas_list):
-        As, Bs = [], []
-        for w, ad in zip(weights, deltas_list):
-            if m in ad:
-                d = ad[m]
-                As.append(d.A.float())
-                Bs.append(d.B.float() * (w * d.scale))
-        out[m] = LoraDelta(torch.cat(As, 0), torch.cat(Bs, 1), 1.0)
-    return out
+    return {m: weighted_sum([ad[m] for ad in deltas_list if m in ad],
+                            [w for w, ad in zip(weights, deltas_list) if m in ad], dtype=torch.float32)
+            for m in _modules(deltas_list)}
+
+
+def weighted_sum(deltas: Sequence[LoraDelta], weights: Sequence[float] | None = None,
+                 dtype: torch.dtype = torch.float64) -> LoraDelta:
+    """Σᵢ wᵢ ΔWᵢ of one module as one LoraDelta, exact: ``A = vstack(Aᵢ)`` ``[Σrᵢ, d_in]``,
+    ``B = hstack(wᵢ sᵢ Bᵢ)`` ``[d_out, Σrᵢ]``, scale 1, in ``dtype`` on the first factor's device.
+
+    The one exact weighted sum of ``interp`` (:func:`weighted_average` applies it per module;
+    ``interp.subspace.weighted_sum`` is this function). ``weights=None``: every wᵢ = 1.
+
+    Raises:
+        MergeError: no updates, a weight count that differs from the updates', or two updates
+            with different ΔW shapes.
+    """
+    if not deltas:
+        raise MergeError("weighted_sum: no updates")
+    weights = [1.0] * len(deltas) if weights is None else [float(w) for w in weights]
+    if len(weights) != len(deltas):
+        raise MergeError(f"weighted_sum: {len(weights)} weights for {len(deltas)} updates")
+    shapes = {(d.d_out, d.d_in) for d in deltas}
+    if len(shapes) > 1:
+        raise MergeError(f"weighted_sum: ΔW shapes differ: {sorted(shapes)}")
+    dev = deltas[0].A.device
+    A = torch.cat([d.A.detach().to(device=dev, dtype=dtype) for d in deltas], 0)
+    B = torch.cat([d.B.detach().to(device=dev, dtype=dtype) * (w * float(d.scale))
+                   for d, w in zip(deltas, weights)], 1)
+    return LoraDelta(A, B, 1.0)
 
 
 def uniform(deltas_list: Sequence[Adapter]) -> Adapter:
@@ -131,20 +152,37 @@ def task_arithmetic(deltas_list: Sequence[Adapter], lam: float = 1.0) -> Adapter
 
 
 def factored_svd(delta: LoraDelta) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Thin SVD of ΔW = s·B·A from the factors, never forming ΔW.
+    """Thin SVD ΔW = U diag(σ) Vᵀ of ΔW = s·B·A from the factors, never forming ΔW.
 
-    With ``B = Q_B R_B`` and ``Aᵀ = Q_A R_A`` (reduced QR), ``ΔW = Q_B (s R_B R_Aᵀ) Q_Aᵀ``; the
-    ``r × r`` core's SVD ``U' S V'ᵀ`` gives ``ΔW = (Q_B U') S (Q_A V')ᵀ``. Cost O((d_in+d_out) r²).
-    Computed in float64.
+    The one factored SVD of ``interp`` (``interp.subspace.factor_svd`` is this function). With
+    ``B = Q_B R_B`` and ``Aᵀ = Q_A R_A`` (reduced QR), ``ΔW = Q_B (s R_B R_Aᵀ) Q_Aᵀ``; the core's
+    SVD ``U' S V'ᵀ`` gives ``ΔW = (Q_B U') S (Q_A V')ᵀ`` (theory.md §0; elias-gaeros/resize_lora
+    ``fast_decompose``). Cost O((d_in+d_out) r²), in float64 on the factors' device.
 
     Returns:
-        ``U`` ``[d_out, r]``, ``S`` ``[r]`` (descending, ≥ 0), ``V`` ``[d_in, r]`` with
-        ``ΔW = U diag(S) Vᵀ``.
+        ``U`` ``[d_out, k]``, ``S`` ``[k]`` (descending, ≥ 0; the sign of s folded into U),
+        ``V`` ``[d_in, k]`` with ``ΔW = U diag(S) Vᵀ``, k = min(r, d_out, d_in).
+
+    Raises:
+        MergeError: ``delta`` is not a LoraDelta.
     """
-    QB, RB = torch.linalg.qr(delta.B.double())
-    QA, RA = torch.linalg.qr(delta.A.double().T)
-    Uc, S, Vch = torch.linalg.svd(delta.scale * (RB @ RA.T))
-    return QB @ Uc, S, QA @ Vch.T
+    if not isinstance(delta, LoraDelta):
+        raise MergeError(f"expected a LoraDelta, got {type(delta).__name__}")
+    # Tables ask for the same module's SVD many times (spectra, bases, energy kept in each merge):
+    # memoised on the object, keyed by the factors' identity and in-place version counters, so
+    # an edited or replaced factor is never served a stale decomposition.
+    stamp = (delta.A._version, delta.B._version, float(delta.scale))
+    hit = delta.__dict__.get("_svd_memo")
+    if hit is not None and hit[0] is delta.A and hit[1] is delta.B and hit[2] == stamp:
+        return hit[3]
+    A = delta.A.detach().double()
+    B = delta.B.detach().to(device=A.device, dtype=torch.float64)
+    QB, RB = torch.linalg.qr(B, mode="reduced")          # [d_out, p], [p, r]
+    QA, RA = torch.linalg.qr(A.T, mode="reduced")        # [d_in, q], [q, r]
+    Uc, S, Vch = torch.linalg.svd(float(delta.scale) * (RB @ RA.T), full_matrices=False)
+    out = (QB @ Uc, S, QA @ Vch.T)
+    delta.__dict__["_svd_memo"] = (delta.A, delta.B, stamp, out)
+    return out
 
 
 def svd_truncate(delta: LoraDelta, k: int) -> tuple[LoraDelta, float]:

@@ -28,9 +28,10 @@ from typing import Any, Iterator, Sequence
 import torch
 
 from interp.adapters.hooks import LoraSite
+from interp.errors import InterpError
 
 
-class RoutingError(ValueError):
+class RoutingError(InterpError, ValueError):
     """Routing inputs do not fit the model's experts or the batch."""
 
 

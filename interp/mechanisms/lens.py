@@ -9,7 +9,8 @@ log-softmax at the first token of an entity::
 
 computed here for e₂ (the bridge entity) and e₃ (the answer) — both curves, since later hops are
 sometimes decodable before the bridge (Liu et al. 2026) — at the last token of the e₁ mention and
-at the final position, with the entity token's rank (0 = top-1).
+at the final position, with the entity token's rank (:func:`token_rank`: the number of tokens
+with a strictly greater log-probability, so 0 = top-1 and ties count in the target's favour).
 
 Lens layers run ``0..n_layers``: layer ``ℓ < n_layers`` reads ``blocks.ℓ.hook_resid_pre``; layer
 ``n_layers`` reads the final residual ``blocks.{n_layers-1}.hook_resid_post``, where the lens equals
@@ -27,6 +28,8 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from interp.errors import LensError
+
 SpanDict = dict[str, tuple[int, int]]
 SpansFn = Callable[[Any, Any], SpanDict]
 
@@ -42,18 +45,18 @@ def offsets_token_spans(example: Any, hm: Any) -> SpanDict:
     token belongs to a mention when its character offsets overlap it).
 
     Raises:
-        ValueError: the tokenizer gives no offsets, or a mention covers no token.
+        LensError: the tokenizer gives no offsets, or a mention covers no token.
     """
     tok = hm.tokenizer
     if not getattr(tok, "is_fast", False):
-        raise ValueError("token spans need a fast tokenizer (offset mappings)")
+        raise LensError("token spans need a fast tokenizer (offset mappings)")
     offsets = tok(example.prompt, add_special_tokens=False, return_offsets_mapping=True)[
         "offset_mapping"]
     out: SpanDict = {}
     for key, (cs, ce) in example.char_spans.items():
         idx = [t for t, (a, b) in enumerate(offsets) if a < ce and b > cs and b > a]
         if not idx:
-            raise ValueError(f"mention {key!r} of {example.prompt!r} covers no token")
+            raise LensError(f"mention {key!r} of {example.prompt!r} covers no token")
         out[key] = (idx[0], idx[-1] + 1)
     return out
 
@@ -72,12 +75,12 @@ def resolve_spans(examples: Sequence[Any], hm: Any, spans: Sequence[SpanDict] | 
     """One token-span dict per example: ``spans`` if given, else ``spans_fn(example, hm)``.
 
     Raises:
-        ValueError: ``spans`` has a different length than ``examples``, or a span lies outside
+        LensError: ``spans`` has a different length than ``examples``, or a span lies outside
             its prompt (an empty span ``(a, a)`` is allowed).
     """
     if spans is not None:
         if len(spans) != len(examples):
-            raise ValueError(f"got {len(spans)} span dicts for {len(examples)} examples")
+            raise LensError(f"got {len(spans)} span dicts for {len(examples)} examples")
         out = [dict(s) for s in spans]
     else:
         fn = spans_fn or default_spans_fn()
@@ -86,7 +89,7 @@ def resolve_spans(examples: Sequence[Any], hm: Any, spans: Sequence[SpanDict] | 
         n = len(hm.encode(ex.prompt))
         for key, (a, b) in s.items():
             if not 0 <= a <= b <= n:
-                raise ValueError(f"span {key}={a, b} is outside the {n} tokens of {ex.prompt!r}")
+                raise LensError(f"span {key}={a, b} is outside the {n} tokens of {ex.prompt!r}")
     return out
 
 
@@ -94,10 +97,10 @@ def entity_first_token(hm: Any, entity: str) -> int:
     """First token id of an entity as it follows a word: ``hm.encode(" " + entity)[0]``.
 
     Raises:
-        ValueError: empty entity name.
+        LensError: empty entity name.
     """
     if not entity or not entity.strip():
-        raise ValueError("entity name is empty")
+        raise LensError("entity name is empty")
     return int(hm.encode(" " + entity.strip())[0])
 
 
@@ -122,7 +125,7 @@ def named_position(name: str, spans: SpanDict, length: int) -> int:
     """Token index of a named position: ``"final"``, ``"<span>_last"``, ``"<span>_first"``.
 
     Raises:
-        ValueError: unknown name or a span the example lacks.
+        LensError: unknown name or a span the example lacks.
     """
     if name == "final":
         return length - 1
@@ -130,9 +133,9 @@ def named_position(name: str, spans: SpanDict, length: int) -> int:
         if name.endswith(suffix):
             key = name[: -len(suffix)]
             if key not in spans:
-                raise ValueError(f"position {name!r} needs span {key!r}; have {sorted(spans)}")
+                raise LensError(f"position {name!r} needs span {key!r}; have {sorted(spans)}")
             return pick(spans[key])
-    raise ValueError(f"unknown position name {name!r}: use 'final', '<span>_last', '<span>_first'")
+    raise LensError(f"unknown position name {name!r}: use 'final', '<span>_last', '<span>_first'")
 
 
 def example_meta(ex: Any, i: int) -> dict[str, Any]:
@@ -144,7 +147,7 @@ def example_meta(ex: Any, i: int) -> dict[str, Any]:
 def batches(n: int, size: int) -> Iterable[tuple[int, int]]:
     """``(start, stop)`` pairs covering ``range(n)`` in chunks of ``size``."""
     if size < 1:
-        raise ValueError(f"batch size must be >= 1, got {size}")
+        raise LensError(f"batch size must be >= 1, got {size}")
     for a in range(0, n, size):
         yield a, min(n, a + size)
 
@@ -166,10 +169,10 @@ def lens_logits(hm: Any, resid: torch.Tensor) -> torch.Tensor:
         ``[..., d_vocab]`` fp32 logits.
 
     Raises:
-        ValueError: last dimension is not ``d_model``.
+        LensError: last dimension is not ``d_model``.
     """
     if resid.shape[-1] != hm.d_model:
-        raise ValueError(f"residual last dim {resid.shape[-1]} != d_model {hm.d_model}")
+        raise LensError(f"residual last dim {resid.shape[-1]} != d_model {hm.d_model}")
     lead = resid.shape[:-1]
     x = resid.reshape(1, -1, hm.d_model).to(hm.device)
     out = hm.bridge.unembed(hm.bridge.ln_final(x))
@@ -203,10 +206,21 @@ def logit_lens(hm: Any, texts: Sequence[str]) -> torch.Tensor:
         ``n_layers`` equals ``log_softmax`` of the model's own logits.
 
     Raises:
-        ValueError: empty ``texts`` (from ``hm.tokenize``).
+        LensError: empty ``texts`` (from ``hm.tokenize``).
     """
     toks, _ = hm.tokenize(list(texts))
     return torch.log_softmax(lens_logits(hm, residual_stack(hm, toks)), dim=-1)
+
+
+def token_rank(scores: torch.Tensor, token_id: int) -> torch.Tensor:
+    """Rank of ``token_id`` in ``scores`` ``[..., d_vocab]`` (logits or log-probabilities): the
+    number of tokens with a strictly greater score, ``[...]`` int64.
+
+    0 = top-1. Ties count in the target's favour (a token tied with others for the top has rank
+    0), the usual "competition" convention of the logit-lens literature; rank + 1 is the
+    target's position if ties were broken for it.
+    """
+    return (scores > scores[..., token_id, None]).sum(-1)
 
 
 @torch.no_grad()
@@ -217,7 +231,8 @@ def entrec(hm: Any, examples: Sequence[Any], positions: Sequence[str] = ("e1_las
 
     For every example, lens layer ℓ ∈ ``0..n_layers`` and named position, the logit-lens
     log-probability (nats) of the entity's first token (``hm.encode(" " + e)[0]``) and its rank
-    among all ``d_vocab`` tokens (0 = top-1; ties count against the target).
+    among all ``d_vocab`` tokens (:func:`token_rank`: tokens with a strictly greater log-probability;
+    0 = top-1, ties count in the target's favour).
 
     Args:
         hm: any ``HookedModel`` (base, expert, merge, router).
@@ -233,10 +248,10 @@ def entrec(hm: Any, examples: Sequence[Any], positions: Sequence[str] = ("e1_las
         target, token_id, logprob, rank.
 
     Raises:
-        ValueError: no examples, an unknown position, or an empty entity name.
+        LensError: no examples, an unknown position, or an empty entity name.
     """
     if not examples:
-        raise ValueError("entrec() got no examples")
+        raise LensError("entrec() got no examples")
     sp = resolve_spans(examples, hm, spans, spans_fn)
     rows = []
     for a, b in tqdm(list(batches(len(examples), batch_size)), desc="EntRec", leave=False,
@@ -253,7 +268,7 @@ def entrec(hm: Any, examples: Sequence[Any], positions: Sequence[str] = ("e1_las
                 lp = torch.log_softmax(lens_logits(hm, stack[:, j, p]), dim=-1)  # [L+1, V]
                 for t, tid in tgt.items():
                     score = lp[:, tid]
-                    rank = (lp > score[:, None]).sum(-1)
+                    rank = token_rank(lp, tid)
                     for layer in range(lp.shape[0]):
                         rows.append({**example_meta(ex, i), "layer": layer, "position": pos_name,
                                      "token_index": p, "target": t, "token_id": tid,

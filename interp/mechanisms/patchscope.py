@@ -24,6 +24,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from interp.errors import PatchscopeError
 from interp.mechanisms.lens import (
     SpanDict,
     SpansFn,
@@ -31,6 +32,7 @@ from interp.mechanisms.lens import (
     example_meta,
     named_position,
     resolve_spans,
+    token_rank,
 )
 from interp.mechanisms.patching import _run_cached, forward_from
 
@@ -68,22 +70,22 @@ def patchscope(hm: Any, examples: Sequence[Any], source_position: str = "e1_last
     Returns:
         Tidy DataFrame: example_id, chain_id, tier, kind, source_layer, target_layer,
         source_position, target (prompt key), entity, token_id, logprob (nats at the placeholder),
-        rank (0 = top-1), top1 (bool), top_token (decoded argmax), generated (str, "" when
+        rank (0 = top-1; ties in the target's favour, see ``lens.token_rank``), top1 (bool), top_token (decoded argmax), generated (str, "" when
         ``n_generate == 0``).
 
     Raises:
-        ValueError: no examples, layers out of range, an unknown position, an empty target.
+        PatchscopeError: no examples, layers out of range, an unknown position, an empty target.
     """
     if not examples:
-        raise ValueError("patchscope() got no examples")
+        raise PatchscopeError("patchscope() got no examples")
     L = hm.n_layers
     src_layers = list(range(L)) if source_layers is None else [int(l) for l in source_layers]
     if any(not 0 <= l < L for l in src_layers) or (
             target_layer is not None and not 0 <= int(target_layer) < L):
-        raise ValueError(f"layers must lie in [0, {L})")
+        raise PatchscopeError(f"layers must lie in [0, {L})")
     tprompt = TARGET_PROMPTS.get(target, target)
     if not tprompt:
-        raise ValueError("empty target prompt")
+        raise PatchscopeError("empty target prompt")
     dev = hm.device
     sp = resolve_spans(examples, hm, spans, spans_fn)
     toks, lengths = hm.tokenize([ex.prompt for ex in examples])
@@ -124,7 +126,7 @@ def patchscope(hm: Any, examples: Sequence[Any], source_position: str = "e1_last
         for t in targets:
             tid = entity_first_token(hm, getattr(ex, t))
             score = lp[tid]
-            rank = int((lp > score).sum())
+            rank = int(token_rank(lp, tid))
             rows.append({**example_meta(ex, b), "source_layer": l, "target_layer": tl_of(l),
                          "source_position": source_position, "target": target, "entity": t,
                          "token_id": tid, "logprob": float(score), "rank": rank,

@@ -26,6 +26,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from interp.errors import ProbeError
 from interp.mechanisms.lens import (
     SpanDict,
     SpansFn,
@@ -44,14 +45,14 @@ def collect_features(hm: Any, examples: Sequence[Any], positions: Sequence[str] 
     Batched ``run_with_cache`` with a ``names_filter`` on ``blocks.ℓ.hook_resid_pre``.
 
     Raises:
-        ValueError: no examples, an unknown position, layers out of range.
+        ProbeError: no examples, an unknown position, layers out of range.
     """
     if not examples:
-        raise ValueError("collect_features() got no examples")
+        raise ProbeError("collect_features() got no examples")
     L = hm.n_layers
     layers = list(range(L)) if layers is None else [int(l) for l in layers]
     if any(not 0 <= l < L for l in layers):
-        raise ValueError(f"layers must lie in [0, {L})")
+        raise ProbeError(f"layers must lie in [0, {L})")
     sp = resolve_spans(examples, hm, spans, spans_fn)
     names = [f"blocks.{l}.hook_resid_pre" for l in layers]
     wanted = set(names)
@@ -100,7 +101,7 @@ def _prepare_labels(labels: Sequence[Any], n_splits: int) -> tuple[np.ndarray, n
     yb = np.where(y == top, "1", "0")  # not a label name: a class called "other" must not collide
     _, c2 = np.unique(yb, return_counts=True)
     if len(c2) < 2 or c2.min() < n_splits:
-        raise ValueError(f"cannot cross-validate with {n_splits} folds: need two classes with at "
+        raise ProbeError(f"cannot cross-validate with {n_splits} folds: need two classes with at "
                          f">= {n_splits} examples each (class sizes {sorted(counts.tolist())})")
     return np.ones(len(y), bool), yb, f"one_vs_rest:{top}"
 
@@ -129,39 +130,39 @@ def probe_features(features: dict[str, np.ndarray], labels: Sequence[Any],
         grouped, estimator.
 
     Raises:
-        ValueError: label count mismatch, labels that cannot be cross-validated, an unknown
+        ProbeError: label count mismatch, labels that cannot be cross-validated, an unknown
             estimator.
     """
     if estimator not in ESTIMATORS:
-        raise ValueError(f"unknown probe estimator {estimator!r}; choose one of {', '.join(ESTIMATORS)}")
+        raise ProbeError(f"unknown probe estimator {estimator!r}; choose one of {', '.join(ESTIMATORS)}")
     labels = list(labels)
     if not labels:
-        raise ValueError("probe_features got no labels")
+        raise ProbeError("probe_features got no labels")
     if n_splits < 2:
-        raise ValueError(f"n_splits must be >= 2, got {n_splits}")
+        raise ProbeError(f"n_splits must be >= 2, got {n_splits}")
     if not C > 0:
-        raise ValueError(f"C (inverse regularisation) must be > 0, got {C}")
+        raise ProbeError(f"C (inverse regularisation) must be > 0, got {C}")
     for pos, F in features.items():
         if F.ndim != 3 or F.shape[1] != len(labels):
-            raise ValueError(f"features for {pos!r} have shape {tuple(F.shape)}; expected [n_layers, "
+            raise ProbeError(f"features for {pos!r} have shape {tuple(F.shape)}; expected [n_layers, "
                              f"{len(labels)} examples (one per label), d]")
         if not np.isfinite(F).all():
-            raise ValueError(f"features for {pos!r} contain NaN or inf")
+            raise ProbeError(f"features for {pos!r} contain NaN or inf")
         if layers is not None and len(layers) != F.shape[0]:
-            raise ValueError(f"{len(layers)} layer numbers for {F.shape[0]} feature layers of {pos!r}")
+            raise ProbeError(f"{len(layers)} layer numbers for {F.shape[0]} feature layers of {pos!r}")
     if groups is not None and len(groups) != len(labels):
-        raise ValueError(f"{len(groups)} groups for {len(labels)} labels")
+        raise ProbeError(f"{len(groups)} groups for {len(labels)} labels")
     mask, y, task = _prepare_labels(labels, n_splits)
     g = None if groups is None else np.asarray([str(v) for v in groups])[mask]
     if g is not None and len(set(g)) < n_splits:
-        raise ValueError(f"grouped folds need >= n_splits={n_splits} distinct groups, got {len(set(g))}")
+        raise ProbeError(f"grouped folds need >= n_splits={n_splits} distinct groups, got {len(set(g))}")
     rng = np.random.default_rng(seed)
     y_control = rng.permutation(y)  # random relabelling, class sizes preserved
     _, counts = np.unique(y, return_counts=True)
     rows = []
     for pos, F in features.items():
         if F.shape[1] != len(mask):
-            raise ValueError(f"features for {pos!r} have {F.shape[1]} examples, labels {len(mask)}")
+            raise ProbeError(f"features for {pos!r} have {F.shape[1]} examples, labels {len(mask)}")
         lay = list(range(F.shape[0])) if layers is None else list(layers)
         for k in tqdm(range(F.shape[0]), desc=f"probes {pos}", leave=False, disable=not progress):
             X = F[k][mask]
@@ -197,7 +198,7 @@ def probe_bridge_entity(hm: Any, examples: Sequence[Any],
         The :func:`probe_features` table.
 
     Raises:
-        ValueError: as :func:`collect_features` and :func:`probe_features`.
+        ProbeError: as :func:`collect_features` and :func:`probe_features`.
     """
     L = hm.n_layers
     layers = list(range(L)) if layers is None else [int(l) for l in layers]

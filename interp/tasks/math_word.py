@@ -37,6 +37,8 @@ from typing import Any
 
 import pandas as pd
 
+from interp.errors import InterpError
+
 NAMES = ("Mia", "Tom", "Ana", "Leo", "Sara", "Ben", "Lily", "Omar")
 ITEMS = (("bags", "apples"), ("boxes", "pens"), ("baskets", "eggs"), ("packs", "cards"))
 VARIANTS = ("separate", "shared")
@@ -47,7 +49,7 @@ _COMPOSED = ("{n} buys {a} {cont} with {b} {item} in each and finds {c} more {it
              "How many {item} does {n} have? Answer:")
 
 
-class MathTaskError(ValueError):
+class MathTaskError(InterpError, ValueError):
     """Bad arguments for the math word-problem generator."""
 
 

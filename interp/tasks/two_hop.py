@@ -71,6 +71,7 @@ from typing import Any, Iterable, Sequence
 
 import pandas as pd
 
+from interp.errors import InterpError
 from interp.models import atomic_write_text
 
 TIERS = ("F", "H", "R")
@@ -181,7 +182,7 @@ _CITY_SUFFIX = ("mar", "vale", "moor", "holt", "dun", "wick", "grad", "port", "f
 _COUNTRY_SUFFIX = ("ia", "land", "stan", "ora", "eth", "ovia")
 
 
-class WorldError(ValueError):
+class WorldError(InterpError, ValueError):
     """A world cannot be built or loaded: bad names, too few entities, corrupt file."""
 
 

@@ -1,75 +1,35 @@
-"""The main job: the paper's two-hop LoRA-reuse study, end to end, into one run directory.
+"""The study runner: a config and a list of steps → one resumable run directory.
 
-``interp run`` = world → experts → evaluation of every variant (base, each expert, merges,
-routers, joint-training upper bounds) → bridge-entity mechanisms → subspace geometry → figures →
-report. Each step writes its tables under ``DIR/results`` and a marker ``DIR/steps/STEP.json``
-holding the cache key (a hash of the config sections it depends on plus its upstream keys); a
+Each step writes its tables under ``DIR/results`` and a marker ``DIR/steps/STEP.json`` holding
+its cache key (a hash of the config sections it depends on plus its upstream steps' keys); a
 re-run skips steps whose key still matches, and long steps also cache per unit (per expert, per
-variant), so an interrupted run resumes where it stopped. ``--steps`` re-runs a subset.
-
-Variants (``VARIANTS``), named as in the paper: experts ``ab`` (D₁: e₁ r₁ → e₂), ``bc`` (D₂:
-e₂ r₂ → e₃), ``ac`` (D_AC: the target two-hop task); libraries "2-comb" = {ab, bc} and
-"2-comb+AC" = {ab, bc, ac}; upper bounds ``joint_12`` (one LoRA on D₁ ∪ D₂) and ``joint_all``
-(D₁ ∪ D₂ ∪ D_AC). ``oracle`` is routing's upper bound: per query, the library expert that does
-best on it (hop-1 queries → ab, hop-2 → bc, two-hop → the better of the two, per example).
+variant) with :func:`cached_csv`, so an interrupted run resumes where it stopped. A study is a
+:class:`Step` list (see :mod:`interp.study.two_hop`); the runner knows nothing of what the steps do.
 """
 
 from __future__ import annotations
 
+import csv
+import gc
+import hashlib
 import json
 import os
 import platform
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import pandas as pd
 from rich.console import Console
 
 from interp.config import Config, ConfigError, load_config
+from interp.errors import StudyError
 from interp.models import atomic_write_text
+from interp.study.tables import check_table
+from interp.study.variants import VARIANTS
 
 console = Console(stderr=True)
-
-STEPS = ["world", "experts", "evaluate", "mechanisms", "subspace", "figures", "report"]
-
-# name -> (library label, experts used, combine)
-VARIANTS: dict[str, tuple[str, tuple[str, ...], str]] = {
-    "base": ("none", (), "none"),
-    "expert_ab": ("single expert", ("ab",), "none"),
-    "expert_bc": ("single expert", ("bc",), "none"),
-    "expert_ac": ("single expert", ("ac",), "none"),
-    "uniform": ("2-comb", ("ab", "bc"), "uniform"),
-    "task_arithmetic": ("2-comb", ("ab", "bc"), "task_arithmetic"),
-    "ties": ("2-comb", ("ab", "bc"), "ties"),
-    "peft_linear": ("2-comb", ("ab", "bc"), "peft_linear"),
-    "arrow": ("2-comb", ("ab", "bc"), "arrow"),
-    "mixture": ("2-comb", ("ab", "bc"), "mixture"),
-    "oracle": ("2-comb", ("ab", "bc"), "oracle"),
-    "uniform+ac": ("2-comb+AC", ("ab", "bc", "ac"), "uniform"),
-    "arrow+ac": ("2-comb+AC", ("ab", "bc", "ac"), "arrow"),
-    "joint_12": ("joint D1+D2", ("joint_12",), "none"),
-    "joint_all": ("joint D1+D2+D_AC", ("joint_all",), "none"),
-}
-
-# expert name -> training splits of the world
-EXPERT_DATA: dict[str, tuple[str, ...]] = {
-    "ab": ("d1",), "bc": ("d2",), "ac": ("d_ac",),
-    "joint_12": ("d1", "d2"), "joint_all": ("d1", "d2", "d_ac"),
-}
-
-# which config sections each step's results depend on (besides its upstream steps)
-STEP_DEPS: dict[str, tuple[str, ...]] = {
-    "world": ("study", "world"),
-    "experts": ("training",),
-    "evaluate": ("methods", "evaluation"),
-    "mechanisms": ("mechanisms",),
-    "subspace": (),
-    "figures": (),
-    "report": (),
-}
 
 
 def csv_text(df: pd.DataFrame, significant: int | None = None) -> str:
@@ -82,8 +42,6 @@ def csv_text(df: pd.DataFrame, significant: int | None = None) -> str:
     types per column: text that looks like a number, a boolean or ``NA`` (a decoded token ``"7"``)
     comes back as one unless the column is read with ``dtype=str``.
     """
-    import csv
-
     if significant:
         df = df.copy()
         for c in df.select_dtypes("float").columns:
@@ -91,13 +49,36 @@ def csv_text(df: pd.DataFrame, significant: int | None = None) -> str:
     return df.to_csv(index=False, quoting=csv.QUOTE_NONNUMERIC)
 
 
-class StudyError(RuntimeError):
-    """A study step cannot run (missing upstream results, unwritable directory...)."""
+def cached_csv(path: Path, compute: Callable[[], pd.DataFrame]) -> pd.DataFrame:
+    """The table cached at ``path``: computed and written (atomically) first if absent.
+
+    Always returned as read back from the file, so a fresh run and a resumed one see the same
+    values (CSV round-trips floats and types; tables downstream are byte-identical either way).
+    """
+    path = Path(path)
+    if not path.is_file():
+        atomic_write_text(path, csv_text(compute()))
+    return pd.read_csv(path)
+
+
+def unit_key(inputs: Any) -> str:
+    """16-hex cache key of one unit of work (a variant's tables): a hash of its JSON inputs."""
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class Step:
+    """One step of a study: ``run(Run)`` writes its outputs; ``deps`` are the config sections its
+    results depend on besides its upstream steps (they enter its cache key)."""
+
+    name: str
+    run: Callable[["Run"], None]
+    deps: tuple[str, ...] = ()
 
 
 @dataclass
 class Run:
-    """State shared by the steps of one study run."""
+    """State shared by the steps of one study run (config, directory, the base model once)."""
 
     cfg: Config
     out: Path
@@ -125,18 +106,33 @@ class Run:
             self._base = load_model(self.model, device=self.cfg.study.device)
         return self._base
 
+    def release(self, hm: Any) -> None:
+        """Free a loaded variant's model now (not the base model, which the run keeps)."""
+        if hm is not self._base:
+            del hm
+            gc.collect()
+
     def write_csv(self, df: pd.DataFrame, name: str) -> Path:
+        """``DIR/results/NAME.csv`` (6 significant digits), checked against its schema."""
+        check_table(name, df)
         path = self.results / f"{name}.csv"
         atomic_write_text(path, csv_text(df, significant=6))
         return path
 
     def read_csv(self, name: str) -> pd.DataFrame:
+        """``DIR/results/NAME.csv``. Raises :class:`StudyError` if the step has not written it."""
         path = self.results / f"{name}.csv"
         if not path.is_file():
             raise StudyError(f"{path} is missing: run the step that writes it first")
         return pd.read_csv(path)
 
+    def table(self, name: str) -> pd.DataFrame | None:
+        """``DIR/results/NAME.csv`` or ``None`` when that optional table was not written."""
+        path = self.results / f"{name}.csv"
+        return pd.read_csv(path) if path.is_file() else None
+
     def world(self):
+        """The run's :class:`~interp.tasks.two_hop.World` (``DIR/world.json``)."""
         from interp.tasks.two_hop import World
 
         p = self.out / "world.json"
@@ -148,26 +144,18 @@ class Run:
         return self.out / "adapters" / name
 
     def variant_adapters(self, variant: str) -> dict[str, str]:
-        return {e: str(self.expert_dir(e)) for e in VARIANTS[variant][1]}
+        return {e: str(self.expert_dir(e)) for e in VARIANTS[variant].experts}
 
     def load_variant(self, variant: str):
-        """The HookedModel of one variant (base, an expert, a merge or a router)."""
-        if variant == "base":
+        """The HookedModel of one variant (base, an expert, a merge or a router), loaded as its
+        :class:`~interp.study.variants.Variant` entry says."""
+        v = VARIANTS[variant]
+        if not v.experts:
             return self.base()
         from interp import load_hooked
 
-        library, experts, combine = VARIANTS[variant]
-        m = self.cfg.methods
-        options: dict[str, Any] = {}
-        if combine == "task_arithmetic":
-            options["lam"] = m.task_arithmetic_lambda
-        elif combine == "ties":
-            options["density"] = m.ties_density
-        elif combine == "arrow":
-            options.update(top_k=m.arrow_top_k, temperature=m.arrow_temperature)
-        elif combine == "oracle":
-            combine = "none"  # the oracle is computed from per-expert scores (see module doc)
-        return load_hooked(self.model, self.variant_adapters(variant), combine=combine, **options)
+        return load_hooked(self.model, self.variant_adapters(variant), combine=v.load_combine,
+                           **v.options(self.cfg.methods))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -175,12 +163,10 @@ class Run:
 # ----------------------------------------------------------------------------------------------
 
 
-def _step_key(cfg: Config, step: str, upstream: dict[str, str]) -> str:
-    import hashlib
-
-    i = STEPS.index(step)
-    blob = json.dumps({"own": cfg.section_hash(*STEP_DEPS[step]) if STEP_DEPS[step] else "",
-                       "up": [upstream.get(s, "") for s in STEPS[:i]]}, sort_keys=True)
+def _step_key(cfg: Config, steps: Sequence[Step], i: int, upstream: dict[str, str]) -> str:
+    deps = steps[i].deps
+    blob = json.dumps({"own": cfg.section_hash(*deps) if deps else "",
+                       "up": [upstream.get(s.name, "") for s in steps[:i]]}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -222,44 +208,32 @@ def _check_writable(out: Path) -> None:
         raise StudyError(f"run directory {out} is not writable: {e}") from e
 
 
-def run_study(config: str | Path | Config | None = None, out: str | Path = "runs/two_hop",
-              model: str | None = None, steps: list[str] | None = None, device: str | None = None,
-              overrides: dict[str, Any] | None = None) -> Path:
-    """Run (or resume) the two-hop reuse study into ``out``.
+def _flatten(d: dict[str, Any]) -> dict[str, Any]:
+    return {f"{s}.{k}": v for s, sec in d.items() for k, v in sec.items()}
 
-    Args:
-        config: TOML path, a :class:`Config`, or ``None`` for the defaults. A missing default
-            path ``experiments/two_hop.toml`` falls back to the defaults.
-        out: run directory; created if absent; re-using it resumes.
-        model: overrides ``study.model`` (a registered name or a local model directory).
-        steps: run only these steps (upstream results must exist in ``out``); default all, with
-            finished steps whose cache key matches skipped.
-        device: overrides ``study.device``.
-        overrides: dotted config overrides, e.g. ``{"world.n_chains_per_tier": 8}``.
 
-    Returns:
-        The run directory.
+def resolve_config(config: str | Path | Config | None, overrides: dict[str, Any]) -> Config:
+    """A validated config from a path, a :class:`Config` or ``None`` (defaults), plus dotted
+    overrides. A missing default path ``experiments/two_hop.toml`` falls back to the defaults."""
+    if isinstance(config, Config):
+        return load_config(None, {**_flatten(config.to_dict()), **overrides}) if overrides else config
+    path = Path(config) if config is not None else None
+    if path is not None and not path.is_file() and str(path) == "experiments/two_hop.toml":
+        path = None
+    return load_config(path, overrides)
+
+
+def run_pipeline(pipeline: Sequence[Step], cfg: Config, out: str | Path,
+                 steps: list[str] | None = None) -> Path:
+    """Run (or resume) ``pipeline`` on ``cfg`` into ``out``; see :func:`interp.study.run_study`.
 
     Raises:
-        ConfigError: invalid config. StudyError: unwritable directory, missing upstream step.
+        ConfigError: an unknown step name. StudyError: unwritable directory, missing upstream.
     """
-    ov = dict(overrides or {})
-    if model:
-        ov["study.model"] = model
-    if device:
-        ov["study.device"] = device
-    if isinstance(config, Config):
-        cfg = config
-        if ov:
-            cfg = load_config(None, {**_flatten(cfg.to_dict()), **ov})
-    else:
-        path = Path(config) if config is not None else None
-        if path is not None and not path.is_file() and str(path) == "experiments/two_hop.toml":
-            path = None
-        cfg = load_config(path, ov)
-    unknown = [s for s in (steps or []) if s not in STEPS]
+    names = [s.name for s in pipeline]
+    unknown = [s for s in (steps or []) if s not in names]
     if unknown:
-        raise ConfigError(f"unknown step {unknown[0]!r}; steps are {', '.join(STEPS)}")
+        raise ConfigError(f"unknown step {unknown[0]!r}; steps are {', '.join(names)}")
     out = Path(out)
     _check_writable(out)
     machine = _resolve_machine(cfg)
@@ -274,23 +248,24 @@ def run_study(config: str | Path | Config | None = None, out: str | Path = "runs
     timings = dict(prev.get("timings", {}))
     keys: dict[str, str] = {}
     t_all = time.perf_counter()
-    for step in STEPS:
-        key = _step_key(cfg, step, keys)
-        keys[step] = key
-        marker = _done(out, step)
-        if steps is not None and step not in steps:
+    for i, step in enumerate(pipeline):
+        key = _step_key(cfg, pipeline, i, keys)
+        keys[step.name] = key
+        marker = _done(out, step.name)
+        if steps is not None and step.name not in steps:
             continue  # --steps: run exactly those, on the results already in `out`
         if steps is None and marker is not None and marker.get("key") == key:
-            console.print(f"[dim]✓ {step}: cached ({marker.get('seconds', 0):.1f} s when run)[/dim]")
+            console.print(f"[dim]✓ {step.name}: cached ({marker.get('seconds', 0):.1f} s when run)[/dim]")
             continue
-        console.rule(f"[bold]{step}")
+        console.rule(f"[bold]{step.name}")
         t0 = time.perf_counter()
-        STEP_FUNCS[step](run)
+        step.run(run)
         dt = time.perf_counter() - t0
-        timings[step] = round(dt, 2)
-        atomic_write_text(_marker(out, step), json.dumps({"key": key, "seconds": dt, "finished": time.time()}))
+        timings[step.name] = round(dt, 2)
+        atomic_write_text(_marker(out, step.name),
+                          json.dumps({"key": key, "seconds": dt, "finished": time.time()}))
         _write_runjson(run, keys, timings)
-        console.print(f"[green]✓ {step}[/green] {dt:.1f} s")
+        console.print(f"[green]✓ {step.name}[/green] {dt:.1f} s")
     timings["total_this_invocation"] = round(time.perf_counter() - t_all, 2)
     _write_runjson(run, keys, timings)
     console.print(f"[bold green]done[/bold green]: {out}/report.html")
@@ -317,22 +292,12 @@ def _resolve_machine(cfg: Config) -> dict[str, Any]:
             "precision": choice.to_json(), "cpu": cpu_description()}
 
 
-def _flatten(d: dict[str, Any]) -> dict[str, Any]:
-    return {f"{s}.{k}": v for s, sec in d.items() for k, v in sec.items()}
-
-
 def _write_runjson(run: Run, keys: dict[str, str], timings: dict[str, float]) -> None:
     cfg = run.cfg
     data = {"config": cfg.to_dict(), "seeds": {"study": cfg.study.seed, "world": cfg.world.seed,
                                                "training": cfg.training.seed},
             "step_keys": keys, "timings": timings, "machine": run.machine, "versions": versions()}
     atomic_write_text(run.out / "run.json", json.dumps(data, indent=1))
-
-
-# Step functions are defined in interp/steps.py-like sections below to keep one file per job.
-from interp import study_steps as _steps  # noqa: E402
-
-STEP_FUNCS: dict[str, Callable[[Run], None]] = {s: getattr(_steps, f"step_{s}") for s in STEPS}
 
 
 def open_run(out: str | Path) -> Run:

@@ -1,0 +1,27 @@
+"""Step ``experts``: train every expert the configured variants need (cached per expert)."""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from interp.study.variants import EXPERT_DATA, needed_experts
+
+
+def run(run) -> None:
+    """Train (or reuse) each expert of :func:`needed_experts`; write the ``experts`` table.
+    Training itself resumes mid-way (``train_expert`` checkpoints)."""
+    from interp.adapters.train import train_expert
+
+    tc = run.cfg.training  # the [training] section is a TrainConfig (precision resolved by the runner)
+    world = run.world()
+    rows = []
+    for name in needed_experts(run.cfg):
+        pairs = [p for split in EXPERT_DATA[name] for p in world.train_pairs(split)]
+        run.base()  # make sure a registered model exists (and is converted) before training
+        meta = train_expert(run.model, pairs, run.expert_dir(name), tc, progress=True, device=run.cfg.study.device)
+        rows.append({"expert": name, "data": "+".join(EXPERT_DATA[name]), "n_examples": meta["n_examples"],
+                     "steps": meta["steps"], "final_loss": meta["final_loss"],
+                     "train_first_token_acc": meta["train_first_token_acc"],
+                     "train_exact_match": meta["train_exact_match"], "wall_time_s": meta["wall_time_s"],
+                     "steps_per_s": meta.get("steps_per_s")})
+    run.write_csv(pd.DataFrame(rows), "experts")
