@@ -54,7 +54,8 @@ def _cfg(arch):
 TARGETS = {"llama": ["q_proj", "v_proj", "down_proj"], "qwen2": ["q_proj", "v_proj", "o_proj"],
            "gemma2": ["q_proj", "o_proj", "up_proj"], "phi3": ["o_proj", "down_proj"],
            "neox": ["dense", "dense_4h_to_h"], "gpt2": ["c_proj", "c_fc"], "falcon": ["dense", "dense_h_to_4h"]}
-FUSED = {"phi3": "qkv_proj", "neox": "query_key_value", "gpt2": "c_attn", "falcon": "query_key_value"}
+FUSED = {"phi3": ["qkv_proj", "gate_up_proj"], "neox": ["query_key_value"], "gpt2": ["c_attn"],
+         "falcon": ["query_key_value"]}
 
 
 @functools.lru_cache(maxsize=None)
@@ -105,6 +106,7 @@ def features(arch):
         "pissa": {"init_lora_weights": "pissa"},
         "olora": {"init_lora_weights": "olora"},
         "layers_to_transform": {"layers_to_transform": [1]},
+        **({"fused": {"target_modules": FUSED[arch] + t[:1]}} if arch in FUSED else {}),
     }
 
 
@@ -229,6 +231,8 @@ OPTS = {"none": {}, "uniform": {}, "ties": {"density": 0.2}, "svd": {"rank": 2},
 
 
 def _expected_refusal(feature, combine):
+    if feature == "fused" and combine != "merge_and_unload":
+        return FusedProjectionError, "fused projection"
     if feature in EXTRAS and combine != "none":
         return ExtraModulesError, "outside the LoRA linear layers"
     if feature in SITE and combine == "arrow":
@@ -299,17 +303,12 @@ def test_feature_by_arch(arch, feature, combine):
     _check_cell(arch, feature, combine)
 
 
+@pytest.mark.parametrize("combine", ARCH_COMBINES)
 @pytest.mark.parametrize("arch", sorted(FUSED))
-def test_fused_projections_refused(arch):
-    from peft import LoraConfig, get_peft_model
-
-    with pytest.raises(FusedProjectionError, match="fused projection"):
-        import tempfile
-
-        pm = get_peft_model(_hf(arch), LoraConfig(r=2, target_modules=[FUSED[arch]], init_lora_weights=False))
-        d = tempfile.mkdtemp()
-        pm.save_pretrained(d)
-        load_hooked(model_dir(arch), {"a": d})
+def test_fused_projections_merged_or_refused(arch, combine):
+    """Fused q/k/v (and Phi-3 gate/up) projections: a bridge re-implements them from a copy of the
+    weight, so hooked LoRA would be bypassed (refused); merged into the weights first, they are exact."""
+    _check_cell(arch, "fused", combine)
 
 
 @pytest.mark.parametrize("name", ["peft_cat", "peft_linear", "arrow_router", "lora_A", "ties", "__base__"])

@@ -193,7 +193,9 @@ def load_hooked(model: Any, adapters: dict[str, str | os.PathLike], combine: str
         check_adapter_name_reserved(a)
     source = str(model.info.get("source", model.name)) if isinstance(model, HookedModel) else str(model)
     hf, tok = load_hf(source)
-    lib = AdapterLibrary.load(source, adapters, allow_pickle=allow_pickle, expected_base=expected_base, hf_model=hf)
+    # merged into the weights before the bridge boots, a fused projection is not bypassed
+    lib = AdapterLibrary.load(source, adapters, allow_pickle=allow_pickle, expected_base=expected_base, hf_model=hf,
+                              allow_fused=combine == "merge_and_unload")
     names = lib.names
     n = len(names)
     experts = [lib.deltas[a] for a in names]

@@ -153,7 +153,8 @@ class AdapterLibrary:
 
     @classmethod
     def load(cls, base: Any, adapters: dict[str, str | os.PathLike], allow_pickle: bool = False,
-             expected_base: str | None = None, hf_model: Any = None) -> "AdapterLibrary":
+             expected_base: str | None = None, hf_model: Any = None,
+             allow_fused: bool = False) -> "AdapterLibrary":
         """Read and validate adapters for ``base``.
 
         Args:
@@ -165,6 +166,8 @@ class AdapterLibrary:
                 Adapters that record no base are accepted.
             hf_model: the HF model to check module shapes against (default: ``base``'s, loaded
                 with ``interp.models.load_hf`` if ``base`` is a name).
+            allow_fused: accept targets on fused projections (for merging into the weights before
+                the bridge boots, where nothing is bypassed).
 
         Raises:
             AdapterError subclasses (see module docstring); ``interp.models.FusedProjectionError``;
@@ -219,7 +222,8 @@ class AdapterLibrary:
                     f"adapter {name!r} ({d}) was made for base model {got!r}, but the base in use is "
                     f"{want!r}; pass expected_base= if they are the same model under another name")
             tm = cfg.get("target_modules")
-            check_fused_targets(hf_model, sorted(tm) if isinstance(tm, (list, set)) else tm)
+            if not allow_fused:
+                check_fused_targets(hf_model, sorted(tm) if isinstance(tm, (list, set)) else tm)
             any_nonzero = False
             for m, ld in delta.items():
                 if m not in shapes:
@@ -259,6 +263,10 @@ class AdapterLibrary:
                 if not (torch.equal(live[m].B, ld.B) and torch.equal(live[m].A, ld.A)):
                     raise WeightsNotLoadedError(
                         f"adapter {name!r}, module {m!r}: live lora_A/lora_B differ from {self.dirs[name]}")
+                if (live[m].bias is None) != (ld.bias is None) or (
+                        ld.bias is not None and not torch.allclose(live[m].bias, ld.bias, rtol=1e-6, atol=0)):
+                    raise WeightsNotLoadedError(
+                        f"adapter {name!r}, module {m!r}: live lora_B bias differs from {self.dirs[name]}")
                 if abs(live[m].scale - ld.scale) > 1e-9 * max(1.0, abs(ld.scale)):
                     raise WeightsNotLoadedError(
                         f"adapter {name!r}, module {m!r}: live scale {live[m].scale} != file's {ld.scale}")
