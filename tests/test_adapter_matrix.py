@@ -382,3 +382,21 @@ def test_several_residual_adapters_under_none_refused():
     ads = {"a": adapter("qwen2", "pissa", 0), "b": adapter("qwen2", "pissa", 1)}
     with pytest.raises(SharedBaseError, match="pissa"):
         load_hooked(model_dir("qwen2"), ads)
+
+
+@pytest.mark.parametrize("keys,module", [
+    (["q_proj|v_proj", "v_proj"], "model.layers.0.self_attn.v_proj"),
+    (["layers.1.self_attn.q_proj", "q_proj"], "model.layers.1.self_attn.q_proj"),
+    (["q_proj", "layers.1.self_attn.q_proj"], "model.layers.1.self_attn.q_proj"),
+    (["proj"], "model.layers.0.self_attn.q_proj"),
+    (["_proj"], "model.layers.0.self_attn.q_proj"),
+    (["self_attn.*"], "model.layers.0.self_attn.o_proj"),
+    (["h.1.attn.c_proj"], "transformer.h.11.attn.c_proj"),
+])
+def test_pattern_key_resolves_as_peft(keys, module):
+    from peft.utils.other import get_pattern_key
+
+    from interp.adapters.factors import pattern_key
+
+    got = pattern_key(keys, module)
+    assert (got if got is not None else module) == get_pattern_key(keys, module)

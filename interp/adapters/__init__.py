@@ -252,7 +252,9 @@ def load_hooked(model: Any, adapters: dict[str, str | os.PathLike], combine: str
                           bool(options.get("rescale", True)), tw)
         else:
             tw = w
-            merged, energy = svd_merge(experts, w, options.get("rank"))
+            # default k: the largest LoRA rank in the files (a rebuilt DoRA/PiSSA expert's ΔW is dense)
+            k = options.get("rank") or max(d.rank for a in names for d in (lib.factors or lib.deltas)[a].values())
+            merged, energy = svd_merge(experts, w, int(k))
             info["svd_energy"] = energy
         _attach_deltas(pm, combine, merged)
         pm.set_adapter(combine)

@@ -23,8 +23,10 @@ and registers TransformerLens ``HookPoint`` s in the bridge, so ``bridge.run_wit
 use their module name. Adapters with weight exactly 0 everywhere (inactive) are skipped: their
 ``hook_delta`` does not fire.
 
-With one active adapter and ``router=None`` the arithmetic is PEFT's own (``result + B(A(x))·s``),
-so logits equal PEFT's forward bit for bit.
+With one active adapter and ``router=None`` the arithmetic is PEFT's own (``result + B(A(x))·s``,
+``lora_B``'s bias included with ``lora_bias``; a DoRA adapter's contribution is computed by peft's
+own ``DoraLinearVariant.forward``), so logits equal PEFT's forward. GPT-2 ``Conv1D`` sites and
+``.h.N.`` layer paths (GPT-2, Falcon) are supported.
 """
 
 from __future__ import annotations

@@ -12,7 +12,12 @@ with an :class:`AdapterError` naming adapter, module and problem:
   the module (``A.shape[1] == in_features``, ``B.shape[0] == out_features``; :class:`ShapeMismatchError`);
 * NaN/Inf weights (:class:`NonFiniteWeightsError`); an all-zero B everywhere — never trained or
   weights that did not land in the file (:class:`ZeroUpdateError`);
-* a fused projection the bridge would bypass (``interp.models.FusedProjectionError``).
+* a fused projection the bridge would bypass (``interp.models.FusedProjectionError``);
+* a reserved adapter name, or a peft feature with no exact rebuild (the ``AdapterFeatureError``
+  subclasses of :mod:`interp.adapters.features`).
+
+DoRA, PiSSA/OLoRA and trained-bias adapters get their exact per-site update on the original base in
+:attr:`AdapterLibrary.deltas` (:func:`interp.adapters.features.effective_site_deltas`).
 
 After PEFT attaches the adapters, :meth:`AdapterLibrary.verify_attached` checks that every
 ``lora_A``/``lora_B`` in the live model equals the file's (:class:`WeightsNotLoadedError`) — the
