@@ -172,14 +172,16 @@ def _make_forward(site: LoraSite, runtime: LoraRuntime, original: Callable) -> C
             raise ValueError(f"router weights at {site.name} have shape {tuple(w.shape)}, expected "
                              f"{(*x.shape[:-1], len(site.adapters))} ([batch, pos, n_adapters])")
         w = site.hook_router(w)
+        base_out = result
         for i, a in enumerate(site.adapters):
             wi = w[..., i:i + 1]
             if not bool((wi != 0).any()):
                 continue
             lora_A, lora_B = self.lora_A[a], self.lora_B[a]
             xa = self._cast_input_dtype(x, lora_A.weight.dtype)
-            if a in self.lora_variant:  # DoRA (the only variant load_hooked admits): peft's own arithmetic
-                base = result.to(lora_A.weight.dtype)
+            if a in self.lora_variant:  # DoRA (the only variant load_hooked admits): peft's own arithmetic,
+                # on the base output alone so each adapter's contribution is its own (m/‖W+sBA‖)(W+sBA)x − Wx
+                base = base_out.to(lora_A.weight.dtype)
                 d = self.lora_variant[a].forward(self, active_adapter=a, x=xa, result=base) - base
             else:
                 d = lora_B(lora_A(self.lora_dropout[a](xa))) * self.scaling[a]
