@@ -57,6 +57,14 @@ EXTRA_FEATURES = ("modules_to_save", "embedding_lora", "trainable_tokens", "bias
 SITE_FEATURES = ("dora", "lora_bias", "trained_bias", "pissa", "olora")
 
 _PREFIX = "base_model.model."
+#: how messages name each feature (the LoraConfig field that turns it on)
+FEATURE_LABELS = {
+    "dora": "DoRA (use_dora=True)", "lora_bias": "lora_bias=True", "trained_bias": "trained biases (bias=...)",
+    "pissa": "PiSSA init (init_lora_weights='pissa')", "olora": "OLoRA init (init_lora_weights='olora')",
+    "modules_to_save": "modules_to_save", "embedding_lora": "LoRA on embeddings",
+    "trainable_tokens": "trainable_token_indices", "bias_outside_lora_sites": "bias='all' on modules without LoRA",
+    "rslora": "rsLoRA (use_rslora=True)",
+}
 
 
 class ReservedAdapterNameError(AdapterError):
@@ -124,7 +132,8 @@ class AdapterParts:
     init: Any
 
     def describe(self, names: tuple[str, ...]) -> str:
-        return ", ".join(sorted(f for f in self.features if f in names))
+        """The features among ``names`` this adapter uses, as readable labels ("" if none)."""
+        return ", ".join(FEATURE_LABELS.get(f, f) for f in sorted(self.features) if f in names)
 
 
 def inspect_adapter(name: str, cfg: dict, tensors: dict[str, torch.Tensor], sites: set[str]) -> AdapterParts:
