@@ -47,7 +47,7 @@ FUSED_PROJECTIONS: dict[str, tuple[str, ...]] = {
     "gpt2": ("c_attn",),
     "gpt_bigcode": ("c_attn",),
     "gpt_neox": ("query_key_value",),
-    "phi3": ("qkv_proj",),
+    "phi3": ("qkv_proj", "gate_up_proj"),
     "bloom": ("query_key_value",),
     "falcon": ("query_key_value",),
 }

@@ -14,8 +14,12 @@ from typing import Any, Sequence
 import torch
 
 from interp.adapters.factors import LoraDelta, read_adapter
+from interp.adapters.features import (RESERVED_ADAPTER_NAMES, AdapterFeatureError, ExtraModulesError,
+                                      FeatureCombineError, ReservedAdapterNameError, SharedBaseError,
+                                      UnknownAdapterTensorError, UnsupportedInitError, UnsupportedVariantError,
+                                      check_adapter_name_reserved, check_combine)
 from interp.adapters.hooks import delta_hook_name, fold_static_update, install_lora_hooks, router_hook_name, site_name
-from interp.adapters.library import AdapterError, AdapterLibrary
+from interp.adapters.library import AdapterError, AdapterLibrary, linear_shapes
 from interp.adapters.merge import (PEFT_COMBINATIONS, MergeError, dare, deltas_from_peft, faithfulness_report,
                                    svd_merge, task_arithmetic, ties, weighted_average)
 from interp.adapters.route import (ArrowRouter, OracleRouter, RoutingError, StaticRouter, route_examples,
@@ -25,27 +29,105 @@ from interp.adapters.testing import make_random_adapter
 COMBINES = ("none", "uniform", "weighted", "task_arithmetic", "ties", "dare", "svd", *PEFT_COMBINATIONS,
             "arrow", "mixture", "oracle", "merge_and_unload")
 
-__all__ = ["load_hooked", "fold_static_update", "COMBINES", "AdapterLibrary", "AdapterError", "route_examples", "route_tokens",
-           "make_random_adapter", "LoraDelta", "read_adapter", "delta_hook_name", "router_hook_name",
-           "site_name", "MergeError", "RoutingError"]
+#: options each combine accepts (anything else is refused, never ignored)
+COMBINE_OPTIONS: dict[str, tuple[str, ...]] = {
+    "none": (), "uniform": (), "weighted": (), "mixture": (), "oracle": (), "merge_and_unload": (),
+    "task_arithmetic": ("lam",), "ties": ("density", "majority_sign_method"), "dare": ("density", "seed", "rescale"),
+    "svd": ("rank",), "peft_linear": (), "peft_cat": (), "peft_svd": ("svd_rank",),
+    "peft_ties": ("density", "majority_sign_method"), "peft_dare_linear": ("density",),
+    "peft_dare_ties": ("density", "majority_sign_method"), "peft_magnitude_prune": ("density",),
+    "arrow": ("top_k", "temperature", "seed", "method"),
+}
 
 
-def _attach_deltas(pm: Any, name: str, deltas: dict[str, LoraDelta]) -> None:
-    """Add ``deltas`` to a PeftModel as adapter ``name`` (scale 1, per-module ranks via rank_pattern)."""
+class UnsupportedOptionError(AdapterError, TypeError):
+    """A ``load_hooked`` option the chosen combine does not accept (unknown or inapplicable)."""
+
+
+__all__ = ["load_hooked", "fold_static_update", "COMBINES", "COMBINE_OPTIONS", "AdapterLibrary", "AdapterError",
+           "route_examples", "route_tokens", "make_random_adapter", "LoraDelta", "read_adapter", "delta_hook_name",
+           "router_hook_name", "site_name", "MergeError", "RoutingError", "UnsupportedOptionError",
+           "RESERVED_ADAPTER_NAMES", "ReservedAdapterNameError", "AdapterFeatureError", "ExtraModulesError",
+           "FeatureCombineError", "SharedBaseError", "UnknownAdapterTensorError", "UnsupportedInitError",
+           "UnsupportedVariantError"]
+
+
+def _check_options(combine: str, options: dict[str, Any]) -> None:
+    accepted = COMBINE_OPTIONS[combine]
+    bad = sorted(set(options) - set(accepted))
+    if bad:
+        hint = ""
+        if "svd_rank" in bad and combine == "svd":
+            hint = " (our exact 'svd' merge takes rank=k; svd_rank is peft_svd's option)"
+        elif "rank" in bad and combine == "peft_svd":
+            hint = " (peft_svd takes svd_rank=k)"
+        raise UnsupportedOptionError(
+            f"option(s) {bad} do not apply to combine={combine!r}; it accepts "
+            f"{', '.join(accepted) if accepted else 'no options'}{hint}")
+    msm = options.get("majority_sign_method")
+    if msm is not None and msm not in ("total", "frequency"):
+        raise UnsupportedOptionError(f"majority_sign_method must be 'total' or 'frequency', got {msm!r}")
+
+
+def _plain_lora_config(model: Any, deltas: dict[str, LoraDelta]):
+    """A LoraConfig holding ``deltas`` at scale 1 (per-module ranks via escaped-path patterns)."""
     from peft import LoraConfig
 
     ranks = {m: d.rank for m, d in deltas.items()}
     r = max(ranks.values())
-    cfg = LoraConfig(r=r, lora_alpha=r, target_modules=sorted(deltas), lora_dropout=0.0,
-                     rank_pattern={re.escape(m): k for m, k in ranks.items()},
-                     alpha_pattern={re.escape(m): k for m, k in ranks.items()})
-    pm.add_adapter(name, cfg)
+    live = dict(model.named_modules())
+    conv1d = any(type(live[m]).__name__ == "Conv1D" for m in deltas)
+    # patterns match as peft does: re.match(rf"(.*\.)?({key})$", path); an escaped full path is unambiguous
+    return LoraConfig(r=r, lora_alpha=r, target_modules=sorted(deltas), lora_dropout=0.0, fan_in_fan_out=conv1d,
+                      lora_bias=any(d.bias is not None for d in deltas.values()),
+                      rank_pattern={re.escape(m): k for m, k in ranks.items()},
+                      alpha_pattern={re.escape(m): k for m, k in ranks.items()})
+
+
+def _fill_adapter(pm: Any, name: str, deltas: dict[str, LoraDelta]) -> None:
     live = dict(pm.base_model.model.named_modules())
     with torch.no_grad():
         for m, d in deltas.items():
             mod = live[m]
             mod.lora_A[name].weight.copy_(d.A)
             mod.lora_B[name].weight.copy_(d.B * d.scale / mod.scaling[name])
+            if mod.lora_B[name].bias is not None:  # lora_bias: peft scales the bias with B
+                mod.lora_B[name].bias.copy_((d.bias if d.bias is not None else torch.zeros(d.d_out))
+                                            / mod.scaling[name])
+
+
+def _attach_deltas(pm: Any, name: str, deltas: dict[str, LoraDelta]) -> None:
+    """Add ``deltas`` (with output biases) to a PeftModel as plain LoRA adapter ``name``."""
+    pm.add_adapter(name, _plain_lora_config(pm.base_model.model, deltas))
+    _fill_adapter(pm, name, deltas)
+
+
+def _peft_from_deltas(hf: Any, named: dict[str, dict[str, LoraDelta]]) -> Any:
+    """A PeftModel over the unmodified ``hf`` holding each expert's exact update as a plain LoRA."""
+    from peft import PeftModel
+
+    names = list(named)
+    pm = PeftModel(hf, _plain_lora_config(hf, named[names[0]]), adapter_name=names[0])
+    _fill_adapter(pm, names[0], named[names[0]])
+    for a in names[1:]:
+        _attach_deltas(pm, a, named[a])
+    pm.eval()
+    return pm
+
+
+def _add_to_weights(hf: Any, merged: dict[str, LoraDelta]) -> None:
+    """``W += ΔW``, ``b += Δb`` in place (Conv1D weights transposed; a bias created where needed)."""
+    mods = dict(hf.named_modules())
+    with torch.no_grad():
+        for m, d in merged.items():
+            mod = mods[m]
+            dw = d.dense()
+            dw = dw.T if type(mod).__name__ == "Conv1D" else dw
+            mod.weight += dw.to(mod.weight.dtype)
+            if d.bias is not None:
+                if mod.bias is None:
+                    mod.bias = torch.nn.Parameter(torch.zeros(d.d_out, dtype=mod.weight.dtype))
+                mod.bias += d.bias.to(mod.bias.dtype)
 
 
 def load_hooked(model: Any, adapters: dict[str, str | os.PathLike], combine: str = "none",
@@ -63,11 +145,13 @@ def load_hooked(model: Any, adapters: dict[str, str | os.PathLike], combine: str
             * ``"uniform"`` / ``"weighted"`` / ``"task_arithmetic"`` — exact ΔW-space sum
               ``Σ wᵢ sᵢ Bᵢ Aᵢ`` (:mod:`~interp.adapters.merge`), run as the experts at fixed weights
               (so per-expert hooks exist); weights 1/n, ``weights``, ``λ`` (option ``lam``, default 1).
-            * ``"ties"`` (options ``density`` 0.2), ``"dare"`` (``density`` 0.5, ``seed`` 0,
+            * ``"ties"`` (options ``density`` 0.2, ``majority_sign_method`` "total" or "frequency"),
+              ``"dare"`` (``density`` 0.5, ``seed`` 0,
               ``rescale``), ``"svd"`` (``rank`` k, default max rᵢ): a new adapter named after the
               combine holding the merged ΔW.
             * ``"peft_linear"`` … ``"peft_cat"`` — peft's ``add_weighted_adapter`` (options
-              ``density``, ``svd_rank``, ``majority_sign_method``); default weights 1/n.
+              ``density``, ``svd_rank``, ``majority_sign_method`` where peft's type takes them);
+              default weights 1/n.
             * ``"arrow"`` (options ``top_k`` default min(3, n), ``temperature`` 1, ``seed`` 0,
               ``method`` "power"), ``"mixture"`` (1/n each, per token), ``"oracle"`` (routing given
               by :func:`route_examples` / :func:`route_tokens`).
@@ -85,8 +169,18 @@ def load_hooked(model: Any, adapters: dict[str, str | os.PathLike], combine: str
         ``lora_runtime`` and ``router_adapters`` (expert order of ``hook_router``).
 
     Raises:
-        ValueError: unknown combine, unknown option, bad weights; AdapterError subclasses and
-        ``FusedProjectionError`` from validation; ``MergeError``; ``RoutingError``.
+        ValueError: unknown combine, bad weights. UnsupportedOptionError: an option the combine
+        does not accept (:data:`COMBINE_OPTIONS`). ReservedAdapterNameError: an adapter named like a
+        combine or a peft-internal name (:data:`RESERVED_ADAPTER_NAMES`). AdapterFeatureError
+        subclasses (:mod:`interp.adapters.features`): a peft feature this combine cannot reproduce
+        exactly. Other AdapterError subclasses and ``FusedProjectionError`` from validation;
+        ``MergeError``; ``RoutingError``.
+
+    Adapter features (see README "Supported adapters"): plain LoRA, rsLoRA, rank/alpha patterns,
+    DoRA, ``lora_bias``, trained biases and PiSSA/OLoRA are exact under every combine but
+    ``arrow`` and ``peft_*``; for combines other than ``none`` the experts are attached as their
+    exact update on the original base (``info["rebuilt_experts"]``). ``modules_to_save``,
+    embedding LoRA and trainable tokens are exact under ``none`` only (peft runs them).
     """
     from peft import PeftModel
 
@@ -94,39 +188,45 @@ def load_hooked(model: Any, adapters: dict[str, str | os.PathLike], combine: str
 
     if combine not in COMBINES:
         raise ValueError(f"unknown combine {combine!r}; choose one of {', '.join(COMBINES)}")
-    known = {"lam", "density", "seed", "rescale", "rank", "svd_rank", "majority_sign_method", "top_k",
-             "temperature", "method"}
-    if set(options) - known:
-        raise ValueError(f"unknown options {sorted(set(options) - known)} for load_hooked (known: {sorted(known)})")
+    _check_options(combine, options)
+    for a in adapters:
+        check_adapter_name_reserved(a)
     source = str(model.info.get("source", model.name)) if isinstance(model, HookedModel) else str(model)
     hf, tok = load_hf(source)
-    lib = AdapterLibrary.load(source, adapters, allow_pickle=allow_pickle, expected_base=expected_base, hf_model=hf)
+    # merged into the weights before the bridge boots, a fused projection is not bypassed
+    lib = AdapterLibrary.load(source, adapters, allow_pickle=allow_pickle, expected_base=expected_base, hf_model=hf,
+                              allow_fused=combine == "merge_and_unload")
     names = lib.names
     n = len(names)
     experts = [lib.deltas[a] for a in names]
     if weights is not None and len(weights) != n:
         raise ValueError(f"{len(weights)} weights for {n} adapters {names}")
     w = [float(x) for x in weights] if weights is not None else [1.0 / n] * n
+    check_combine(lib.parts, combine)
     info: dict[str, Any] = {"source": source, "library": lib, "expert_deltas": dict(zip(names, experts)),
                             "router_adapters": names, "deltas": None, "faithfulness": None}
     label = f"{source}+{combine}"
 
     if combine == "merge_and_unload":
         merged = weighted_average(experts, w)
-        mods = dict(hf.named_modules())
-        with torch.no_grad():
-            for m, d in merged.items():
-                mods[m].weight += d.dense().to(mods[m].weight.dtype)
+        _add_to_weights(hf, merged)
         info.update(deltas=merged, faithfulness=faithfulness_report(merged, experts, w))
         bridge = bridge_model(hf, tok, label)
         return HookedModel(name=label, bridge=bridge, hf_model=hf, tokenizer=tok, peft_model=None,
                            adapters={a: lib.dirs[a] for a in names}, combine=combine, info=info)
 
-    pm = PeftModel.from_pretrained(hf, lib.dirs[names[0]], adapter_name=names[0], is_trainable=False,
-                                   low_cpu_mem_usage=False)
-    for a in names[1:]:
-        pm.load_adapter(lib.dirs[a], adapter_name=a, is_trainable=False)
-    lib.verify_attached(pm)
+    rebuilt = any(lib.parts[a].features & {"dora", "pissa", "olora", "trained_bias"} for a in names)
+    if combine != "none" and rebuilt:
+        # each expert as its exact update on the original base (DoRA rescaling, PiSSA/OLoRA residual and
+        # trained biases folded into ΔW, Δb by peft's own merge), so experts add, route and merge exactly
+        pm = _peft_from_deltas(hf, dict(zip(names, experts)))
+        info["rebuilt_experts"] = True
+    else:
+        pm = PeftModel.from_pretrained(hf, lib.dirs[names[0]], adapter_name=names[0], is_trainable=False,
+                                       low_cpu_mem_usage=False)
+        for a in names[1:]:
+            pm.load_adapter(lib.dirs[a], adapter_name=a, is_trainable=False)
+        lib.verify_attached(pm)
     router = None
     if combine == "none":
         pm.set_adapter(names[0])
@@ -144,14 +244,17 @@ def load_hooked(model: Any, adapters: dict[str, str | os.PathLike], combine: str
     elif combine in ("ties", "dare", "svd"):
         if combine == "ties":
             tw = [float(x) for x in weights] if weights is not None else [1.0] * n
-            merged = ties(experts, float(options.get("density", 0.2)), tw)
+            merged = ties(experts, float(options.get("density", 0.2)), tw,
+                          majority_sign_method=options.get("majority_sign_method", "total"))
         elif combine == "dare":
             tw = [float(x) for x in weights] if weights is not None else [1.0] * n
             merged = dare(experts, float(options.get("density", 0.5)), int(options.get("seed", 0)),
                           bool(options.get("rescale", True)), tw)
         else:
             tw = w
-            merged, energy = svd_merge(experts, w, options.get("rank"))
+            # default k: the largest LoRA rank in the files (a rebuilt DoRA/PiSSA expert's ΔW is dense)
+            k = options.get("rank") or max(d.rank for a in names for d in (lib.factors or lib.deltas)[a].values())
+            merged, energy = svd_merge(experts, w, int(k))
             info["svd_energy"] = energy
         _attach_deltas(pm, combine, merged)
         pm.set_adapter(combine)

@@ -25,6 +25,7 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PICKLE_WEIGHTS = "adapter_model.bin"
 
 _KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.(?P<name>[^.]+))?\.weight$")
+_BIAS_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_B(?:\.[^.]+)?\.bias$")
 _LAYER = re.compile(r"\.layers\.(\d+)\.|\.h\.(\d+)\.|\.blocks\.(\d+)\.")
 
 
@@ -40,17 +41,23 @@ class LoraDelta:
         A: ``[r, d_in]`` down-projection (PEFT ``lora_A.weight``).
         B: ``[d_out, r]`` up-projection (PEFT ``lora_B.weight``).
         scale: ``s`` (``lora_alpha / r``, or ``/ √r`` with rsLoRA).
+        bias: ``[d_out]`` change of the layer's output bias, already scaled (``s·lora_B.bias`` with
+            peft's ``lora_bias=True``; trained base biases), or ``None``. The module's update is
+            ``x ↦ ΔW x + bias``; :meth:`dense` and :meth:`apply` cover ΔW only.
     """
 
     A: torch.Tensor
     B: torch.Tensor
     scale: float
+    bias: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.A.dim() != 2 or self.B.dim() != 2 or self.A.shape[0] != self.B.shape[1]:
             raise AdapterFormatError(
                 f"LoRA factors do not fit: A {tuple(self.A.shape)} (r × d_in) and "
                 f"B {tuple(self.B.shape)} (d_out × r)")
+        if self.bias is not None and tuple(self.bias.shape) != (self.B.shape[0],):
+            raise AdapterFormatError(f"LoRA output bias {tuple(self.bias.shape)} does not fit d_out {self.B.shape[0]}")
 
     @property
     def rank(self) -> int:
@@ -109,28 +116,31 @@ def read_adapter_config(adapter_dir: str | Path) -> dict:
         raise AdapterFormatError(f"{p} is not valid JSON: {e}") from e
 
 
+def pattern_key(keys, module: str) -> str | None:
+    """The ``rank_pattern`` / ``alpha_pattern`` key that applies to ``module``, as peft 0.21.2 resolves it
+    (``peft.utils.other.get_pattern_key``): the *first* key, in the config's order, with
+    ``re.match(rf"(.*\.)?({key})$", module)``; ``None`` if no key matches. Keys are regexes
+    (``"q_proj|v_proj"`` matches both), and an earlier key wins over a later, more specific one."""
+    for key in keys:
+        if re.match(rf"(.*\.)?({key})$", module):
+            return key
+    return None
+
+
 def _scale_for(module: str, rank: int, cfg: dict) -> float:
     alpha = cfg.get("lora_alpha", 8)
-    for pat, a in (cfg.get("alpha_pattern") or {}).items():
-        if re.fullmatch(rf"(.*\.)?{pat}", module) or module.endswith(pat):
-            alpha = a
+    pats = cfg.get("alpha_pattern") or {}
+    key = pattern_key(pats, module)
+    if key is not None:
+        alpha = pats[key]
     return alpha / math.sqrt(rank) if cfg.get("use_rslora") else alpha / rank
 
 
-def read_adapter(adapter_dir: str | Path, allow_pickle: bool = False) -> dict[str, LoraDelta]:
-    """Read a PEFT LoRA adapter directory into ``{module_path: LoraDelta}``.
-
-    Module paths are relative to the base model (PEFT's ``base_model.model.`` prefix removed).
-
-    Args:
-        adapter_dir: directory with ``adapter_config.json`` and ``adapter_model.safetensors``.
-        allow_pickle: also accept a pickle ``adapter_model.bin`` (loaded with
-            ``torch.load(weights_only=True)``). Off by default: pickles from untrusted sources
-            can run code.
+def read_adapter_tensors(adapter_dir: str | Path, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
+    """Every tensor of an adapter's weights file, keyed as saved (``base_model.model.…``).
 
     Raises:
-        AdapterFormatError: missing files, a pickle without opt-in, not a LoRA, or A/B
-            factors that do not pair up.
+        AdapterFormatError: not a LoRA config, missing weights, a pickle without opt-in, unreadable file.
     """
     from safetensors.torch import load_file
 
@@ -152,12 +162,39 @@ def read_adapter(adapter_dir: str | Path, allow_pickle: bool = False) -> dict[st
         tensors = torch.load(d / PICKLE_WEIGHTS, map_location="cpu", weights_only=True)
     else:
         raise AdapterFormatError(f"adapter directory {d} has no {ADAPTER_WEIGHTS}")
+    return tensors
+
+
+def read_adapter(adapter_dir: str | Path, allow_pickle: bool = False) -> dict[str, LoraDelta]:
+    """Read a PEFT LoRA adapter directory into ``{module_path: LoraDelta}``.
+
+    Module paths are relative to the base model (PEFT's ``base_model.model.`` prefix removed).
+    ``rank_pattern`` / ``alpha_pattern`` keys resolve as peft resolves them (:func:`pattern_key`);
+    a ``lora_B.bias`` (peft's ``lora_bias=True``) becomes :attr:`LoraDelta.bias` (``s·b``). Other
+    tensors (DoRA magnitudes, trained base biases, ``modules_to_save`` …) are not read here: they need
+    the base model (:mod:`interp.adapters.features`).
+
+    Args:
+        adapter_dir: directory with ``adapter_config.json`` and ``adapter_model.safetensors``.
+        allow_pickle: also accept a pickle ``adapter_model.bin`` (loaded with
+            ``torch.load(weights_only=True)``). Off by default: pickles from untrusted sources
+            can run code.
+
+    Raises:
+        AdapterFormatError: missing files, a pickle without opt-in, not a LoRA, or A/B
+            factors that do not pair up.
+    """
+    d = Path(adapter_dir)
+    cfg = read_adapter_config(d)
+    tensors = read_adapter_tensors(d, allow_pickle)
     parts: dict[str, dict[str, torch.Tensor]] = {}
+    lora_bias: dict[str, torch.Tensor] = {}
     for key, t in tensors.items():
         m = _KEY.match(key)
-        if not m:
-            continue
-        parts.setdefault(m["module"], {})[m["ab"]] = t.detach().float()
+        if m:
+            parts.setdefault(m["module"], {})[m["ab"]] = t.detach().float()
+        elif (mb := _BIAS_KEY.match(key)):  # peft's lora_bias=True: lora_B carries a bias, scaled with B
+            lora_bias[mb["module"]] = t.detach().float()
     if not parts:
         raise AdapterFormatError(f"{d} contains no lora_A/lora_B tensors")
     out: dict[str, LoraDelta] = {}
@@ -165,8 +202,13 @@ def read_adapter(adapter_dir: str | Path, allow_pickle: bool = False) -> dict[st
         if set(ab) != {"A", "B"}:
             raise AdapterFormatError(f"{d}: module {module} has lora_{''.join(ab)} but not both factors")
         rank = int(ab["A"].shape[0])
-        for pat, r in (cfg.get("rank_pattern") or {}).items():
-            if module.endswith(pat) and r != rank:
-                raise AdapterFormatError(f"{d}: {module} has rank {rank}, rank_pattern says {r}")
-        out[module] = LoraDelta(ab["A"], ab["B"], _scale_for(module, rank, cfg))
+        rpats = cfg.get("rank_pattern") or {}
+        key = pattern_key(rpats, module)
+        want = rpats[key] if key is not None else cfg.get("r", rank)
+        if want != rank:
+            raise AdapterFormatError(f"{d}: {module} has rank {rank}, but the config gives it rank {want} "
+                                     f"({'rank_pattern key ' + repr(key) if key is not None else 'r'})")
+        scale = _scale_for(module, rank, cfg)
+        bias = lora_bias.get(module)
+        out[module] = LoraDelta(ab["A"], ab["B"], scale, None if bias is None else scale * bias)
     return out

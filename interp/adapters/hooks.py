@@ -23,8 +23,10 @@ and registers TransformerLens ``HookPoint`` s in the bridge, so ``bridge.run_wit
 use their module name. Adapters with weight exactly 0 everywhere (inactive) are skipped: their
 ``hook_delta`` does not fire.
 
-With one active adapter and ``router=None`` the arithmetic is PEFT's own (``result + B(A(x))·s``),
-so logits equal PEFT's forward bit for bit.
+With one active adapter and ``router=None`` the arithmetic is PEFT's own (``result + B(A(x))·s``,
+``lora_B``'s bias included with ``lora_bias``; a DoRA adapter's contribution is computed by peft's
+own ``DoraLinearVariant.forward``), so logits equal PEFT's forward. GPT-2 ``Conv1D`` sites and
+``.h.N.`` layer paths (GPT-2, Falcon) are supported.
 """
 
 from __future__ import annotations
@@ -65,14 +67,24 @@ def check_adapter_name(name: str) -> str:
 def site_name(module_path: str) -> str:
     """Bridge-style site name of a module path: ``model.layers.3.self_attn.q_proj`` -> ``blocks.3.attn.q``.
 
+    Layers are found as ``.layers.N.`` (Llama, Qwen2, Gemma2, Phi-3, GPT-NeoX), ``.h.N.`` (GPT-2,
+    Falcon) or ``.blocks.N.``. Projections outside :data:`SITE_NAMES` keep their parent's name, so
+    GPT-2's two ``c_proj`` stay apart: ``transformer.h.0.attn.c_proj`` -> ``blocks.0.attn.c_proj``.
+
     Raises:
         ValueError: the path has no layer index.
     """
-    m = re.search(r"\.layers\.(\d+)\.", "." + module_path + ".")
-    if not m:
-        raise ValueError(f"module {module_path!r} is not inside a transformer layer")
-    proj = module_path.rsplit(".", 1)[-1]
-    return f"blocks.{int(m.group(1))}.{SITE_NAMES.get(proj, proj)}"
+    from interp.adapters.factors import layer_of
+
+    layer = layer_of(module_path)
+    if layer is None:
+        raise ValueError(f"module {module_path!r} is not inside a transformer layer (no .layers.N. / .h.N. / "
+                         ".blocks.N. in its path)")
+    parent, _, proj = module_path.rpartition(".")
+    if proj in SITE_NAMES:
+        return f"blocks.{layer}.{SITE_NAMES[proj]}"
+    parent = parent.rpartition(".")[2]
+    return f"blocks.{layer}.{proj}" if parent.isdigit() else f"blocks.{layer}.{parent}.{proj}"
 
 
 def delta_hook_name(module_path: str, adapter: str) -> str:
@@ -149,8 +161,9 @@ def _make_forward(site: LoraSite, runtime: LoraRuntime, original: Callable) -> C
             return original(x, *args, **kwargs)
         kwargs.pop("adapter_names", None)
         result = self.base_layer(x, *args, **kwargs)
-        if runtime.folded:  # the update already sits in base_layer.weight
-            return result
+        if runtime.folded:  # the update already sits in base_layer.weight (and its bias change here)
+            fb = site.cache.get("folded_bias")
+            return result if fb is None else result + fb.to(result.dtype)
         w = runtime.weights(site, x)
         static_active = w is None
         if static_active:
@@ -159,13 +172,19 @@ def _make_forward(site: LoraSite, runtime: LoraRuntime, original: Callable) -> C
             raise ValueError(f"router weights at {site.name} have shape {tuple(w.shape)}, expected "
                              f"{(*x.shape[:-1], len(site.adapters))} ([batch, pos, n_adapters])")
         w = site.hook_router(w)
+        base_out = result
         for i, a in enumerate(site.adapters):
             wi = w[..., i:i + 1]
             if not bool((wi != 0).any()):
                 continue
             lora_A, lora_B = self.lora_A[a], self.lora_B[a]
             xa = self._cast_input_dtype(x, lora_A.weight.dtype)
-            d = lora_B(lora_A(self.lora_dropout[a](xa))) * self.scaling[a]
+            if a in self.lora_variant:  # DoRA (the only variant load_hooked admits): peft's own arithmetic,
+                # on the base output alone so each adapter's contribution is its own (m/‖W+sBA‖)(W+sBA)x − Wx
+                base = base_out.to(lora_A.weight.dtype)
+                d = self.lora_variant[a].forward(self, active_adapter=a, x=xa, result=base) - base
+            else:
+                d = lora_B(lora_A(self.lora_dropout[a](xa))) * self.scaling[a]
             if not (static_active and bool((wi == 1).all())):
                 d = wi.to(d.dtype) * d
             result = result + site.hook_delta[a](d).to(result.dtype)
@@ -274,16 +293,48 @@ def fold_static_update(hm: Any) -> Iterator[bool]:
                 x0 = torch.zeros(1, W.shape[1], dtype=W.dtype, device=W.device)
                 w = runtime.weights(site, x0)
                 w = (_active_weights(site, x0) if w is None else w)[0].tolist()
-                delta = torch.zeros(W.shape, dtype=torch.float64, device=W.device)
+                conv1d = bool(getattr(layer, "fan_in_fan_out", False))  # GPT-2 Conv1D: W is [d_in, d_out]
+                W0 = W.data.double().T if conv1d else W.data.double()
+                delta = torch.zeros(W0.shape, dtype=torch.float64, device=W.device)
+                bias = torch.zeros(W0.shape[0], dtype=torch.float64, device=W.device)
                 for a, wa in zip(site.adapters, w):
                     if wa != 0.0:
-                        d = LoraDelta(layer.lora_A[a].weight, layer.lora_B[a].weight, float(layer.scaling[a]))
-                        delta += wa * d.dense()
+                        dw, db = site_update(layer, a, W0)
+                        delta += wa * dw
+                        if db is not None:
+                            bias += wa * db
                 saved.append((W, W.data))
-                W.data = (W.data.double() + delta).to(W.dtype)
+                W.data = (W0 + delta).T.to(W.dtype) if conv1d else (W0 + delta).to(W.dtype)
+                if bool((bias != 0).any()):  # added by the folded forward: the base layer may have no bias
+                    site.cache["folded_bias"] = bias.to(W.dtype)
         runtime.folded = True
         yield True
     finally:
         runtime.folded = False
         for W, original in saved:
             W.data = original
+        for site in (runtime.sites if runtime is not None else []):
+            site.cache.pop("folded_bias", None)
+
+
+def site_update(layer: Any, adapter: str, W0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One adapter's exact update ``(ΔW [d_out, d_in], Δb [d_out] or None)`` at a peft ``lora.Linear``,
+    in float64, given the base weight ``W0`` ``[d_out, d_in]`` (float64, unmerged).
+
+    Plain LoRA: ``ΔW = s·B·A``, ``Δb = s·b_B`` with ``lora_bias``. DoRA (peft's ``DoraLinearLayer``):
+    ``ΔW = (m/‖W0 + s·B·A‖_row)·(W0 + s·B·A) − W0`` and the same ``Δb`` (DoRA leaves the bias alone).
+    """
+    from interp.adapters.factors import LoraDelta
+
+    A, B = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
+    s = float(layer.scaling[adapter])
+    dw = LoraDelta(A, B, s).dense()
+    b = layer.lora_B[adapter].bias
+    db = None if b is None else s * b.detach().double()
+    if adapter in getattr(layer, "lora_magnitude_vector", {}):
+        m = layer.lora_magnitude_vector[adapter].weight.detach().double()
+        merged = W0 + dw
+        # peft computes the norm in the weight's dtype (float32) and detaches it
+        norm = torch.linalg.norm((W0.float() + (s * (B.float() @ A.float()))), dim=1).double()
+        dw = (m / norm)[:, None] * merged - W0
+    return dw, db

@@ -12,7 +12,12 @@ with an :class:`AdapterError` naming adapter, module and problem:
   the module (``A.shape[1] == in_features``, ``B.shape[0] == out_features``; :class:`ShapeMismatchError`);
 * NaN/Inf weights (:class:`NonFiniteWeightsError`); an all-zero B everywhere — never trained or
   weights that did not land in the file (:class:`ZeroUpdateError`);
-* a fused projection the bridge would bypass (``interp.models.FusedProjectionError``).
+* a fused projection the bridge would bypass (``interp.models.FusedProjectionError``);
+* a reserved adapter name, or a peft feature with no exact rebuild (the ``AdapterFeatureError``
+  subclasses of :mod:`interp.adapters.features`).
+
+DoRA, PiSSA/OLoRA and trained-bias adapters get their exact per-site update on the original base in
+:attr:`AdapterLibrary.deltas` (:func:`interp.adapters.features.effective_site_deltas`).
 
 After PEFT attaches the adapters, :meth:`AdapterLibrary.verify_attached` checks that every
 ``lora_A``/``lora_B`` in the live model equals the file's (:class:`WeightsNotLoadedError`) — the
@@ -107,16 +112,19 @@ def recorded_base(adapter_dir: str | os.PathLike) -> str:
 
 
 def linear_shapes(hf_model: Any) -> dict[str, tuple[int, int]]:
-    """``{module_path: (in_features, out_features)}`` of every linear layer of a (maybe PEFT-wrapped or
+    """``{module_path: (in_features, out_features)}`` of every linear layer (and GPT-2 ``Conv1D``) of a (maybe PEFT-wrapped or
     bridged) HF model, with ``_original_component`` / ``base_layer`` path segments removed."""
     out = {}
     for name, mod in hf_model.named_modules():
-        if isinstance(mod, torch.nn.Linear):
+        if isinstance(mod, torch.nn.Linear) or type(mod).__name__ == "Conv1D":
             clean = ".".join(p for p in name.split(".") if p not in ("_original_component",
                                                                         "original_component", "base_layer"))
             if clean.startswith("base_model.model."):
                 clean = clean[len("base_model.model."):]
-            out[clean] = (int(mod.in_features), int(mod.out_features))
+            if isinstance(mod, torch.nn.Linear):
+                out[clean] = (int(mod.in_features), int(mod.out_features))
+            else:  # transformers' Conv1D (GPT-2): weight [d_in, d_out], y = x W + b
+                out[clean] = (int(mod.weight.shape[0]), int(mod.weight.shape[1]))
     return out
 
 
@@ -127,14 +135,20 @@ class AdapterLibrary:
     Attributes:
         base: the base model's name (registry name or directory) the adapters were checked against.
         dirs: adapter name -> directory.
-        deltas: adapter name -> ``{module_path: LoraDelta}`` (as read from the file).
+        deltas: adapter name -> ``{module_path: LoraDelta}``: each site's exact update relative to
+            the original base (with bias); equal to ``factors`` for a plain LoRA, rebuilt by
+            :func:`interp.adapters.features.effective_site_deltas` for DoRA, PiSSA/OLoRA, biases.
         configs: adapter name -> ``adapter_config.json`` dict.
+        factors: adapter name -> the file's own ``lora_A``/``lora_B`` (:func:`read_adapter`).
+        parts: adapter name -> :class:`interp.adapters.features.AdapterParts` (features, extras).
     """
 
     base: str
     dirs: dict[str, str]
     deltas: dict[str, dict[str, LoraDelta]]
     configs: dict[str, dict]
+    factors: dict[str, dict[str, LoraDelta]] = dataclasses.field(default_factory=dict)
+    parts: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     @property
     def names(self) -> list[str]:
@@ -145,7 +159,8 @@ class AdapterLibrary:
 
     @classmethod
     def load(cls, base: Any, adapters: dict[str, str | os.PathLike], allow_pickle: bool = False,
-             expected_base: str | None = None, hf_model: Any = None) -> "AdapterLibrary":
+             expected_base: str | None = None, hf_model: Any = None,
+             allow_fused: bool = False) -> "AdapterLibrary":
         """Read and validate adapters for ``base``.
 
         Args:
@@ -157,11 +172,17 @@ class AdapterLibrary:
                 Adapters that record no base are accepted.
             hf_model: the HF model to check module shapes against (default: ``base``'s, loaded
                 with ``interp.models.load_hf`` if ``base`` is a name).
+            allow_fused: accept targets on fused projections (for merging into the weights before
+                the bridge boots, where nothing is bypassed).
 
         Raises:
             AdapterError subclasses (see module docstring); ``interp.models.FusedProjectionError``;
+            ``ReservedAdapterNameError`` and the ``AdapterFeatureError`` subclasses of
+            :mod:`interp.adapters.features` (features with no exact rebuild);
             ``ValueError`` for an empty ``adapters`` or a bad adapter name.
         """
+        from interp.adapters.factors import read_adapter_tensors
+        from interp.adapters.features import check_adapter_name_reserved, effective_site_deltas, inspect_adapter
         from interp.models import MANIFEST, check_fused_targets, load_hf, verify_manifest
 
         if not adapters:
@@ -175,9 +196,10 @@ class AdapterLibrary:
                 hf_model, _ = load_hf(base_name)
         shapes = linear_shapes(hf_model)
         want = _norm_base(expected_base if expected_base is not None else base_name)
-        dirs, deltas, configs = {}, {}, {}
+        dirs, deltas, configs, factors, parts = {}, {}, {}, {}, {}
         for name, d in adapters.items():
             check_adapter_name(name)
+            check_adapter_name_reserved(name)
             d = Path(d)
             if not d.is_dir():
                 raise AdapterFileError(f"adapter {name!r}: directory {d} does not exist")
@@ -197,6 +219,7 @@ class AdapterLibrary:
             try:
                 cfg = read_adapter_config(d)
                 delta = read_adapter(d, allow_pickle=allow_pickle)
+                tensors = read_adapter_tensors(d, allow_pickle=allow_pickle)
             except AdapterFormatError as e:
                 raise AdapterFileError(f"adapter {name!r}: {e}") from e
             got = _norm_base(recorded_base(d))
@@ -205,7 +228,8 @@ class AdapterLibrary:
                     f"adapter {name!r} ({d}) was made for base model {got!r}, but the base in use is "
                     f"{want!r}; pass expected_base= if they are the same model under another name")
             tm = cfg.get("target_modules")
-            check_fused_targets(hf_model, sorted(tm) if isinstance(tm, (list, set)) else tm)
+            if not allow_fused:
+                check_fused_targets(hf_model, sorted(tm) if isinstance(tm, (list, set)) else tm)
             any_nonzero = False
             for m, ld in delta.items():
                 if m not in shapes:
@@ -219,12 +243,15 @@ class AdapterLibrary:
                 if not (torch.isfinite(ld.A).all() and torch.isfinite(ld.B).all()):
                     raise NonFiniteWeightsError(f"adapter {name!r}, module {m!r}: NaN or Inf in lora_A/lora_B")
                 any_nonzero = any_nonzero or bool((ld.B != 0).any())
+            part = inspect_adapter(name, cfg, tensors, set(delta))
+            any_nonzero = any_nonzero or bool(part.features & {"dora", "lora_bias", "trained_bias"} or part.extras)
             if not any_nonzero:
                 raise ZeroUpdateError(
                     f"adapter {name!r} ({d}): every lora_B is zero, so ΔW = 0 — the adapter was never "
                     "trained or its weights were not saved")
-            dirs[name], deltas[name], configs[name] = str(d), delta, cfg
-        return cls(base_name, dirs, deltas, configs)
+            dirs[name], configs[name], factors[name], parts[name] = str(d), cfg, delta, part
+            deltas[name] = effective_site_deltas(cfg, delta, part, hf_model)
+        return cls(base_name, dirs, deltas, configs, factors, parts)
 
     def verify_attached(self, peft_model: Any, names: list[str] | None = None) -> None:
         """Check that each adapter's ``lora_A``/``lora_B`` in ``peft_model`` equal the file's exactly.
@@ -236,12 +263,16 @@ class AdapterLibrary:
 
         for name in names or self.names:
             live = deltas_from_peft(peft_model, name)
-            for m, ld in self.deltas[name].items():
+            for m, ld in (self.factors or self.deltas)[name].items():
                 if m not in live:
                     raise WeightsNotLoadedError(f"adapter {name!r}, module {m!r}: no LoRA layer in the live model")
                 if not (torch.equal(live[m].B, ld.B) and torch.equal(live[m].A, ld.A)):
                     raise WeightsNotLoadedError(
                         f"adapter {name!r}, module {m!r}: live lora_A/lora_B differ from {self.dirs[name]}")
+                if (live[m].bias is None) != (ld.bias is None) or (
+                        ld.bias is not None and not torch.allclose(live[m].bias, ld.bias, rtol=1e-6, atol=0)):
+                    raise WeightsNotLoadedError(
+                        f"adapter {name!r}, module {m!r}: live lora_B bias differs from {self.dirs[name]}")
                 if abs(live[m].scale - ld.scale) > 1e-9 * max(1.0, abs(ld.scale)):
                     raise WeightsNotLoadedError(
                         f"adapter {name!r}, module {m!r}: live scale {live[m].scale} != file's {ld.scale}")

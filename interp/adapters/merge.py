@@ -81,7 +81,8 @@ def weighted_average(deltas_list: Sequence[Adapter], weights: Sequence[float] | 
     """Exact weighted sum of LoRA updates, as a concatenated-rank LoRA (no approximation).
 
     Per module: ``ΔW = Σᵢ wᵢ sᵢ Bᵢ Aᵢ`` represented as ``A = vstack(Aᵢ)`` ``[Σrᵢ, d_in]``,
-    ``B = hstack(wᵢ sᵢ Bᵢ)`` ``[d_out, Σrᵢ]``, ``scale = 1``. A module missing from an expert
+    ``B = hstack(wᵢ sᵢ Bᵢ)`` ``[d_out, Σrᵢ]``, ``scale = 1``; output-bias changes add alike
+    (``Δb = Σᵢ wᵢ Δbᵢ``). A module missing from an expert
     contributes zero for that expert. With ``weights=None`` this is **Uniform** parameter averaging
     (wᵢ = 1/n; Chen et al. 2025 / Ostapenko et al. 2024's "uniform" baseline); it is model soups'
     average (Wortsman et al. 2022) applied to ΔW rather than to the factors.
@@ -100,13 +101,15 @@ def weighted_average(deltas_list: Sequence[Adapter], weights: Sequence[float] | 
     weights = _check(deltas_list, weights)
     return {m: weighted_sum([ad[m] for ad in deltas_list if m in ad],
                             [w for w, ad in zip(weights, deltas_list) if m in ad], dtype=torch.float32)
-            for m in _modules(deltas_list)}
+            for m in _modules(deltas_list)}  # biases: Σ wᵢ bᵢ inside weighted_sum
 
 
 def weighted_sum(deltas: Sequence[LoraDelta], weights: Sequence[float] | None = None,
                  dtype: torch.dtype = torch.float64) -> LoraDelta:
     """Σᵢ wᵢ ΔWᵢ of one module as one LoraDelta, exact: ``A = vstack(Aᵢ)`` ``[Σrᵢ, d_in]``,
-    ``B = hstack(wᵢ sᵢ Bᵢ)`` ``[d_out, Σrᵢ]``, scale 1, in ``dtype`` on the first factor's device.
+    ``B = hstack(wᵢ sᵢ Bᵢ)`` ``[d_out, Σrᵢ]``, scale 1, in ``dtype`` on the first factor's device;
+    output-bias changes summed the same way (``Σ wᵢ bᵢ``, accumulated in float64; ``None`` if no
+    update carries one).
 
     The one exact weighted sum of ``interp`` (:func:`weighted_average` applies it per module;
     ``interp.subspace.weighted_sum`` is this function). ``weights=None``: every wᵢ = 1.
@@ -127,7 +130,20 @@ def weighted_sum(deltas: Sequence[LoraDelta], weights: Sequence[float] | None = 
     A = torch.cat([d.A.detach().to(device=dev, dtype=dtype) for d in deltas], 0)
     B = torch.cat([d.B.detach().to(device=dev, dtype=dtype) * (w * float(d.scale))
                    for d, w in zip(deltas, weights)], 1)
-    return LoraDelta(A, B, 1.0)
+    biased = [(w, d.bias) for d, w in zip(deltas, weights) if d.bias is not None]
+    bias = sum(w * b.detach().to(device=dev, dtype=torch.float64) for w, b in biased).to(dtype) if biased else None
+    return LoraDelta(A, B, 1.0, bias)
+
+
+def _bias_combine(deltas_list: Sequence[Adapter], m: str, fn) -> torch.Tensor | None:
+    """``fn`` of the stacked output-bias changes ``[n, d_out]`` at module ``m`` (float64; zeros for
+    experts without one), as float32; ``None`` if no expert changes the bias there."""
+    if not any(m in ad and ad[m].bias is not None for ad in deltas_list):
+        return None
+    d_out = next(ad[m].d_out for ad in deltas_list if m in ad)
+    stack = torch.stack([ad[m].bias.double() if m in ad and ad[m].bias is not None
+                         else torch.zeros(d_out, dtype=torch.float64) for ad in deltas_list])
+    return fn(stack).float()
 
 
 def uniform(deltas_list: Sequence[Adapter]) -> Adapter:
@@ -211,8 +227,9 @@ def svd_merge(deltas_list: Sequence[Adapter], weights: Sequence[float] | None = 
               k: int | None = None) -> tuple[Adapter, dict[str, float]]:
     """Exact weighted average (:func:`weighted_average`) truncated to rank ``k`` per module.
 
-    ``k`` defaults to the largest expert rank (peft's ``svd`` default). Returns the merged adapter
-    and ``{module: energy_kept}``.
+    ``k`` defaults to the largest expert rank (peft's ``svd`` default). Output-bias changes are
+    summed exactly (``Σᵢ wᵢ Δbᵢ``), not truncated. Returns the merged adapter and
+    ``{module: energy_kept}``.
 
     Raises:
         MergeError: as :func:`weighted_average` and :func:`svd_truncate`.
@@ -223,6 +240,7 @@ def svd_merge(deltas_list: Sequence[Adapter], weights: Sequence[float] | None = 
     out, energy = {}, {}
     for m, d in avg.items():
         out[m], energy[m] = svd_truncate(d, k)
+        out[m].bias = d.bias  # a bias is not low-rank: carried exactly beside the truncated ΔW
     return out, energy
 
 
@@ -247,11 +265,16 @@ def _check_density(density: float) -> None:
         raise MergeError(f"density must be in (0, 1], got {density}")
 
 
-def ties_dense(task_tensors: torch.Tensor, weights: Sequence[float], density: float) -> torch.Tensor:
+MAJORITY_SIGN_METHODS = ("total", "frequency")
+
+
+def ties_dense(task_tensors: torch.Tensor, weights: Sequence[float], density: float,
+               majority_sign_method: str = "total") -> torch.Tensor:
     """TIES-merging of dense tensors ``[n, ...]`` (Yadav et al., NeurIPS 2023, Alg. 1).
 
     1. Trim: keep each τᵢ's top ``⌊density·numel⌋`` entries by magnitude (others 0) → τ̂ᵢ.
-    2. Elect sign: γ = +1 where Σᵢ τ̂ᵢ ≥ 0, else −1 (mass-weighted, "total").
+    2. Elect sign: γ = +1 where Σᵢ τ̂ᵢ ≥ 0, else −1 (mass-weighted, ``"total"``), or where
+       Σᵢ sign(τ̂ᵢ) ≥ 0 (``"frequency"``: one vote per expert), as peft's ``calculate_majority_sign_mask``.
     3. Disjoint weighted mean: τ = Σᵢ [sign(τ̂ᵢ) = γ] wᵢ τ̂ᵢ / max(1, #{i : sign(τ̂ᵢ) = γ}).
 
     Conventions (⌊·⌋, sign elected on the *unweighted* trimmed tensors, wᵢ applied in the
@@ -259,13 +282,16 @@ def ties_dense(task_tensors: torch.Tensor, weights: Sequence[float], density: fl
     wᵢ = λ this is the paper's ``λ·τ_m``.
     """
     _check_density(density)
+    if majority_sign_method not in MAJORITY_SIGN_METHODS:
+        raise MergeError(f"majority_sign_method must be one of {MAJORITY_SIGN_METHODS}, got {majority_sign_method!r}")
     n = task_tensors.shape[0]
     flat = task_tensors.reshape(n, -1)
     k = max(1, int(density * flat.shape[1]))
     trimmed = torch.zeros_like(flat)
     idx = flat.abs().topk(k, dim=1).indices
     trimmed.scatter_(1, idx, flat.gather(1, idx))
-    gamma = torch.where(trimmed.sum(0) >= 0, 1.0, -1.0).to(flat.dtype)
+    votes = trimmed.sign().sum(0) if majority_sign_method == "frequency" else trimmed.sum(0)
+    gamma = torch.where(votes >= 0, 1.0, -1.0).to(flat.dtype)
     agree = torch.sign(trimmed) == gamma
     w = torch.tensor(list(weights), dtype=flat.dtype).view(n, 1)
     merged = (trimmed * w * agree).sum(0) / agree.sum(0).clamp(min=1)
@@ -273,18 +299,24 @@ def ties_dense(task_tensors: torch.Tensor, weights: Sequence[float], density: fl
 
 
 def ties(deltas_list: Sequence[Adapter], density: float = 0.2,
-         weights: Sequence[float] | None = None, rtol: float = 1e-7) -> Adapter:
+         weights: Sequence[float] | None = None, rtol: float = 1e-7,
+         majority_sign_method: str = "total") -> Adapter:
     """TIES-merging (Yadav et al. 2023) of the dense ΔWᵢ per module, re-factored exactly.
 
-    Per module ``ΔW = TIES(ΔW₁…ΔWₙ; density, w)`` as in :func:`ties_dense` (default wᵢ = 1), then
-    :func:`dense_to_delta`. Forms dense ``[d_out, d_in]`` float64 matrices per module.
+    Per module ``ΔW = TIES(ΔW₁…ΔWₙ; density, w, majority_sign_method)`` as in :func:`ties_dense`
+    (default wᵢ = 1), then :func:`dense_to_delta`; output-bias changes, where any, are TIES-merged
+    as their own tensor (trim, sign, disjoint mean per tensor, as peft merges each parameter).
+    Forms dense ``[d_out, d_in]`` float64 matrices per module.
 
     Raises:
-        MergeError: bad density, weights, or shapes.
+        MergeError: bad density, weights, sign method, or shapes.
     """
     weights = _check(deltas_list, weights if weights is not None else [1.0] * len(deltas_list))
-    return {m: dense_to_delta(ties_dense(_dense_stack(deltas_list, m), weights, density), rtol)
-            for m in _modules(deltas_list)}
+    out = {}
+    for m in _modules(deltas_list):
+        out[m] = dense_to_delta(ties_dense(_dense_stack(deltas_list, m), weights, density, majority_sign_method), rtol)
+        out[m].bias = _bias_combine(deltas_list, m, lambda b: ties_dense(b, weights, density, majority_sign_method))
+    return out
 
 
 def dare_dense(task_tensors: torch.Tensor, weights: Sequence[float], density: float,
@@ -310,15 +342,20 @@ def dare(deltas_list: Sequence[Adapter], density: float = 0.5, seed: int = 0, re
 
     Per module (in sorted module order, one ``torch.Generator`` seeded with ``seed``):
     ``ΔW = Σᵢ wᵢ · (Mᵢ ⊙ ΔWᵢ) / density`` with ``Mᵢ ~ Bernoulli(density)``; default wᵢ = 1
-    (task-arithmetic sum, as the paper), then :func:`dense_to_delta`.
+    (task-arithmetic sum, as the paper), then :func:`dense_to_delta`. Output-bias changes, where
+    any, get the same treatment as their own tensor (masks drawn after the module's matrix masks).
 
     Raises:
         MergeError: bad density, weights, or shapes.
     """
     weights = _check(deltas_list, weights if weights is not None else [1.0] * len(deltas_list))
     gen = torch.Generator().manual_seed(int(seed))
-    return {m: dense_to_delta(dare_dense(_dense_stack(deltas_list, m), weights, density, gen, rescale), rtol)
-            for m in _modules(deltas_list)}
+    out = {}
+    for m in _modules(deltas_list):
+        out[m] = dense_to_delta(dare_dense(_dense_stack(deltas_list, m), weights, density, gen, rescale), rtol)
+        # bias masks are drawn after the module's matrix masks, from the same generator
+        out[m].bias = _bias_combine(deltas_list, m, lambda b: dare_dense(b, weights, density, gen, rescale))
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -330,16 +367,18 @@ def deltas_from_peft(peft_model, adapter_name: str) -> Adapter:
     """``{module_path: LoraDelta}`` of one adapter as held in a live ``PeftModel``'s LoRA layers.
 
     Module paths are relative to the base model (``model.layers.0.self_attn.q_proj``); scale is
-    the layer's ``scaling[adapter_name]``.
+    the layer's ``scaling[adapter_name]``; ``bias`` is ``scale · lora_B.bias`` (peft's ``lora_bias``).
     """
     out: Adapter = {}
     for name, mod in peft_model.base_model.model.named_modules():
         if hasattr(mod, "lora_A") and adapter_name in getattr(mod, "lora_A", {}) \
                 and adapter_name in getattr(mod, "lora_B", {}):
             path = name.replace("._original_component", "").replace(".original_component", "")
+            s = float(mod.scaling[adapter_name])
+            b = mod.lora_B[adapter_name].bias
             out[path] = LoraDelta(mod.lora_A[adapter_name].weight.detach().float().clone(),
-                                  mod.lora_B[adapter_name].weight.detach().float().clone(),
-                                  float(mod.scaling[adapter_name]))
+                                  mod.lora_B[adapter_name].weight.detach().float().clone(), s,
+                                  None if b is None else s * b.detach().float())
     return out
 
 
@@ -348,14 +387,16 @@ def _fro_sq_combo(terms: Iterable[tuple[float, LoraDelta]]) -> float:
     terms = list(terms)
     B = torch.cat([c * d.scale * d.B.double() for c, d in terms], 1)
     A = torch.cat([d.A.double() for _, d in terms], 0)
-    return max(0.0, float(torch.sum((B.T @ B) * (A @ A.T))))
+    bias = sum((c * d.bias.double() for c, d in terms if d.bias is not None), torch.zeros(B.shape[0], dtype=torch.float64))
+    return max(0.0, float(torch.sum((B.T @ B) * (A @ A.T)))) + float(bias @ bias)
 
 
 def faithfulness_report(merged: Adapter, deltas_list: Sequence[Adapter],
                         weights: Sequence[float] | None = None) -> pd.DataFrame:
     """How far a merged adapter is from the exact weighted sum, per module.
 
-    ``rel_error = ‖ΔW_merged − Σᵢ wᵢ ΔWᵢ‖_F / ‖Σᵢ wᵢ ΔWᵢ‖_F``, computed from the factors through
+    ``rel_error = ‖ΔW_merged − Σᵢ wᵢ ΔWᵢ‖_F / ‖Σᵢ wᵢ ΔWᵢ‖_F`` — the norm of ``[ΔW | Δb]`` where
+    output biases change, so a merge that drops a bias shows it — computed from the factors through
     Gram matrices (:func:`_fro_sq_combo`), never forming ΔW. 0 (to ~1e-8, float64 cancellation) for
     the exact merges here and peft's ``cat``; > 0 for peft's factor-space ``linear`` (cross terms
     ``Bᵢ Aⱼ``), SVD truncation, TIES and DARE.
