@@ -14,6 +14,11 @@ class InterpError(Exception):
     """Base of every error raised deliberately by ``interp``."""
 
 
+class AdapterError(InterpError, ValueError):
+    """An adapter cannot be used with this model; the message names adapter, module and problem.
+    (Its subclasses live in :mod:`interp.adapters.library` and :mod:`interp.adapters.features`.)"""
+
+
 class EvaluationError(InterpError, ValueError):
     """Scoring or accuracy tables got inputs they cannot use (empty sets, mismatched lengths...)."""
 
@@ -55,5 +60,5 @@ class StudyError(InterpError, RuntimeError):
     """A study step cannot run (missing upstream results, unwritable directory...)."""
 
 
-__all__ = ["InterpError", "EvaluationError", "MechanismError", "LensError", "PatchscopeError",
+__all__ = ["InterpError", "AdapterError", "EvaluationError", "MechanismError", "LensError", "PatchscopeError",
            "PatchingError", "UnsupportedHookError", "ProbeError", "FigureError", "SubspaceError", "StudyError"]

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from interp.adapters.factors import LoraDelta, pattern_key
-from interp.adapters.library import AdapterError
+from interp.errors import AdapterError
 
 #: Combine names (merges create an adapter of that name) and peft's internal names: an adapter named
 #: like one of them would be skipped, shadowed or clash with a parameter name.

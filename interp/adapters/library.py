@@ -37,13 +37,9 @@ import torch
 from interp.adapters.factors import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, PICKLE_WEIGHTS, AdapterFormatError,
                                      LoraDelta, read_adapter, read_adapter_config)
 from interp.adapters.hooks import check_adapter_name
-from interp.errors import InterpError
+from interp.errors import AdapterError
 
 META = "interp_meta.json"
-
-
-class AdapterError(InterpError, ValueError):
-    """An adapter cannot be used with this model; the message names adapter, module and problem."""
 
 
 class AdapterFileError(AdapterError):
