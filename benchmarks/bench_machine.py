@@ -20,7 +20,6 @@ Writes ``benchmarks/results/bench_machine.json`` (or ``--out``).
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import statistics
 import subprocess
@@ -32,7 +31,10 @@ from pathlib import Path
 import torch
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
+
+from gpu.measure import save_json  # noqa: E402
 
 
 def train_step_seconds(model: str, precision: str, steps: int, warmup: int) -> float:
@@ -110,11 +112,7 @@ def main(argv=None) -> dict:
                      "two_over_one": fwd[(2, busy)] / fwd[(1, busy)]})
         print(f"forward 16x32 {'busy neighbour' if busy else 'quiet'}: 1 thread {fwd[(1, busy)]:.3f} s, "
               f"2 threads {fwd[(2, busy)]:.3f} s", flush=True)
-    res = {"benchmark": "bench_machine", "cpu": cpu, "torch": torch.__version__, "rows": rows}
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(res, indent=1))
-    print(f"wrote {a.out}")
-    return res
+    return save_json({"benchmark": "bench_machine", "cpu": cpu, "torch": torch.__version__, "rows": rows}, a.out)
 
 
 if __name__ == "__main__":

@@ -106,3 +106,14 @@ def device_name(device) -> str:
     import platform
 
     return f"cpu ({platform.machine()}, {torch.get_num_threads()} torch threads)"
+
+
+def save_json(result: dict, out: str) -> dict:
+    """Write a benchmark's result dict as indented JSON to ``out`` (parents created); returns it."""
+    import json
+    from pathlib import Path
+
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(result, indent=1))
+    print(f"wrote {out}")
+    return result
