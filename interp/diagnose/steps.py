@@ -1,0 +1,182 @@
+"""The diagnosis as a study-runner pipeline: inventory → geometry → variants → report.
+
+Each step writes tidy CSVs under ``DIR/results`` (:func:`write_table`, atomic) and is cached and
+resumable by :func:`interp.study.runner.run_pipeline`; the ``variants`` step also caches per
+variant (:func:`interp.diagnose.variants.cached_variant`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from tqdm.auto import tqdm
+
+from interp.diagnose.inputs import Query, read_prompts
+from interp.study.runner import Step, csv_text
+
+
+@dataclasses.dataclass
+class _StudySection:
+    model: str
+    seed: int = 0
+    device: str = "cpu"
+    threads: int = 0
+
+
+@dataclasses.dataclass
+class _TrainingSection:
+    precision: str = "fp32"  # nothing is trained; fixed so that no bf16 probe runs
+    seed: int = 0
+
+
+@dataclasses.dataclass
+class _WorldSection:
+    seed: int = 0  # no world is generated; run.json records the seeds of every section
+
+
+@dataclasses.dataclass
+class DiagnoseConfig:
+    """The run's config, shaped like :class:`interp.config.Config` where the runner reads it
+    (``study``, ``training.precision``, the seeds, :meth:`section_hash`, :meth:`to_dict`).
+
+    ``diagnose`` holds ``adapters`` (name → dir), ``combines``, ``prompts`` (path or None),
+    ``target`` (``[name, dir]`` or None), ``batch_size``, ``fingerprint`` (hashes of the adapter
+    files and the prompts, so a changed file invalidates the cache) and ``notes``.
+    """
+
+    study: _StudySection
+    diagnose: dict
+    training: _TrainingSection = dataclasses.field(default_factory=_TrainingSection)
+    world: _WorldSection = dataclasses.field(default_factory=_WorldSection)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def section_hash(self, *sections: str) -> str:
+        d = self.to_dict()
+        blob = json.dumps({s: d[s] for s in sections}, sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def write_table(run: Any, df: pd.DataFrame, name: str) -> Path:
+    """``DIR/results/NAME.csv`` (atomic, 6 significant digits)."""
+    from interp.models import atomic_write_text
+
+    path = run.results / f"{name}.csv"
+    atomic_write_text(path, csv_text(df, significant=6))
+    return path
+
+
+def queries(run: Any) -> list[Query]:
+    """The run's prompts ([] without a prompts file)."""
+    p = run.cfg.diagnose.get("prompts")
+    return read_prompts(p, list(run.cfg.diagnose["adapters"])) if p else []
+
+
+def library(run: Any):
+    """The adapters as a validated :class:`~interp.adapters.AdapterLibrary` on the run's base."""
+    from interp.adapters import AdapterLibrary
+
+    return AdapterLibrary.load(run.base(), run.cfg.diagnose["adapters"])
+
+
+def inventory_table(lib: Any) -> pd.DataFrame:
+    """One row per adapter: PEFT features, ranks, alphas, scales s, targets, layers, sites."""
+    from interp.adapters.factors import layer_of, short_module
+
+    rows = []
+    for a in lib.names:
+        cfg, fac = lib.configs[a], (lib.factors or lib.deltas)[a]
+        ranks = sorted({d.rank for d in fac.values()})
+        scales = sorted({round(d.scale, 6) for d in fac.values()})
+        layers = sorted({layer_of(m) for m in fac if layer_of(m) is not None})
+        rows.append(dict(
+            adapter=a, directory=lib.dirs[a], r=cfg.get("r"), lora_alpha=cfg.get("lora_alpha"),
+            ranks=" ".join(map(str, ranks)), scales=" ".join(f"{s:g}" for s in scales),
+            use_rslora=bool(cfg.get("use_rslora")), use_dora=bool(cfg.get("use_dora")),
+            features=lib.parts[a].describe(tuple(lib.parts[a].features)) if a in lib.parts else "",
+            targets=" ".join(sorted({short_module(m) for m in fac})), n_sites=len(fac),
+            layers=f"{layers[0]}–{layers[-1]}" if layers else "",
+            init=str(cfg.get("init_lora_weights")), base_model=str(cfg.get("base_model_name_or_path") or "")))
+    return pd.DataFrame(rows)
+
+
+def inventory(run: Any) -> None:
+    """Write ``inventory``."""
+    write_table(run, inventory_table(library(run)), "inventory")
+
+
+def geometry(run: Any) -> None:
+    """Write ``adapters`` (ranks, norms, amplification), ``spectra``, ``overlap`` (principal
+    angles / φ between experts per module), ``layer_energy`` and, with a target, ``span_deficit``.
+    Every number comes from :mod:`interp.subspace`, on each site's exact update (DoRA and PiSSA
+    rebuilt, :attr:`AdapterLibrary.deltas`)."""
+    from interp import subspace as S
+    from interp.adapters import AdapterLibrary
+
+    lib = library(run)
+    base = run.base()
+    deltas = lib.deltas
+    write_table(run, S.adapter_table(deltas, base_hf=base.hf_model), "adapters")
+    write_table(run, S.spectra_table(deltas), "spectra")
+    write_table(run, S.layer_energy_table(deltas, n_layers=base.n_layers), "layer_energy")
+    if len(deltas) >= 2:
+        try:
+            write_table(run, S.overlap_table(deltas), "overlap")
+        except S.SubspaceError:  # no module in common: nothing to compare (the report says so)
+            pass
+    target = run.cfg.diagnose.get("target")
+    if target:
+        name, d = target
+        t = AdapterLibrary.load(base, {name: d}).deltas[name]
+        write_table(run, S.span_deficit_table(t, deltas).assign(target=name), "span_deficit")
+
+
+def variants(run: Any) -> None:
+    """Every variant (:func:`~interp.diagnose.variants.plan_variants`) loaded once; writes
+    ``faithfulness``, ``energy_kept``, ``scores``, ``accuracy`` (Wilson 95%), ``contributions``,
+    ``router``, ``lens`` and ``patching`` — each only where the inputs carry what it needs."""
+    from interp.diagnose.variants import TABLE_NAMES, cached_variant, patch_pairs, plan_variants
+    from interp.evaluate import accuracy_table
+
+    qs = queries(run)
+    dg = run.cfg.diagnose
+    plan = plan_variants(list(dg["adapters"]), dg["combines"])
+    pairs = patch_pairs(run.base(), qs) if qs else []
+    key = run.cfg.section_hash("study", "diagnose")
+    got: dict[str, list[pd.DataFrame]] = {n: [] for n in TABLE_NAMES}
+    for v in tqdm(plan, desc="variants"):
+        for n, df in cached_variant(run, v, qs, pairs, key).items():
+            if len(df):
+                got[n].append(df)
+    for n, frames in got.items():
+        if not frames:
+            continue
+        df = pd.concat(frames, ignore_index=True)
+        write_table(run, df, "contributions" if n == "contrib" else n)
+        if n == "scores":
+            acc = accuracy_table(df.assign(method=df["variant"], library="diagnose", test_set="prompts"))
+            role = {v.name: v.role for v in plan}
+            acc.insert(1, "role", acc["method"].map(role))
+            write_table(run, acc.rename(columns={"method": "variant"}).drop(columns=["library", "test_set"]),
+                        "accuracy")
+
+
+def report(run: Any) -> None:
+    """Write ``DIR/report.html`` (:func:`interp.diagnose.page.build_diagnose_report`)."""
+    from interp.diagnose.page import build_diagnose_report
+
+    build_diagnose_report(run)
+
+
+PIPELINE: tuple[Step, ...] = (
+    Step("inventory", inventory, ("study", "diagnose")),
+    Step("geometry", geometry),
+    Step("variants", variants),
+    Step("report", report),
+)
