@@ -78,11 +78,14 @@ def queries(run: Any) -> list[Query]:
     return read_prompts(p, list(run.cfg.diagnose["adapters"])) if p else []
 
 
-def library(run: Any):
-    """The adapters as a validated :class:`~interp.adapters.AdapterLibrary` on the run's base."""
+def library(run: Any, adapters: dict[str, str] | None = None):
+    """The adapters as a validated :class:`~interp.adapters.AdapterLibrary`, checked against a
+    fresh, unbridged copy of the base (DoRA/PiSSA rebuilds read the plain module tree)."""
     from interp.adapters import AdapterLibrary
+    from interp.models import load_hf
 
-    return AdapterLibrary.load(run.base(), run.cfg.diagnose["adapters"])
+    hf, _ = load_hf(run.model)
+    return AdapterLibrary.load(run.model, adapters or run.cfg.diagnose["adapters"], hf_model=hf)
 
 
 def inventory_table(lib: Any) -> pd.DataFrame:
@@ -117,7 +120,6 @@ def geometry(run: Any) -> None:
     Every number comes from :mod:`interp.subspace`, on each site's exact update (DoRA and PiSSA
     rebuilt, :attr:`AdapterLibrary.deltas`)."""
     from interp import subspace as S
-    from interp.adapters import AdapterLibrary
 
     lib = library(run)
     base = run.base()
@@ -133,7 +135,7 @@ def geometry(run: Any) -> None:
     target = run.cfg.diagnose.get("target")
     if target:
         name, d = target
-        t = AdapterLibrary.load(base, {name: d}).deltas[name]
+        t = library(run, {name: d}).deltas[name]
         write_table(run, S.span_deficit_table(t, deltas).assign(target=name), "span_deficit")
 
 
@@ -141,12 +143,14 @@ def variants(run: Any) -> None:
     """Every variant (:func:`~interp.diagnose.variants.plan_variants`) loaded once; writes
     ``faithfulness``, ``energy_kept``, ``scores``, ``accuracy`` (Wilson 95%), ``contributions``,
     ``router``, ``lens`` and ``patching`` — each only where the inputs carry what it needs."""
-    from interp.diagnose.variants import TABLE_NAMES, cached_variant, patch_pairs, plan_variants
+    from interp.diagnose.variants import ROUTED, TABLE_NAMES, cached_variant, patch_pairs, plan_variants
     from interp.evaluate import accuracy_table
 
     qs = queries(run)
     dg = run.cfg.diagnose
     plan = plan_variants(list(dg["adapters"]), dg["combines"])
+    if not qs:  # geometry only: just the merges, for what each keeps (routers have no merged ΔW)
+        plan = [v for v in plan if v.role == "combine" and v.combine not in ROUTED]
     pairs = patch_pairs(run.base(), qs) if qs else []
     key = run.cfg.section_hash("study", "diagnose")
     got: dict[str, list[pd.DataFrame]] = {n: [] for n in TABLE_NAMES}
