@@ -193,8 +193,11 @@ def test_cli_errors_are_one_line_exit_2(tmp_path):
     d = _peft_adapter("tiny-llama", tmp_path / "dora", 2, use_dora=True)
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "a b", "answer": " c"}\n{"prompt": "x", "answer": " y", "answr": "z"}\n')
+    uneven = tmp_path / "uneven.jsonl"
+    uneven.write_text('{"prompt": "The capital of Zorv is", "answer": " Paris", '
+                      '"corrupt_prompt": "The capital of the far northern land of Qelm is"}\n')
     unlabelled = _prompts(tmp_path / "ok.jsonl")
-    unlabelled.write_text(unlabelled.read_text().replace('"expert": "ab"', '"subject": "Zorv1"'))
+    unlabelled.write_text(unlabelled.read_text().replace(', "expert": "ab"', ''))
     cases = [
         (["--model", "tiny-llama", "--adapter", f"ab={a}", "--prompts", str(bad)], "line 2"),
         (["--model", "tiny-llama", "--adapter", f"ab={tmp_path / 'nope'}"], "does not exist"),
@@ -204,6 +207,9 @@ def test_cli_errors_are_one_line_exit_2(tmp_path):
         (["--model", "tiny-qwen2", "--adapter", f"ab={a}"], "made for base model"),
         (["--model", str(tmp_path / "nomodel"), "--adapter", f"ab={a}"], "neither a registered name"),
         (["--model", "tiny-llama", "--adapter", "ab"], "NAME=DIR"),
+        (["--model", "tiny-llama", "--adapter", f"ab={a}", "--adapter", f"bc={a}", "--prompts", str(unlabelled)],
+         "line 2: 'expert'"),
+        (["--model", "tiny-llama", "--adapter", f"ab={a}", "--prompts", str(uneven)], "equal token lengths"),
     ]
     for args, msg in cases:
         res, errs = _cli([*args, "--out", str(tmp_path / "r")])

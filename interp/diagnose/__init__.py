@@ -34,6 +34,23 @@ def _fingerprint(paths: Sequence[Path]) -> str:
     return h.hexdigest()[:16]
 
 
+def check_tokens(queries: Sequence[Query], tokenizer: Any) -> None:
+    """Refuse, naming the line, text that tokenises to nothing and patching pairs whose clean and
+    corrupted prompts differ in token length (positions must align, Meng et al. 2022).
+
+    Raises:
+        PromptFileError: as above.
+    """
+    n = lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"])  # noqa: E731
+    for q in queries:
+        for key in ("prompt", "answer", "hop1_prompt", "corrupt_answer"):
+            if getattr(q, key) and n(getattr(q, key)) == 0:
+                raise PromptFileError(f"line {q.line}: {key!r} tokenises to no tokens")
+        if q.corrupt_prompt and n(q.corrupt_prompt) != n(q.prompt):
+            raise PromptFileError(f"line {q.line}: corrupt_prompt has {n(q.corrupt_prompt)} tokens, prompt has "
+                                  f"{n(q.prompt)}; patching needs equal token lengths")
+
+
 def preflight(model: str, adapters: dict[str, str], combines: Sequence[str] | None = None,
               prompts: str | Path | None = None, target: tuple[str, str] | None = None,
               device: str = "cpu", batch_size: int = 16):
@@ -45,7 +62,7 @@ def preflight(model: str, adapters: dict[str, str], combines: Sequence[str] | No
         interp.models.ModelLoadError: the model is neither registered and offline nor a local
             HF directory. DiagnoseError: no adapters, an unknown combine, ``oracle`` without
             prompts labelled with ``expert``, a batch size < 1, a target named like an adapter.
-        PromptFileError: see :func:`read_prompts`. AdapterError subclasses (from
+        PromptFileError: see :func:`read_prompts` and :func:`check_tokens`. AdapterError subclasses (from
             :class:`~interp.adapters.AdapterLibrary` and :func:`~interp.adapters.features.check_combine`):
             missing files, another base model, shapes, a feature a named combine cannot carry exactly.
         HardwareError: an unusable ``device``.
@@ -74,7 +91,8 @@ def preflight(model: str, adapters: dict[str, str], combines: Sequence[str] | No
     if "oracle" in combines and not (qs and all(q.expert for q in qs)):
         raise DiagnoseError("combine 'oracle' routes each prompt to its 'expert': give --prompts whose "
                             "lines all carry an 'expert' key")
-    hf, _ = load_hf(model)
+    hf, tok = load_hf(model)
+    check_tokens(qs, tok)
     lib = AdapterLibrary.load(model, adapters, hf_model=hf)
     notes = []
     if len(adapters) >= 2:
