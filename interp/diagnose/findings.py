@@ -96,7 +96,7 @@ def findings(t: dict[str, pd.DataFrame | None]) -> list[dict[str, str]]:
                                 evidence="hop 'chain' vs 'query', first-token accuracy", csv="accuracy"))
     router = t.get("router")
     if router is not None and len(router) and router["top1_match"].notna().any():
-        for v, g in router.groupby("variant", sort=False):
+        for v, g in router[router["variant"] != "oracle"].groupby("variant", sort=False):  # oracle: by construction
             m = g.drop_duplicates("layer")["top1_match"].mean()
             out.append(dict(text=f"{v} routes the final token to the expected expert in {_pct(m)} of "
                                  "prompts (mean over layers).",
@@ -104,12 +104,17 @@ def findings(t: dict[str, pd.DataFrame | None]) -> list[dict[str, str]]:
     lens = t.get("lens")
     if lens is not None and len(lens):
         fin = lens[(lens["position"] == "final") & (lens["target"] == "bridge")]
+        best: dict[str, tuple[float, int]] = {}
         for v, g in fin.groupby("variant", sort=False):
             med = g.groupby("layer")["rank"].median()
-            best = int(med.idxmin())
-            seen = med.iloc[:-1].min() <= DECODABLE_RANK if len(med) > 1 else False
-            out.append(dict(text=f"In {v} the bridge entity is {'decodable' if seen else 'not decodable'} at the "
-                                 f"final position before the last layer (best median logit-lens rank "
-                                 f"{med.min():.0f} at layer {best}; decodable means rank ≤ {DECODABLE_RANK}).",
-                            evidence=f"EntRec over {g['example_id'].nunique()} prompts", csv="lens"))
+            med = med.iloc[:-1] if len(med) > 1 else med  # before the last layer: not just the output
+            best[v] = (float(med.min()), int(med.idxmin()))
+        yes = [v for v, (r, _) in best.items() if r <= DECODABLE_RANK]
+        no = [v for v in best if v not in yes]
+        text = ("The bridge entity is decodable at the final position before the last layer (median "
+                f"logit-lens rank ≤ {DECODABLE_RANK}) in " + (", ".join(yes) or "no variant")
+                + ("; not in " + ", ".join(no) if no else "") + ".")
+        out.append(dict(text=text, evidence="best median rank (layer): " + ", ".join(
+            f"{v} {r:.0f} (ℓ{l})" for v, (r, l) in best.items()) + f"; EntRec over {fin['example_id'].nunique()} prompts",
+            csv="lens"))
     return out

@@ -56,10 +56,11 @@ def _figures(t: dict[str, pd.DataFrame | None]) -> dict[str, tuple[Any, str]]:
                                 "φ (Hu et al. 2021) from the principal angles: 0 = orthogonal, 1 = same subspace."))
     acc = t.get("accuracy")
     if acc is not None and len(acc):
-        d = acc[acc["metric"] == "first_token"].assign(method=lambda x: x["variant"], test_set=lambda x: x["hop"])
-        for hop in dict.fromkeys(d["hop"]):
-            out["behaviour"].append((F.accuracy_figure(d, "first_token", hop),
-                                     f"Prompts set '{hop}', first answer token, Wilson 95% intervals."))
+        d = acc[acc["metric"] == "first_token"].assign(method=lambda x: x["variant"], test_set=lambda x: x["hop"],
+                                                        hop="prompts")
+        out["behaviour"].append((F.accuracy_figure(d, "first_token", "prompts"),
+                                 "One bar per prompt set: query (latent), hop1 / hop2 (each hop alone), chain "
+                                 "(explicit chaining); first answer token, Wilson 95% intervals."))
     c = t.get("contributions")
     if c is not None and len(c):
         out["behaviour"].append((F.line_figure(c, "layer", "norm", "adapter", "Per-adapter contribution at the "

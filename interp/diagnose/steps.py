@@ -102,7 +102,7 @@ def inventory_table(lib: Any) -> pd.DataFrame:
             adapter=a, directory=lib.dirs[a], r=cfg.get("r"), lora_alpha=cfg.get("lora_alpha"),
             ranks=" ".join(map(str, ranks)), scales=" ".join(f"{s:g}" for s in scales),
             use_rslora=bool(cfg.get("use_rslora")), use_dora=bool(cfg.get("use_dora")),
-            features=lib.parts[a].describe(tuple(lib.parts[a].features)) if a in lib.parts else "",
+            features=(lib.parts[a].describe(tuple(lib.parts[a].features)) if a in lib.parts else "") or "plain LoRA",
             targets=" ".join(sorted({short_module(m) for m in fac})), n_sites=len(fac),
             layers=f"{layers[0]}–{layers[-1]}" if layers else "",
             init=str(cfg.get("init_lora_weights")), base_model=str(cfg.get("base_model_name_or_path") or "")))
