@@ -81,6 +81,14 @@ def test_accuracy_equals_score_examples_directly(llama_run):
     assert row["n"] == len(qs) and row["accuracy"] == pytest.approx(k / len(qs))
     assert (row["ci_low"], row["ci_high"]) == pytest.approx(wilson_interval(k, len(qs)), abs=1e-5)
     assert set(acc["hop"]) == {"query", "hop1", "hop2", "chain"}
+    # explicit chaining: the variant's own greedy hop-1 answer, cut at the first . , or newline
+    from interp.evaluate import greedy_answers
+
+    preds = greedy_answers(hm, [q.hop1_prompt for q in qs], max_new_tokens=8)
+    cut = [re.split(r"[\n.,]", p)[0].strip() for p in preds]
+    chain = sc[(sc["variant"] == "uniform") & (sc["hop"] == "chain")].sort_values("line")
+    assert chain["bridge_used"].fillna("").astype(str).tolist() == cut
+    assert chain["prompt"].tolist() == [q.hop2_prompt.replace("{bridge}", c or "unknown") for q, c in zip(qs, cut)]
     assert set(acc["variant"]) == {"base", "expert_ab", "expert_bc", "uniform", "ties", "arrow", "oracle"}
 
 
@@ -252,3 +260,30 @@ def test_diagnose_report_renders_in_headless_chromium(llama_run, tmp_path):
     assert attrs.get("figures-rendered") == attrs["figures-total"]
     console_errors = [l for l in proc.stderr.splitlines() if "CONSOLE" in l and ("Error" in l or "Uncaught" in l)]
     assert not console_errors, console_errors
+
+
+def test_findings_state_their_numbers():
+    """Synthetic tables with known answers: each sentence carries the numbers that decide it."""
+    from interp.diagnose.findings import findings
+    from interp.evaluate import wilson_interval
+
+    def acc_row(v, role, hop, k, n):
+        lo, hi = wilson_interval(k, n)
+        return dict(variant=v, role=role, hop=hop, metric="first_token", n=n, accuracy=k / n, ci_low=lo, ci_high=hi)
+
+    acc = pd.DataFrame([acc_row("base", "base", "query", 0, 40), acc_row("expert_ab", "expert", "query", 2, 40),
+                        acc_row("uniform", "combine", "query", 30, 40), acc_row("ties", "combine", "query", 1, 40),
+                        acc_row("ties", "combine", "chain", 35, 40)])
+    faith = pd.DataFrame(dict(variant=["uniform", "uniform", "ties"], module=["m0", "m1", "m0"],
+                              rel_error=[1e-9, 2e-9, 0.25]))
+    ek = pd.DataFrame(dict(variant=["ties"] * 4, module=["m0", "m1", "m0", "m1"], expert=["ab", "ab", "bc", "bc"],
+                           energy_kept=[1.0, 0.5, 0.9, 0.9], energy=[1.0, 3.0, 1.0, 1.0]))
+    text = " | ".join(f["text"] + " " + f["evidence"] for f in findings(
+        {"accuracy": acc, "faithfulness": faith, "energy_kept": ek}))
+    assert "uniform is exactly the weighted sum" in text
+    assert "ties departs" in text and "0.25" in text and "m0" in text
+    assert "ties keeps 62% of expert ab's" in text  # (1·1 + 0.5·3) / 4 = 0.625
+    assert "uniform answers 30/40 (75%" in text and "beats the best single expert, expert_ab 2/40" in text
+    assert "ties answers 1/40" in text and "is within the intervals of" in text
+    assert "ties answers when chained explicitly (35/40" in text
+    assert not findings({})

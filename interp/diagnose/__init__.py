@@ -82,7 +82,10 @@ def preflight(model: str, adapters: dict[str, str], combines: Sequence[str] | No
     explicit = combines is not None
     combines = list(combines) if explicit else list(DEFAULT_COMBINES)
     for c in combines:
-        if c not in COMBINES or c in ("none", "weighted"):
+        if c in ("none", "weighted"):
+            raise DiagnoseError(f"combine {c!r} is not diagnosed: each expert alone is always a variant, and "
+                                "'weighted' needs per-expert weights (use uniform or task_arithmetic)")
+        if c not in COMBINES:
             ok = [x for x in COMBINES if x not in ("none", "weighted")]
             raise DiagnoseError(f"unknown combine {c!r}; choose from {', '.join(ok)}")
     if len(set(combines)) != len(combines):
