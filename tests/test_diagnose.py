@@ -139,6 +139,9 @@ def test_router_contributions_lens_patching_and_findings(llama_run):
                                      "<h2>Geometry", "<h2>Behaviour on your prompts", "<h2>The bridge")]
     assert order == sorted(order)
     assert "exactly the weighted sum" in html and "results/accuracy.csv" in html
+    ko = _csv(run, "key_overlap")
+    assert set(ko["adapter"]) == {"ab", "bc"} and ((ko["kappa_composed"] >= 0) & (ko["kappa_composed"] <= 1 + 1e-9)).all()
+    assert "results/key_overlap.csv" in html
     sd = _csv(run, "span_deficit")
     assert ((sd["span_deficit"] >= 0) & (sd["span_deficit"] <= 1)).all() and set(sd["target"]) == {"tgt"}
 

@@ -101,6 +101,15 @@ def findings(t: dict[str, pd.DataFrame | None]) -> list[dict[str, str]]:
             out.append(dict(text=f"{v} routes the final token to the expected expert in {_pct(m)} of "
                                  "prompts (mean over layers).",
                             evidence="top1_match of hook_router at the final position", csv="router"))
+    ko = t.get("key_overlap")
+    if ko is not None and len(ko):
+        per = ko.groupby("adapter", sort=False)[["trigger_composed", "trigger_native"]].mean()
+        parts = [f"{a} {r.trigger_composed / r.trigger_native:.2f}×" for a, r in per.iterrows() if r.trigger_native > 0]
+        out.append(dict(text="On the composed queries each adapter's update is triggered at " + ", ".join(parts)
+                             + " its strength on the single-hop prompts (mean ‖ΔW x‖ at the final token, base model).",
+                        evidence="κ composed/native: " + ", ".join(
+                            f"{a} {g['kappa_composed'].mean():.3f}/{g['kappa_native'].mean():.3f}"
+                            for a, g in ko.groupby("adapter", sort=False)), csv="key_overlap"))
     lens = t.get("lens")
     if lens is not None and len(lens):
         fin = lens[(lens["position"] == "final") & (lens["target"] == "bridge")]

@@ -18,7 +18,7 @@ from interp.diagnose.findings import findings
 from interp.report import CSS, RENDER_CHECK, table_html
 
 TABLES = ("inventory", "adapters", "spectra", "overlap", "layer_energy", "span_deficit", "faithfulness",
-          "energy_kept", "scores", "accuracy", "contributions", "router", "lens", "patching")
+          "energy_kept", "scores", "accuracy", "contributions", "router", "key_overlap", "lens", "patching")
 
 
 def _link(name: str) -> str:
@@ -149,7 +149,14 @@ def build_diagnose_report(run: Any) -> Path:
         a = t["accuracy"]
         beh.append(_table("Accuracy per variant and prompt set", a[a["metric"] == "first_token"], "accuracy", 60))
     section("Behaviour on your prompts", "behaviour", beh)
-    section("The bridge", "bridge", [])
+    bridge = []
+    if t["key_overlap"] is not None:
+        k = t["key_overlap"]
+        bridge.append(_table("Key overlap κ and triggered output ‖ΔW x‖ per adapter and layer: composed queries "
+                             "vs single-hop prompts (mean over sites; ratio < 1: the query triggers the adapter less)",
+                             k.groupby(["adapter", "layer"], sort=False)[["kappa_composed", "kappa_native", "kappa_ratio",
+                                                                         "trigger_ratio"]].mean().reset_index(), "key_overlap"))
+    section("The bridge", "bridge", bridge)
     if dg.get("prompts") is None:
         body.append('<p class="cap">No prompts given: behaviour and bridge sections need --prompts.</p>')
     body.append("<h2>Files</h2><p>" + " · ".join(_link(n) for n in TABLES if t[n] is not None) + "</p>")

@@ -1,4 +1,4 @@
-"""The diagnosis as a study-runner pipeline: inventory → geometry → variants → report.
+"""The diagnosis as a study-runner pipeline: inventory → geometry → keys → variants → report.
 
 Each step writes tidy CSVs under ``DIR/results`` (:func:`write_table`, atomic) and is cached and
 resumable by :func:`interp.study.runner.run_pipeline`; the ``variants`` step also caches per
@@ -139,6 +139,26 @@ def geometry(run: Any) -> None:
         write_table(run, S.span_deficit_table(t, deltas).assign(target=name), "span_deficit")
 
 
+def keys(run: Any) -> None:
+    """Write ``key_overlap`` when the prompts carry hop prompts: per adapter and module, κ (the
+    fraction of the module's input at the final token inside the adapter's row space) and the
+    triggered output ‖ΔW x‖, on the composed queries vs the single-hop prompts (``hop1_prompt``;
+    ``hop2_prompt`` with the gold ``bridge``), on the base model
+    (:func:`interp.subspace.key_overlap_table`; theory.md §2.5: a second-hop expert whose keys are
+    not triggered by the composed query cannot complete it)."""
+    from interp import subspace as S
+
+    qs = [q for q in queries(run) if q.hop1_prompt]
+    if not qs:
+        return
+    native = [q.hop1_prompt for q in qs] + [q.hop2_prompt.replace("{bridge}", q.bridge.strip()) for q in qs if q.bridge]
+    lib = library(run)
+    base = run.base()
+    frames = [S.key_overlap_table(base, d, [q.prompt for q in qs], native).assign(adapter=a)
+              for a, d in lib.deltas.items()]
+    write_table(run, pd.concat(frames, ignore_index=True), "key_overlap")
+
+
 def variants(run: Any) -> None:
     """Every variant (:func:`~interp.diagnose.variants.plan_variants`) loaded once; writes
     ``faithfulness``, ``energy_kept``, ``scores``, ``accuracy`` (Wilson 95%), ``contributions``,
@@ -181,6 +201,7 @@ def report(run: Any) -> None:
 PIPELINE: tuple[Step, ...] = (
     Step("inventory", inventory, ("study", "diagnose")),
     Step("geometry", geometry),
+    Step("keys", keys),
     Step("variants", variants),
     Step("report", report),
 )
