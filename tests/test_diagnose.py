@@ -290,3 +290,16 @@ def test_findings_state_their_numbers():
     assert "ties answers 1/40" in text and "is within the intervals of" in text
     assert "ties answers when chained explicitly (35/40" in text
     assert not findings({})
+
+
+def test_one_adapter_without_prompts_and_help(tmp_path):
+    a = _peft_adapter("tiny-llama", tmp_path / "only", 4)
+    res = CliRunner().invoke(app, ["diagnose", "--model", "tiny-llama", "--adapter", f"only={a}",
+                                   "--out", str(tmp_path / "run")])
+    assert res.exit_code == 0, res.output
+    run = tmp_path / "run"
+    assert {p.stem for p in (run / "results").iterdir()} == {"inventory", "adapters", "spectra", "layer_energy"}
+    html = (run / "report.html").read_text()
+    assert "one adapter: no combine" in html and "No prompts given" in html
+    res = CliRunner().invoke(app, ["diagnose", "--help"], env={"COLUMNS": "200"})
+    assert res.exit_code == 0 and "--adapter" in res.output and "--prompts" in res.output
