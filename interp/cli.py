@@ -148,12 +148,14 @@ def diagnose_cmd(
     out: Path = typer.Option(Path("runs/diagnose"), "--out", "-o", help="run directory (resumable)"),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N"),
     batch_size: int = typer.Option(16, "--batch-size", help="prompts per forward"),
+    option: Optional[list[str]] = typer.Option(None, "--option", help="COMBINE.KEY=VALUE option of a combine "
+                                               "(repeat), e.g. ties.density=0.5, arrow.top_k=1"),
 ) -> None:
     """Diagnose a merge or router of your own adapters on your own prompts: inventory, geometry,
     accuracy, contributions, router weights, EntRec and patching -> DIR/report.html."""
 
     def body() -> None:
-        from interp.diagnose import diagnose, parse_adapter_args
+        from interp.diagnose import diagnose, parse_adapter_args, parse_option_args
 
         adapters = parse_adapter_args(adapter)
         tgt = None
@@ -162,7 +164,7 @@ def diagnose_cmd(
             tgt = (name, d)
         combines = [c.strip() for c in combine.split(",") if c.strip()] if combine is not None else None
         diagnose(model, adapters, combines=combines, prompts=prompts, target=tgt, out=out, device=device,
-                 batch_size=batch_size)
+                 batch_size=batch_size, options=parse_option_args(option or []))
 
     _guarded(body)
 

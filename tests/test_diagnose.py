@@ -55,7 +55,8 @@ def llama_run(tmp_path_factory):
     bc = _peft_adapter("tiny-llama", d / "bc", 2, use_rslora=True)
     tgt = _peft_adapter("tiny-llama", d / "tgt", 3)
     out = diagnose("tiny-llama", {"ab": str(ab), "bc": str(bc)}, combines=["uniform", "ties", "arrow", "oracle"],
-                   prompts=_prompts(d / "p.jsonl"), target=("tgt", str(tgt)), out=d / "run", batch_size=4)
+                   prompts=_prompts(d / "p.jsonl"), target=("tgt", str(tgt)), out=d / "run", batch_size=4,
+                   options={"ties": {"density": 0.5}})
     return out, {"ab": ab, "bc": bc, "tgt": tgt}, d / "p.jsonl"
 
 
@@ -110,7 +111,7 @@ def test_faithfulness_equals_the_merge_report(llama_run):
     from interp import load_hooked
 
     run, ad, _ = llama_run
-    hm = load_hooked("tiny-llama", {"ab": str(ad["ab"]), "bc": str(ad["bc"])}, combine="ties")
+    hm = load_hooked("tiny-llama", {"ab": str(ad["ab"]), "bc": str(ad["bc"])}, combine="ties", density=0.5)
     ref = hm.info["faithfulness"].set_index("module")["rel_error"]
     f = _csv(run, "faithfulness")
     got = f[f["variant"] == "ties"].set_index("module")["rel_error"]
@@ -155,7 +156,8 @@ def test_rerun_is_cached_and_identical(llama_run, tmp_path):
     for s in ("variants", "report"):
         (copy / "steps" / f"{s}.json").unlink()
     diagnose("tiny-llama", {"ab": str(ad["ab"]), "bc": str(ad["bc"])}, combines=["uniform", "ties", "arrow", "oracle"],
-             prompts=prompts, target=("tgt", str(ad["tgt"])), out=copy, batch_size=4, steps=["variants"])
+             prompts=prompts, target=("tgt", str(ad["tgt"])), out=copy, batch_size=4, steps=["variants"],
+             options={"ties": {"density": 0.5}})
     for name in ("scores", "accuracy", "lens", "patching", "router", "contributions", "faithfulness"):
         assert (copy / "results" / f"{name}.csv").read_bytes() == before[f"{name}.csv"], name
 
@@ -218,6 +220,11 @@ def test_cli_errors_are_one_line_exit_2(tmp_path):
         (["--model", "tiny-qwen2", "--adapter", f"ab={a}"], "made for base model"),
         (["--model", str(tmp_path / "nomodel"), "--adapter", f"ab={a}"], "neither a registered name"),
         (["--model", "tiny-llama", "--adapter", "ab"], "NAME=DIR"),
+        (["--model", "tiny-llama", "--adapter", f"ab={a}", "--adapter", f"bc={a}", "--combine", "ties",
+          "--option", "ties.rank=3"], "do not apply to combine='ties'"),
+        (["--model", "tiny-llama", "--adapter", f"ab={a}", "--adapter", f"bc={a}", "--combine", "ties",
+          "--option", "arrow.top_k=1"], "not diagnosed"),
+        (["--model", "tiny-llama", "--adapter", f"ab={a}", "--option", "density"], "COMBINE.KEY=VALUE"),
         (["--model", "tiny-llama", "--adapter", f"ab={a}", "--adapter", f"bc={a}", "--prompts", str(unlabelled)],
          "line 2: 'expert'"),
         (["--model", "tiny-llama", "--adapter", f"ab={a}", "--prompts", str(uneven)], "equal token lengths"),

@@ -15,13 +15,13 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from interp.diagnose.inputs import (DiagnoseError, PromptFileError, Query, check_model, parse_adapter_args,
-                                    read_prompts)
+                                    parse_option_args, read_prompts)
 
 #: combines tried when none are named; those the adapters' features rule out are dropped (noted)
 DEFAULT_COMBINES = ("uniform", "ties", "arrow")
 
 __all__ = ["diagnose", "preflight", "DiagnoseError", "PromptFileError", "Query", "read_prompts",
-           "parse_adapter_args", "DEFAULT_COMBINES"]
+           "parse_adapter_args", "parse_option_args", "DEFAULT_COMBINES"]
 
 
 def _fingerprint(paths: Sequence[Path]) -> str:
@@ -53,18 +53,20 @@ def check_tokens(queries: Sequence[Query], tokenizer: Any) -> None:
 
 def preflight(model: str, adapters: dict[str, str], combines: Sequence[str] | None = None,
               prompts: str | Path | None = None, target: tuple[str, str] | None = None,
-              device: str = "cpu", batch_size: int = 16):
+              device: str = "cpu", batch_size: int = 16, options: dict[str, dict[str, Any]] | None = None):
     """Check every input and return the run's :class:`~interp.diagnose.steps.DiagnoseConfig`.
 
     Loads the base model's weights once (to validate the adapters against it) but runs nothing.
 
     Raises:
         interp.models.ModelLoadError: the model is neither registered and offline nor a local
-            HF directory. DiagnoseError: no adapters, an unknown combine, ``oracle`` without
+            HF directory. DiagnoseError: no adapters, an unknown combine, options for a combine
+            not diagnosed, ``oracle`` without
             prompts labelled with ``expert``, a batch size < 1, a target named like an adapter.
         PromptFileError: see :func:`read_prompts` and :func:`check_tokens`. AdapterError subclasses (from
             :class:`~interp.adapters.AdapterLibrary` and :func:`~interp.adapters.features.check_combine`):
-            missing files, another base model, shapes, a feature a named combine cannot carry exactly.
+            missing files, another base model, shapes, a feature a named combine cannot carry exactly;
+            UnsupportedOptionError: an option the combine does not take (``COMBINE_OPTIONS``).
         HardwareError: an unusable ``device``.
     """
     from interp.adapters import COMBINES, AdapterLibrary
@@ -90,6 +92,13 @@ def preflight(model: str, adapters: dict[str, str], combines: Sequence[str] | No
             raise DiagnoseError(f"unknown combine {c!r}; choose from {', '.join(ok)}")
     if len(set(combines)) != len(combines):
         raise DiagnoseError(f"a combine is named twice in {combines}")
+    from interp.adapters import _check_options  # the one place the combines' options are defined
+
+    options = {c: dict(o) for c, o in (options or {}).items()}
+    for c, o in options.items():
+        if c not in combines:
+            raise DiagnoseError(f"options given for combine {c!r}, which is not diagnosed ({', '.join(combines)})")
+        _check_options(c, o)
     qs = read_prompts(prompts, list(adapters)) if prompts is not None else []
     if "oracle" in combines and not (qs and all(q.expert for q in qs)):
         raise DiagnoseError("combine 'oracle' routes each prompt to its 'expert': give --prompts whose "
@@ -116,7 +125,7 @@ def preflight(model: str, adapters: dict[str, str], combines: Sequence[str] | No
         AdapterLibrary.load(model, {name: d}, hf_model=hf)
     files = [Path(d) for d in adapters.values()] + ([Path(target[1])] if target else []) + \
         ([Path(prompts)] if prompts is not None else [])
-    section = {"adapters": dict(adapters), "combines": combines,
+    section = {"adapters": dict(adapters), "combines": combines, "options": options,
                "prompts": str(Path(prompts).resolve()) if prompts is not None else None,
                "target": list(target) if target else None, "batch_size": batch_size,
                "fingerprint": _fingerprint(files), "notes": notes}
@@ -126,7 +135,7 @@ def preflight(model: str, adapters: dict[str, str], combines: Sequence[str] | No
 def diagnose(model: str, adapters: dict[str, str], combines: Sequence[str] | None = None,
              prompts: str | Path | None = None, target: tuple[str, str] | None = None,
              out: str | Path = "runs/diagnose", device: str = "cpu", batch_size: int = 16,
-             steps: list[str] | None = None) -> Path:
+             steps: list[str] | None = None, options: dict[str, dict[str, Any]] | None = None) -> Path:
     """Diagnose a merge or router of your own adapters on your own prompts.
 
     Args:
@@ -141,7 +150,9 @@ def diagnose(model: str, adapters: dict[str, str], combines: Sequence[str] | Non
         out: run directory (created; re-using it resumes from cached steps and variants).
         device: ``cpu``, ``cuda`` or ``cuda:N``.
         batch_size: prompts per forward.
-        steps: re-run only these steps (``inventory, geometry, variants, report``).
+        steps: re-run only these steps (``inventory, geometry, keys, variants, report``).
+        options: ``{combine: {option: value}}`` for ``load_hooked`` (e.g. ``{"ties": {"density":
+            0.5}, "arrow": {"top_k": 1}}``); default the combine's own defaults.
 
     Returns:
         ``out`` (``report.html``, ``results/*.csv``).
@@ -153,5 +164,5 @@ def diagnose(model: str, adapters: dict[str, str], combines: Sequence[str] | Non
 
     from interp.diagnose.steps import PIPELINE
 
-    cfg = preflight(model, adapters, combines, prompts, target, device, batch_size)
+    cfg = preflight(model, adapters, combines, prompts, target, device, batch_size, options)
     return run_pipeline(PIPELINE, cfg, out, steps)

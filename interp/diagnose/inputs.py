@@ -177,3 +177,27 @@ def parse_adapter_args(items: list[str]) -> dict[str, str]:
             raise DiagnoseError(f"adapter name {name!r} given twice")
         out[name.strip()] = d.strip()
     return out
+
+
+def parse_option_args(items: list[str]) -> dict[str, dict[str, Any]]:
+    """``["COMBINE.KEY=VALUE", ...]`` → ``{combine: {key: value}}``; values are read as JSON
+    (``0.5``, ``1``, ``"total"``), bare words as strings (``ties.majority_sign_method=frequency``).
+
+    Raises:
+        DiagnoseError: an item not of the form COMBINE.KEY=VALUE, or a key given twice.
+    """
+    out: dict[str, dict[str, Any]] = {}
+    for it in items:
+        lhs, sep, val = it.partition("=")
+        combine, dot, key = lhs.partition(".")
+        if not sep or not dot or not combine.strip() or not key.strip() or not val.strip():
+            raise DiagnoseError(f"option {it!r}: expected COMBINE.KEY=VALUE, e.g. ties.density=0.5")
+        try:
+            v = json.loads(val)
+        except json.JSONDecodeError:
+            v = val.strip()
+        opts = out.setdefault(combine.strip(), {})
+        if key.strip() in opts:
+            raise DiagnoseError(f"option {lhs!r} given twice")
+        opts[key.strip()] = v
+    return out

@@ -50,7 +50,8 @@ def load_variant(run: Any, v: DVariant):
     from interp import load_hooked
 
     dirs = run.cfg.diagnose["adapters"]
-    hm = load_hooked(run.model, {a: dirs[a] for a in v.adapters}, combine=v.combine)
+    opts = run.cfg.diagnose.get("options", {}).get(v.combine, {}) if v.role == "combine" else {}
+    hm = load_hooked(run.model, {a: dirs[a] for a in v.adapters}, combine=v.combine, **opts)
     if run.cfg.study.device != "cpu":
         hm.hf_model.to(run.cfg.study.device)
     return hm
