@@ -147,6 +147,26 @@ def test_router_contributions_lens_patching_and_findings(llama_run):
     assert ((sd["span_deficit"] >= 0) & (sd["span_deficit"] <= 1)).all() and set(sd["target"]) == {"tgt"}
 
 
+def test_patching_logit_differences_match_the_base_model(llama_run, tiny_llama):
+    """The patching table's clean / corrupted logit differences are logit[answer] − logit[contrast]
+    of the base model's own forward (contrast: its top prediction on the corrupted prompt)."""
+    run, _, prompts = llama_run
+    p = _csv(run, "patching")
+    p = p[p["variant"] == "base"].drop_duplicates("example_id").set_index("example_id")
+    assert len(p) >= 3
+    hm = tiny_llama
+    for q in read_prompts(prompts):
+        with torch.no_grad():
+            clean = hm.logits(torch.tensor([hm.encode(q.prompt)]))[0, -1].float()
+            corr = hm.logits(torch.tensor([hm.encode(q.corrupt_prompt)]))[0, -1].float()
+        a, c = hm.encode(q.answer)[0], int(corr.argmax())
+        if a == c:
+            assert q.line not in p.index  # no contrast: the pair is dropped
+            continue
+        assert p.loc[q.line, "clean_logit_diff"] == pytest.approx(float(clean[a] - clean[c]), abs=1e-3)
+        assert p.loc[q.line, "corrupted_logit_diff"] == pytest.approx(float(corr[a] - corr[c]), abs=1e-3)
+
+
 def test_rerun_is_cached_and_identical(llama_run, tmp_path):
     run, ad, prompts = llama_run
     before = {p.name: p.read_bytes() for p in (run / "results").iterdir()}
