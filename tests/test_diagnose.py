@@ -167,6 +167,27 @@ def test_patching_logit_differences_match_the_base_model(llama_run, tiny_llama):
         assert p.loc[q.line, "corrupted_logit_diff"] == pytest.approx(float(corr[a] - corr[c]), abs=1e-3)
 
 
+def test_contributions_equal_delta_w_times_module_inputs(llama_run):
+    """hook_delta norms of an expert alone = ‖s·B·A·x‖ with x the module's own input (forward
+    pre-hooks on the base linear, interp.subspace.module_inputs), per layer in quadrature."""
+    from interp import load_hooked
+    from interp.adapters.factors import layer_of
+    from interp.subspace import module_inputs
+
+    run, ad, prompts = llama_run
+    hm = load_hooked("tiny-llama", {"ab": str(ad["ab"])}, combine="none")
+    deltas = hm.info["expert_deltas"]["ab"]
+    xs = module_inputs(hm, [q.prompt for q in read_prompts(prompts)], list(deltas), "final")
+    per_layer: dict[int, torch.Tensor] = {}
+    for m, d in deltas.items():
+        n2 = d.apply(xs[m].double()).norm(dim=1) ** 2
+        per_layer[layer_of(m)] = per_layer.get(layer_of(m), 0) + n2
+    c = _csv(run, "contributions")
+    c = c[(c["variant"] == "expert_ab")].set_index("layer")["norm"]
+    for layer, n2 in per_layer.items():
+        assert c.loc[layer] == pytest.approx(float(torch.sqrt(n2).mean()), rel=1e-4)
+
+
 def test_rerun_is_cached_and_identical(llama_run, tmp_path):
     run, ad, prompts = llama_run
     before = {p.name: p.read_bytes() for p in (run / "results").iterdir()}
