@@ -143,6 +143,13 @@ def test_router_contributions_lens_patching_and_findings(llama_run):
     ko = _csv(run, "key_overlap")
     assert set(ko["adapter"]) == {"ab", "bc"} and ((ko["kappa_composed"] >= 0) & (ko["kappa_composed"] <= 1 + 1e-9)).all()
     assert "results/key_overlap.csv" in html
+    ek = _csv(run, "energy_kept")
+    tk = ek[ek["expert"] == "target"]
+    assert set(tk["variant"]) == {"uniform", "ties"} and "of the target&#x27;s update energy" in html
+    # a merge lies inside the library's joint spans: it can hold no more of the target than they do
+    sd0 = _csv(run, "span_deficit").set_index("module")["span_deficit"]
+    uni = tk[tk["variant"] == "uniform"].set_index("module")["energy_kept"]
+    assert (uni <= 1 - sd0.reindex(uni.index) + 1e-6).all()
     sd = _csv(run, "span_deficit")
     assert ((sd["span_deficit"] >= 0) & (sd["span_deficit"] <= 1)).all() and set(sd["target"]) == {"tgt"}
 

@@ -46,6 +46,13 @@ def findings(t: dict[str, pd.DataFrame | None]) -> list[dict[str, str]]:
                             csv="faithfulness"))
     ek = t.get("energy_kept")
     if ek is not None and len(ek):
+        tk = ek[ek["expert"] == "target"]
+        ek = ek[ek["expert"] != "target"]
+        for v, g in tk.groupby("variant", sort=False):
+            kept = float((g["energy_kept"] * g["energy"]).sum() / g["energy"].sum())
+            out.append(dict(text=f"{v} holds {_pct(kept)} of the target's update energy inside its own spans; "
+                                 f"the other {_pct(1 - kept)} it cannot express whatever its weights.",
+                            evidence=f"energy-weighted over {len(g)} sites", csv="energy_kept"))
         for v, g in ek.groupby("variant", sort=False):
             per = g.assign(w=g["energy_kept"] * g["energy"]).groupby("expert")[["w", "energy"]].sum()
             kept = (per["w"] / per["energy"]).sort_values()

@@ -173,9 +173,11 @@ def variants(run: Any) -> None:
         plan = [v for v in plan if v.role == "combine" and v.combine not in ROUTED]
     pairs = patch_pairs(run.base(), qs) if qs else []
     key = run.cfg.section_hash("study", "diagnose")
+    tgt = dg.get("target")
+    target = library(run, {tgt[0]: tgt[1]}).deltas[tgt[0]] if tgt else None
     got: dict[str, list[pd.DataFrame]] = {n: [] for n in TABLE_NAMES}
     for v in tqdm(plan, desc="variants"):
-        for n, df in cached_variant(run, v, qs, pairs, key).items():
+        for n, df in cached_variant(run, v, qs, pairs, key, target).items():
             if len(df):
                 got[n].append(df)
     for n, frames in got.items():

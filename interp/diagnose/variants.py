@@ -202,8 +202,11 @@ def patch_pairs(base: Any, queries: Sequence[Query]) -> list:
     return pairs
 
 
-def variant_tables(run: Any, v: DVariant, queries: Sequence[Query], pairs: list) -> dict[str, pd.DataFrame]:
-    """Every table of one variant from one load: ``faithfulness`` and ``energy_kept`` (merges),
+def variant_tables(run: Any, v: DVariant, queries: Sequence[Query], pairs: list,
+                   target: dict | None = None) -> dict[str, pd.DataFrame]:
+    """Every table of one variant from one load: ``faithfulness`` and ``energy_kept`` (merges;
+    with ``target`` = ``{module: LoraDelta}`` also rows ``expert = "target"``: the fraction of the
+    target's energy inside the merge's spans, the merge's own complement of the span deficit),
     ``scores``, ``contrib``, ``router``, ``lens`` (queries with a ``bridge``), ``patching`` (given
     pairs; base and combines). Empty frames for what does not apply."""
     from interp.subspace import energy_kept
@@ -220,6 +223,10 @@ def variant_tables(run: Any, v: DVariant, queries: Sequence[Query], pairs: list)
                 if m in ed and ed[m].frobenius_sq() > 0 and d.frobenius_sq() > 0:
                     rows.append(dict(variant=v.name, module=m, expert=a, energy_kept=energy_kept(ed[m], d),
                                      energy=ed[m].frobenius_sq()))
+            o = (target or {}).get(m)
+            if o is not None and o.frobenius_sq() > 0 and d.frobenius_sq() > 0 and o.d_out == d.d_out and o.d_in == d.d_in:
+                rows.append(dict(variant=v.name, module=m, expert="target", energy_kept=energy_kept(o, d),
+                                 energy=o.frobenius_sq()))
         out["energy_kept"] = pd.DataFrame(rows)
     if queries:
         bs = int(run.cfg.diagnose.get("batch_size", 16))
@@ -262,7 +269,8 @@ def _spans(q: Query, hm: Any) -> dict:
 TABLE_NAMES = ("faithfulness", "energy_kept", "scores", "contrib", "router", "lens", "patching")
 
 
-def cached_variant(run: Any, v: DVariant, queries: Sequence[Query], pairs: list, key: str) -> dict[str, pd.DataFrame]:
+def cached_variant(run: Any, v: DVariant, queries: Sequence[Query], pairs: list, key: str,
+                   target: dict | None = None) -> dict[str, pd.DataFrame]:
     """:func:`variant_tables`, cached in ``DIR/cache/variants/<name>.<key>/`` (a ``done`` marker
     written last, so a variant interrupted mid-way is recomputed whole)."""
     from interp.models import atomic_write_text
@@ -270,7 +278,7 @@ def cached_variant(run: Any, v: DVariant, queries: Sequence[Query], pairs: list,
 
     d = Path(run.cache) / "variants" / f"{v.name}.{key}"
     if not (d / "done").is_file():
-        tables = variant_tables(run, v, queries, pairs)
+        tables = variant_tables(run, v, queries, pairs, target)
         for n in TABLE_NAMES:
             df = tables.get(n)
             atomic_write_text(d / f"{n}.csv", csv_text(df) if df is not None and len(df) else "")
