@@ -257,6 +257,8 @@ def test_cli_errors_are_one_line_exit_2(tmp_path):
     uneven = tmp_path / "uneven.jsonl"
     uneven.write_text('{"prompt": "The capital of Zorv is", "answer": " Paris", '
                       '"corrupt_prompt": "The capital of the far northern land of Qelm is"}\n')
+    long = tmp_path / "long.jsonl"
+    long.write_text(json.dumps({"prompt": "word " * 5000, "answer": " end"}) + "\n")
     unlabelled = _prompts(tmp_path / "ok.jsonl")
     unlabelled.write_text(unlabelled.read_text().replace(', "expert": "ab"', ''))
     cases = [
@@ -268,6 +270,7 @@ def test_cli_errors_are_one_line_exit_2(tmp_path):
         (["--model", "tiny-qwen2", "--adapter", f"ab={a}"], "made for base model"),
         (["--model", str(tmp_path / "nomodel"), "--adapter", f"ab={a}"], "neither a registered name"),
         (["--model", "tiny-llama", "--adapter", "ab"], "NAME=DIR"),
+        (["--model", "tiny-llama", "--adapter", f"ab={a}", "--prompts", str(long)], "line 1: prompt + answer"),
         (["--model", "tiny-llama", "--adapter", f"ab={a}", "--adapter", f"bc={a}", "--combine", "ties",
           "--option", "ties.rank=3"], "do not apply to combine='ties'"),
         (["--model", "tiny-llama", "--adapter", f"ab={a}", "--adapter", f"bc={a}", "--combine", "ties",

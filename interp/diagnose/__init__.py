@@ -34,9 +34,10 @@ def _fingerprint(paths: Sequence[Path]) -> str:
     return h.hexdigest()[:16]
 
 
-def check_tokens(queries: Sequence[Query], tokenizer: Any) -> None:
-    """Refuse, naming the line, text that tokenises to nothing and patching pairs whose clean and
-    corrupted prompts differ in token length (positions must align, Meng et al. 2022).
+def check_tokens(queries: Sequence[Query], tokenizer: Any, max_len: int | None = None) -> None:
+    """Refuse, naming the line, text that tokenises to nothing, a prompt + answer longer than the
+    model's context ``max_len``, and patching pairs whose clean and corrupted prompts differ in
+    token length (positions must align, Meng et al. 2022).
 
     Raises:
         PromptFileError: as above.
@@ -46,6 +47,9 @@ def check_tokens(queries: Sequence[Query], tokenizer: Any) -> None:
         for key in ("prompt", "answer", "hop1_prompt", "corrupt_answer"):
             if getattr(q, key) and n(getattr(q, key)) == 0:
                 raise PromptFileError(f"line {q.line}: {key!r} tokenises to no tokens")
+        if max_len and n(q.prompt) + n(q.answer) > max_len:
+            raise PromptFileError(f"line {q.line}: prompt + answer have {n(q.prompt) + n(q.answer)} tokens, more "
+                                  f"than the model's context of {max_len}")
         if q.corrupt_prompt and n(q.corrupt_prompt) != n(q.prompt):
             raise PromptFileError(f"line {q.line}: corrupt_prompt has {n(q.corrupt_prompt)} tokens, prompt has "
                                   f"{n(q.prompt)}; patching needs equal token lengths")
@@ -104,7 +108,7 @@ def preflight(model: str, adapters: dict[str, str], combines: Sequence[str] | No
         raise DiagnoseError("combine 'oracle' routes each prompt to its 'expert': give --prompts whose "
                             "lines all carry an 'expert' key")
     hf, tok = load_hf(model)
-    check_tokens(qs, tok)
+    check_tokens(qs, tok, getattr(hf.config, "max_position_embeddings", None))
     lib = AdapterLibrary.load(model, adapters, hf_model=hf)
     notes = []
     if len(adapters) >= 2:
