@@ -134,6 +134,41 @@ def run_cmd(
     _guarded(body)
 
 
+@app.command("diagnose")
+def diagnose_cmd(
+    model: str = typer.Option(..., "--model", "-m", help="registered name or local model dir"),
+    adapter: list[str] = typer.Option(..., "--adapter", "-a", help="NAME=DIR of a PEFT LoRA adapter (repeat)"),
+    combine: Optional[str] = typer.Option(None, "--combine", help="comma-separated combines to compare "
+                                          "(default uniform,ties,arrow where the adapters allow)"),
+    prompts: Optional[Path] = typer.Option(None, "--prompts", "-p", help="JSONL: prompt, answer; optional "
+                                           "subject, bridge, hop1_prompt, hop2_prompt, corrupt_prompt, "
+                                           "corrupt_answer, expert"),
+    target: Optional[str] = typer.Option(None, "--target", help="NAME=DIR of an adapter that does the "
+                                         "target task (span deficit of the library against it)"),
+    out: Path = typer.Option(Path("runs/diagnose"), "--out", "-o", help="run directory (resumable)"),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N"),
+    batch_size: int = typer.Option(16, "--batch-size", help="prompts per forward"),
+    option: Optional[list[str]] = typer.Option(None, "--option", help="COMBINE.KEY=VALUE option of a combine "
+                                               "(repeat), e.g. ties.density=0.5, arrow.top_k=1"),
+) -> None:
+    """Diagnose a merge or router of your own adapters on your own prompts: inventory, geometry,
+    accuracy, contributions, router weights, EntRec and patching -> DIR/report.html."""
+
+    def body() -> None:
+        from interp.diagnose import diagnose, parse_adapter_args, parse_option_args
+
+        adapters = parse_adapter_args(adapter)
+        tgt = None
+        if target is not None:
+            (name, d), = parse_adapter_args([target]).items()
+            tgt = (name, d)
+        combines = [c.strip() for c in combine.split(",") if c.strip()] if combine is not None else None
+        diagnose(model, adapters, combines=combines, prompts=prompts, target=tgt, out=out, device=device,
+                 batch_size=batch_size, options=parse_option_args(option or []))
+
+    _guarded(body)
+
+
 def _int_option(flag: str, value: str) -> int:
     from interp.config import ConfigError
 

@@ -1,0 +1,363 @@
+"""`interp diagnose` on tiny models with adapters saved by peft itself (plain, rsLoRA, DoRA; Llama
+and Qwen2): tables against independent computations, graceful degradation, CLI errors, and the
+report rendered in headless Chromium."""
+
+import json
+import math
+import re
+import shutil
+import subprocess
+
+import pandas as pd
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from interp.cli import app
+from interp.diagnose import PromptFileError, diagnose, read_prompts
+
+TARGETS = ["q_proj", "v_proj", "down_proj"]
+
+
+def _peft_adapter(base, out, seed, **kw):
+    """A PEFT adapter saved by peft (random non-zero factors, as after training)."""
+    from peft import LoraConfig, get_peft_model
+
+    from interp.models import load_hf
+
+    hf, _ = load_hf(base)
+    torch.manual_seed(seed)
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, lora_dropout=0.0, init_lora_weights=False, **kw)
+    pm = get_peft_model(hf, cfg)
+    if kw.get("use_dora"):  # a trained-looking magnitude, not ‖W₀ + sBA‖ itself
+        with torch.no_grad():
+            for n, p in pm.named_parameters():
+                if "lora_magnitude_vector" in n:
+                    p.mul_(1 + 0.1 * torch.randn_like(p))
+    pm.peft_config["default"].base_model_name_or_path = base
+    pm.save_pretrained(str(out))
+    return out
+
+
+def _prompts(path, n=6):
+    rows = [{"prompt": f"The capital of Zorv{i} is", "answer": " Paris", "subject": f"Zorv{i}",
+             "bridge": "France", "hop1_prompt": f"Zorv{i} lies in", "hop2_prompt": "The capital of {bridge} is",
+             "corrupt_prompt": f"The capital of Qelm{i} is", "expert": "ab" if i % 2 else "bc"} for i in range(n)]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def llama_run(tmp_path_factory):
+    d = tmp_path_factory.mktemp("diag_llama")
+    ab = _peft_adapter("tiny-llama", d / "ab", 1)
+    bc = _peft_adapter("tiny-llama", d / "bc", 2, use_rslora=True)
+    tgt = _peft_adapter("tiny-llama", d / "tgt", 3)
+    out = diagnose("tiny-llama", {"ab": str(ab), "bc": str(bc)}, combines=["uniform", "ties", "arrow", "oracle"],
+                   prompts=_prompts(d / "p.jsonl"), target=("tgt", str(tgt)), out=d / "run", batch_size=4,
+                   options={"ties": {"density": 0.5}})
+    return out, {"ab": ab, "bc": bc, "tgt": tgt}, d / "p.jsonl"
+
+
+def _csv(run, name):
+    return pd.read_csv(run / "results" / f"{name}.csv")
+
+
+def test_accuracy_equals_score_examples_directly(llama_run):
+    from interp import load_hooked
+    from interp.evaluate import score_examples, wilson_interval
+
+    run, ad, prompts = llama_run
+    qs = read_prompts(prompts)
+    hm = load_hooked("tiny-llama", {"ab": str(ad["ab"]), "bc": str(ad["bc"])}, combine="uniform")
+    direct = score_examples(hm, qs)  # unfolded, batch of all: independent of the run's path
+    sc = _csv(run, "scores")
+    mine = sc[(sc["variant"] == "uniform") & (sc["hop"] == "query")].sort_values("line")
+    assert mine["first_token_correct"].tolist() == direct["first_token_correct"].tolist()
+    assert mine["answer_logprob"].to_numpy() == pytest.approx(direct["answer_logprob"].to_numpy(), abs=1e-4)
+    acc = _csv(run, "accuracy")
+    row = acc[(acc["variant"] == "uniform") & (acc["hop"] == "query") & (acc["metric"] == "first_token")].iloc[0]
+    k = int(direct["first_token_correct"].sum())
+    assert row["n"] == len(qs) and row["accuracy"] == pytest.approx(k / len(qs))
+    assert (row["ci_low"], row["ci_high"]) == pytest.approx(wilson_interval(k, len(qs)), abs=1e-5)
+    assert set(acc["hop"]) == {"query", "hop1", "hop2", "chain"}
+    # explicit chaining: the variant's own greedy hop-1 answer, cut at the first . , or newline
+    from interp.evaluate import greedy_answers
+
+    preds = greedy_answers(hm, [q.hop1_prompt for q in qs], max_new_tokens=8)
+    cut = [re.split(r"[\n.,]", p)[0].strip() for p in preds]
+    chain = sc[(sc["variant"] == "uniform") & (sc["hop"] == "chain")].sort_values("line")
+    assert chain["bridge_used"].fillna("").astype(str).tolist() == cut
+    assert chain["prompt"].tolist() == [q.hop2_prompt.replace("{bridge}", c or "unknown") for q, c in zip(qs, cut)]
+    assert set(acc["variant"]) == {"base", "expert_ab", "expert_bc", "uniform", "ties", "arrow", "oracle"}
+
+
+def test_spectra_equal_svdvals_of_dense_delta(llama_run):
+    """rsLoRA scaling s = α/√r computed here by hand from the saved tensors."""
+    run, ad, _ = llama_run
+    sp = _csv(run, "spectra")
+    for name, scale in (("ab", 8 / 4), ("bc", 8 / math.sqrt(4))):
+        t = load_file(str(ad[name] / "adapter_model.safetensors"))
+        for key in [k for k in t if "lora_A" in k]:
+            mod = key.split("base_model.model.")[1].split(".lora_A")[0]
+            dw = scale * t[key.replace("lora_A", "lora_B")].double() @ t[key].double()
+            ref = torch.linalg.svdvals(dw)[:4].numpy()
+            got = sp[(sp["adapter"] == name) & (sp["module"] == mod)].sort_values("index")["sigma"].to_numpy()
+            assert got == pytest.approx(ref, rel=1e-5), (name, mod)
+
+
+def test_faithfulness_equals_the_merge_report(llama_run):
+    from interp import load_hooked
+
+    run, ad, _ = llama_run
+    hm = load_hooked("tiny-llama", {"ab": str(ad["ab"]), "bc": str(ad["bc"])}, combine="ties", density=0.5)
+    ref = hm.info["faithfulness"].set_index("module")["rel_error"]
+    f = _csv(run, "faithfulness")
+    got = f[f["variant"] == "ties"].set_index("module")["rel_error"]
+    assert got.reindex(ref.index).to_numpy() == pytest.approx(ref.to_numpy(), rel=1e-4, abs=1e-8)
+    assert f[f["variant"] == "uniform"]["rel_error"].max() < 1e-6  # exact ΔW-space average
+    assert (f[f["variant"] == "ties"]["rel_error"] > 1e-3).all()
+
+
+def test_router_contributions_lens_patching_and_findings(llama_run):
+    run, _, _ = llama_run
+    r = _csv(run, "router")
+    assert set(r["variant"]) == {"arrow", "oracle"}
+    assert (r[r["variant"] == "oracle"]["top1_match"] == 1.0).all()  # routed by the JSONL's own labels
+    w = r.groupby(["variant", "layer"])["weight"].sum()
+    assert w.to_numpy() == pytest.approx(1.0, abs=1e-5)  # softmax / one-hot weights per site
+    c = _csv(run, "contributions")
+    assert set(c[c["variant"] == "expert_ab"]["adapter"]) == {"ab"}
+    assert set(c[c["variant"] == "uniform"]["adapter"]) == {"ab", "bc"} and (c["norm"] > 0).all()
+    lens = _csv(run, "lens")
+    assert set(lens["target"]) == {"bridge", "answer"} and set(lens["position"]) == {"e1_last", "final"}
+    p = _csv(run, "patching")
+    assert "expert_ab" not in set(p["variant"]) and {"base", "uniform"} <= set(p["variant"])
+    assert (p[p["position_label"] == "final"].groupby(["variant", "example_id"])["layer"].count() > 0).all()
+    html = (run / "report.html").read_text()
+    order = [html.index(h) for h in ("<h2>Findings", "<h2>Adapter inventory", "<h2>What each merge keeps",
+                                     "<h2>Geometry", "<h2>Behaviour on your prompts", "<h2>The bridge")]
+    assert order == sorted(order)
+    assert "exactly the weighted sum" in html and "results/accuracy.csv" in html
+    ko = _csv(run, "key_overlap")
+    assert set(ko["adapter"]) == {"ab", "bc"} and ((ko["kappa_composed"] >= 0) & (ko["kappa_composed"] <= 1 + 1e-9)).all()
+    assert "results/key_overlap.csv" in html
+    ek = _csv(run, "energy_kept")
+    tk = ek[ek["expert"] == "target"]
+    assert set(tk["variant"]) == {"uniform", "ties"} and "of the target&#x27;s update energy" in html
+    # a merge lies inside the library's joint spans: it can hold no more of the target than they do
+    sd0 = _csv(run, "span_deficit").set_index("module")["span_deficit"]
+    uni = tk[tk["variant"] == "uniform"].set_index("module")["energy_kept"]
+    assert (uni <= 1 - sd0.reindex(uni.index) + 1e-6).all()
+    sd = _csv(run, "span_deficit")
+    assert ((sd["span_deficit"] >= 0) & (sd["span_deficit"] <= 1)).all() and set(sd["target"]) == {"tgt"}
+
+
+def test_patching_logit_differences_match_the_base_model(llama_run, tiny_llama):
+    """The patching table's clean / corrupted logit differences are logit[answer] − logit[contrast]
+    of the base model's own forward (contrast: its top prediction on the corrupted prompt)."""
+    run, _, prompts = llama_run
+    p = _csv(run, "patching")
+    p = p[p["variant"] == "base"].drop_duplicates("example_id").set_index("example_id")
+    assert len(p) >= 3
+    hm = tiny_llama
+    for q in read_prompts(prompts):
+        with torch.no_grad():
+            clean = hm.logits(torch.tensor([hm.encode(q.prompt)]))[0, -1].float()
+            corr = hm.logits(torch.tensor([hm.encode(q.corrupt_prompt)]))[0, -1].float()
+        a, c = hm.encode(q.answer)[0], int(corr.argmax())
+        if a == c:
+            assert q.line not in p.index  # no contrast: the pair is dropped
+            continue
+        assert p.loc[q.line, "clean_logit_diff"] == pytest.approx(float(clean[a] - clean[c]), abs=1e-3)
+        assert p.loc[q.line, "corrupted_logit_diff"] == pytest.approx(float(corr[a] - corr[c]), abs=1e-3)
+
+
+def test_contributions_equal_delta_w_times_module_inputs(llama_run):
+    """hook_delta norms of an expert alone = ‖s·B·A·x‖ with x the module's own input (forward
+    pre-hooks on the base linear, interp.subspace.module_inputs), per layer in quadrature."""
+    from interp import load_hooked
+    from interp.adapters.factors import layer_of
+    from interp.subspace import module_inputs
+
+    run, ad, prompts = llama_run
+    hm = load_hooked("tiny-llama", {"ab": str(ad["ab"])}, combine="none")
+    deltas = hm.info["expert_deltas"]["ab"]
+    xs = module_inputs(hm, [q.prompt for q in read_prompts(prompts)], list(deltas), "final")
+    per_layer: dict[int, torch.Tensor] = {}
+    for m, d in deltas.items():
+        n2 = d.apply(xs[m].double()).norm(dim=1) ** 2
+        per_layer[layer_of(m)] = per_layer.get(layer_of(m), 0) + n2
+    c = _csv(run, "contributions")
+    c = c[(c["variant"] == "expert_ab")].set_index("layer")["norm"]
+    for layer, n2 in per_layer.items():
+        assert c.loc[layer] == pytest.approx(float(torch.sqrt(n2).mean()), rel=1e-4)
+
+
+def test_rerun_is_cached_and_identical(llama_run, tmp_path):
+    run, ad, prompts = llama_run
+    before = {p.name: p.read_bytes() for p in (run / "results").iterdir()}
+    copy = tmp_path / "copy"
+    shutil.copytree(run, copy)
+    shutil.rmtree(copy / "results")
+    for s in ("variants", "report"):
+        (copy / "steps" / f"{s}.json").unlink()
+    diagnose("tiny-llama", {"ab": str(ad["ab"]), "bc": str(ad["bc"])}, combines=["uniform", "ties", "arrow", "oracle"],
+             prompts=prompts, target=("tgt", str(ad["tgt"])), out=copy, batch_size=4, steps=["variants"],
+             options={"ties": {"density": 0.5}})
+    for name in ("scores", "accuracy", "lens", "patching", "router", "contributions", "faithfulness"):
+        assert (copy / "results" / f"{name}.csv").read_bytes() == before[f"{name}.csv"], name
+
+
+def test_qwen2_dora_without_prompts_is_geometry_only(tmp_path):
+    """No prompts: inventory and geometry only; the default Arrow is dropped for DoRA (noted);
+    the DoRA spectrum is that of peft's own merged weight minus the base."""
+    from peft import PeftModel
+
+    from interp.models import load_hf
+
+    a = _peft_adapter("tiny-qwen2", tmp_path / "plain", 1)
+    b = _peft_adapter("tiny-qwen2", tmp_path / "dora", 2, use_dora=True)
+    run = diagnose("tiny-qwen2", {"plain": str(a), "dora": str(b)}, out=tmp_path / "run")
+    res = {p.stem for p in (run / "results").iterdir()}
+    assert {"inventory", "adapters", "spectra", "overlap", "layer_energy"} <= res
+    assert not res & {"scores", "accuracy", "lens", "patching", "router", "contributions"}
+    f = _csv(run, "faithfulness")  # what each merge keeps is geometry: reported without prompts
+    assert set(f["variant"]) == {"uniform", "ties"} and f[f["variant"] == "uniform"]["rel_error"].max() < 1e-6
+    inv = _csv(run, "inventory").set_index("adapter")
+    assert bool(inv.loc["dora", "use_dora"]) and not bool(inv.loc["plain", "use_dora"])
+    cfg = json.loads((run / "run.json").read_text())["config"]["diagnose"]
+    assert "arrow" not in cfg["combines"] and any("arrow" in n for n in cfg["notes"])
+    html = (run / "report.html").read_text()
+    assert "No prompts given" in html and "<h2>Behaviour" not in html
+    hf0, _ = load_hf("tiny-qwen2")
+    W0 = {n: p.detach().clone() for n, p in hf0.named_parameters()}
+    merged = PeftModel.from_pretrained(load_hf("tiny-qwen2")[0], str(b)).merge_and_unload()
+    sp = _csv(run, "spectra")
+    mod = "model.layers.1.self_attn.v_proj"
+    dw = (merged.get_submodule(mod).weight.double() - W0[mod + ".weight"].double())
+    ref = torch.linalg.svdvals(dw).numpy()
+    got = sp[(sp["adapter"] == "dora") & (sp["module"] == mod)].sort_values("index")["sigma"].to_numpy()
+    k = min(len(got), 5)
+    assert got[:k] == pytest.approx(ref[:k], rel=1e-4, abs=1e-6)
+
+
+def _cli(args):
+    res = CliRunner().invoke(app, ["diagnose", *args])
+    errs = [l for l in res.output.splitlines() if l.startswith("error:")]
+    return res, errs
+
+
+def test_cli_errors_are_one_line_exit_2(tmp_path):
+    a = _peft_adapter("tiny-llama", tmp_path / "ab", 1)
+    d = _peft_adapter("tiny-llama", tmp_path / "dora", 2, use_dora=True)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a b", "answer": " c"}\n{"prompt": "x", "answer": " y", "answr": "z"}\n')
+    uneven = tmp_path / "uneven.jsonl"
+    uneven.write_text('{"prompt": "The capital of Zorv is", "answer": " Paris", '
+                      '"corrupt_prompt": "The capital of the far northern land of Qelm is"}\n')
+    long = tmp_path / "long.jsonl"
+    long.write_text(json.dumps({"prompt": "word " * 5000, "answer": " end"}) + "\n")
+    unlabelled = _prompts(tmp_path / "ok.jsonl")
+    unlabelled.write_text(unlabelled.read_text().replace(', "expert": "ab"', ''))
+    cases = [
+        (["--model", "tiny-llama", "--adapter", f"ab={a}", "--prompts", str(bad)], "line 2"),
+        (["--model", "tiny-llama", "--adapter", f"ab={tmp_path / 'nope'}"], "does not exist"),
+        (["--model", "tiny-llama", "--adapter", f"ab={a}", "--adapter", f"d={d}", "--combine", "avg"], "unknown combine"),
+        (["--model", "tiny-llama", "--adapter", f"ab={a}", "--adapter", f"d={d}", "--combine", "arrow"], "DoRA"),
+        (["--model", "tiny-llama", "--adapter", f"ab={a}", "--adapter", f"d={d}", "--combine", "oracle"], "expert"),
+        (["--model", "tiny-qwen2", "--adapter", f"ab={a}"], "made for base model"),
+        (["--model", str(tmp_path / "nomodel"), "--adapter", f"ab={a}"], "neither a registered name"),
+        (["--model", "tiny-llama", "--adapter", "ab"], "NAME=DIR"),
+        (["--model", "tiny-llama", "--adapter", f"ab={a}", "--prompts", str(long)], "line 1: prompt + answer"),
+        (["--model", "tiny-llama", "--adapter", f"ab={a}", "--adapter", f"bc={a}", "--combine", "ties",
+          "--option", "ties.rank=3"], "do not apply to combine='ties'"),
+        (["--model", "tiny-llama", "--adapter", f"ab={a}", "--adapter", f"bc={a}", "--combine", "ties",
+          "--option", "arrow.top_k=1"], "not diagnosed"),
+        (["--model", "tiny-llama", "--adapter", f"ab={a}", "--option", "density"], "COMBINE.KEY=VALUE"),
+        (["--model", "tiny-llama", "--adapter", f"ab={a}", "--adapter", f"bc={a}", "--prompts", str(unlabelled)],
+         "line 2: 'expert'"),
+        (["--model", "tiny-llama", "--adapter", f"ab={a}", "--prompts", str(uneven)], "equal token lengths"),
+    ]
+    for args, msg in cases:
+        res, errs = _cli([*args, "--out", str(tmp_path / "r")])
+        assert res.exit_code == 2, (args, res.output)
+        assert len(errs) == 1 and msg in errs[0], (msg, res.output)
+    assert not (tmp_path / "r").exists()  # refused before any work
+
+
+def test_read_prompts_refusals(tmp_path):
+    p = tmp_path / "p.jsonl"
+    for text, msg in [('{"prompt": "a", "answer": " b", "bridge": 3}', "must be a string"),
+                      ('{"prompt": "a", "answer": ""}', "'answer' is missing"),
+                      ('{"prompt": "a", "answer": " b", "subject": "q"}', "does not occur"),
+                      ('{"prompt": "a", "answer": " b", "hop1_prompt": "x", "hop2_prompt": "y"}', "{bridge}"),
+                      ('{"prompt": "a", "answer": " b", "expert": "zz"}', "not one of the adapters"),
+                      ('[1]', "JSON object"), ('{"prompt": "a",', "not valid JSON"), ("\n", "no queries")]:
+        p.write_text(text)
+        with pytest.raises(PromptFileError, match=re.escape(msg)):
+            read_prompts(p, ["ab"])
+
+
+def _chromium():
+    return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.mark.browser
+@pytest.mark.skipif(_chromium() is None, reason="Debian chromium not installed (make test installs it)")
+def test_diagnose_report_renders_in_headless_chromium(llama_run, tmp_path):
+    run, _, _ = llama_run
+    cmd = [_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+           "--disable-background-networking", "--disable-component-update", "--disable-sync",
+           f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=20000", "--enable-logging=stderr",
+           "--v=0", "--dump-dom", (run / "report.html").resolve().as_uri()]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
+    body = re.search(r"<body([^>]*)>", proc.stdout)
+    assert body, proc.stderr[-2000:]
+    attrs = dict(re.findall(r'data-([\w-]+)="([^"]*)"', body.group(1)))
+    assert "errors" not in attrs, attrs.get("errors")
+    assert int(attrs["figures-total"]) >= 8
+    assert attrs.get("figures-rendered") == attrs["figures-total"]
+    console_errors = [l for l in proc.stderr.splitlines() if "CONSOLE" in l and ("Error" in l or "Uncaught" in l)]
+    assert not console_errors, console_errors
+
+
+def test_findings_state_their_numbers():
+    """Synthetic tables with known answers: each sentence carries the numbers that decide it."""
+    from interp.diagnose.findings import findings
+    from interp.evaluate import wilson_interval
+
+    def acc_row(v, role, hop, k, n):
+        lo, hi = wilson_interval(k, n)
+        return dict(variant=v, role=role, hop=hop, metric="first_token", n=n, accuracy=k / n, ci_low=lo, ci_high=hi)
+
+    acc = pd.DataFrame([acc_row("base", "base", "query", 0, 40), acc_row("expert_ab", "expert", "query", 2, 40),
+                        acc_row("uniform", "combine", "query", 30, 40), acc_row("ties", "combine", "query", 1, 40),
+                        acc_row("ties", "combine", "chain", 35, 40)])
+    faith = pd.DataFrame(dict(variant=["uniform", "uniform", "ties"], module=["m0", "m1", "m0"],
+                              rel_error=[1e-9, 2e-9, 0.25]))
+    ek = pd.DataFrame(dict(variant=["ties"] * 4, module=["m0", "m1", "m0", "m1"], expert=["ab", "ab", "bc", "bc"],
+                           energy_kept=[1.0, 0.5, 0.9, 0.9], energy=[1.0, 3.0, 1.0, 1.0]))
+    text = " | ".join(f["text"] + " " + f["evidence"] for f in findings(
+        {"accuracy": acc, "faithfulness": faith, "energy_kept": ek}))
+    assert "uniform is exactly the weighted sum" in text
+    assert "ties departs" in text and "0.25" in text and "m0" in text
+    assert "ties keeps 62% of expert ab's" in text  # (1·1 + 0.5·3) / 4 = 0.625
+    assert "uniform answers 30/40 (75%" in text and "beats the best single expert, expert_ab 2/40" in text
+    assert "ties answers 1/40" in text and "is within the intervals of" in text
+    assert "ties answers when chained explicitly (35/40" in text
+    assert not findings({})
+
+
+def test_one_adapter_without_prompts_and_help(tmp_path):
+    a = _peft_adapter("tiny-llama", tmp_path / "only", 4)
+    res = CliRunner().invoke(app, ["diagnose", "--model", "tiny-llama", "--adapter", f"only={a}",
+                                   "--out", str(tmp_path / "run")])
+    assert res.exit_code == 0, res.output
+    run = tmp_path / "run"
+    assert {p.stem for p in (run / "results").iterdir()} == {"inventory", "adapters", "spectra", "layer_energy"}
+    html = (run / "report.html").read_text()
+    assert "one adapter: no combine" in html and "No prompts given" in html
+    res = CliRunner().invoke(app, ["diagnose", "--help"], env={"COLUMNS": "200"})
+    assert res.exit_code == 0 and "--adapter" in res.output and "--prompts" in res.output
