@@ -151,6 +151,32 @@ def check_device(device: str | torch.device) -> str:
     return str(dev)
 
 
+#: names accepted for a model dtype (torch's own names and the usual short ones)
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+          "float64": torch.float64, "fp64": torch.float64, "double": torch.float64,
+          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
+
+
+def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    """A floating torch dtype from ``dtype`` (a ``torch.dtype`` or a name in :data:`DTYPES`);
+    ``None`` stays ``None`` (keep the model's own dtype).
+
+    Raises:
+        HardwareError: not a floating dtype or an unknown name.
+    """
+    if dtype is None:
+        return None
+    if isinstance(dtype, torch.dtype):
+        if not dtype.is_floating_point:
+            raise HardwareError(f"model dtype must be a floating dtype, got {dtype}")
+        return dtype
+    key = str(dtype).strip().lower().removeprefix("torch.")
+    if key not in DTYPES:
+        raise HardwareError(f"dtype must be one of {', '.join(DTYPES)} or a floating torch.dtype, got {dtype!r}")
+    return DTYPES[key]
+
+
 def choose_precision(requested: str = "auto", device: str | torch.device = "cpu") -> PrecisionChoice:
     """Resolve a training precision request for ``device``.
 

@@ -387,7 +387,7 @@ def _fro_sq_combo(terms: Iterable[tuple[float, LoraDelta]]) -> float:
     terms = list(terms)
     B = torch.cat([c * d.scale * d.B.double() for c, d in terms], 1)
     A = torch.cat([d.A.double() for _, d in terms], 0)
-    bias = sum((c * d.bias.double() for c, d in terms if d.bias is not None), torch.zeros(B.shape[0], dtype=torch.float64))
+    bias = sum((c * d.bias.double() for c, d in terms if d.bias is not None), torch.zeros(B.shape[0], dtype=torch.float64, device=B.device))
     return max(0.0, float(torch.sum((B.T @ B) * (A @ A.T)))) + float(bias @ bias)
 
 
