@@ -37,10 +37,10 @@ from gpu.measure import Peak, device_name, sync  # noqa: E402
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-def _adapters(shape: str, key: str, dtype, d: Path, r: int = 16) -> dict[str, str]:
+def _adapters(shape: str, key: str, dtype, d: Path, r: int = 16, n_layers: int | None = None) -> dict[str, str]:
     from interp.adapters import make_random_adapter
 
-    sk = arch.skeleton(shape, dtype)  # shapes only: no weights are initialised or sent to the GPU
+    sk = arch.skeleton(shape, dtype, n_layers)  # shapes only: no weights are initialised or sent to the GPU
     out = {n: str(make_random_adapter(key, d / n, r=r, target_modules=ALL_LINEAR, seed=i + 1, hf_model=sk))
            for i, n in enumerate(("ab", "bc"))}
     del sk
@@ -65,10 +65,11 @@ def smoke(a) -> dict:
     from interp.tasks.two_hop import Example  # noqa: F401  (score_examples reads .prompt/.answer)
 
     dev, dt = a.device, getattr(torch, a.dtype)
-    key = arch.register(a.shape, "cpu", dtype=dt)  # built on the CPU: load_hooked must move it
+    # built on the CPU (load_hooked must move it); real widths, --layers layers (CPU init is slow)
+    key = arch.register(a.shape, "cpu", dtype=dt, n_layers=a.layers)
     tmp = Path(tempfile.mkdtemp(prefix="smoke-"))
-    ads = _adapters(a.shape, key, dt, tmp)
-    res = {"device": device_name(dev), "shape": a.shape, "dtype": a.dtype, "combines": {}}
+    ads = _adapters(a.shape, key, dt, tmp, n_layers=a.layers)
+    res = {"device": device_name(dev), "shape": a.shape, "layers": a.layers, "dtype": a.dtype, "combines": {}}
     V = arch.config(a.shape).vocab_size
     exs = [type("Ex", (), {"prompt": p, "answer": ans})() for p, ans in arch.word_examples(V, 32, 12)]
     for comb in a.combines:
@@ -151,6 +152,8 @@ def bench(a) -> dict:
         rows[label] = {"s": round(time.perf_counter() - t, 2), "peak_mib": round(pk.mib), "n": len(exs),
                        "tokens": 26, "folded": bool(folded)}
         print(label, rows[label], flush=True)
+    if a.fold_only:
+        return rows
     clean, corr, ca, xa = (x.to(dev) for x in arch.random_pairs(V, a.patch_prompts, 16))
     for rep in range(2):  # the first call includes warm-up
         with Peak(dev) as pk:
@@ -172,6 +175,8 @@ def main() -> None:
     ap.add_argument("--combines", default="uniform,none,ties,arrow,merge_and_unload")
     ap.add_argument("--n-prompts", type=int, default=256)
     ap.add_argument("--patch-prompts", type=int, default=8)
+    ap.add_argument("--layers", type=int, default=None, help="smoke: layers of the shape (default all)")
+    ap.add_argument("--fold-only", action="store_true", help="bench: only load + fold + scoring (for fp32)")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     a.combines = a.combines.split(",")
