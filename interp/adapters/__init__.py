@@ -170,7 +170,7 @@ def load_hooked(model: Any, adapters: dict[str, str | os.PathLike], combine: str
             The base is built where its loader builds it and moved once, before peft attaches the
             adapters, so only one copy of the weights is ever on the device.
         dtype: dtype of the base weights (``torch.float32``, ``"bf16"``, …, see
-            :func:`interp.hardware.resolve_dtype`); default: ``model``'s if it is a ``HookedModel``,
+            :func:`interp.devices.resolve_dtype`); default: ``model``'s if it is a ``HookedModel``,
             else the loader's (float32). peft holds the LoRA factors in the base's dtype, except
             that it keeps fp32 factors over a bf16/fp16 base (its ``autocast_adapter_dtype``).
 
@@ -185,7 +185,7 @@ def load_hooked(model: Any, adapters: dict[str, str | os.PathLike], combine: str
         files, whose factors (``info["library"]``) stay on the CPU as read.
 
     Raises:
-        ValueError: unknown combine, bad weights. ``interp.hardware.HardwareError``: a device
+        ValueError: unknown combine, bad weights. ``interp.devices.HardwareError``: a device
         torch cannot use here (CUDA on a machine without a GPU) or a bad dtype. UnsupportedOptionError: an option the combine
         does not accept (:data:`COMBINE_OPTIONS`). ReservedAdapterNameError: an adapter named like a
         combine or a peft-internal name (:data:`RESERVED_ADAPTER_NAMES`). AdapterFeatureError
@@ -201,7 +201,7 @@ def load_hooked(model: Any, adapters: dict[str, str | os.PathLike], combine: str
     """
     from peft import PeftModel
 
-    from interp.hardware import check_device, resolve_dtype
+    from interp.devices import check_device, resolve_dtype
     from interp.models import HookedModel, assert_lora_reached, bridge_model, load_hf
 
     if combine not in COMBINES:
