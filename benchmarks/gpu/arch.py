@@ -25,6 +25,9 @@ SHAPES = {
     "llama-3.2-1b-shape": dict(arch="llama", hidden_size=2048, num_hidden_layers=16, num_attention_heads=32,
                                num_key_value_heads=8, intermediate_size=8192, vocab_size=128256,
                                tie_word_embeddings=True),
+    "llama-3.1-8b-shape": dict(arch="llama", hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
+                               num_key_value_heads=8, intermediate_size=14336, vocab_size=128256,
+                               tie_word_embeddings=False),
     # CPU smoke-test shape: the same code paths, tiny sizes.
     "tiny-shape": dict(arch="llama", hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                        num_key_value_heads=2, intermediate_size=128, vocab_size=500, tie_word_embeddings=False),
@@ -80,13 +83,16 @@ def build(name: str, device: str | torch.device = "cpu", seed: int = 0, n_layers
     return hf.eval(), word_tokenizer(cfg.vocab_size)
 
 
-def register(name: str, device: str | torch.device = "cpu", seed: int = 0, n_layers: int | None = None) -> str:
-    """Register shape ``name`` in ``interp.models.REGISTRY`` (a fresh seeded build per load); returns the key."""
+def register(name: str, device: str | torch.device = "cpu", seed: int = 0, n_layers: int | None = None,
+             dtype: torch.dtype = torch.float32) -> str:
+    """Register shape ``name`` in ``interp.models.REGISTRY`` (a fresh seeded build per load, made
+    directly on ``device`` in ``dtype``: a loader that then moves it to the same place copies nothing);
+    returns the key."""
     from interp.models import REGISTRY, ModelSpec
 
     key = name if n_layers is None else f"{name}-L{n_layers}"
     REGISTRY[key] = ModelSpec(key, f"random-init {name} (benchmark only)", "?",
-                              lambda: build(name, device, seed, n_layers), lambda: True, "random-init")
+                              lambda: build(name, device, seed, n_layers, dtype), lambda: True, "random-init")
     return key
 
 
@@ -118,3 +124,13 @@ def word_examples(vocab_size: int, n: int, prompt_words: int, answer_words: int 
     ids = torch.randint(1, vocab_size, (n, prompt_words + answer_words), generator=g).tolist()
     return [(" ".join(f"t{i}" for i in row[:prompt_words]),
              " " + " ".join(f"t{i}" for i in row[prompt_words:])) for row in ids]
+
+
+def skeleton(name: str, dtype: torch.dtype = torch.bfloat16, n_layers: int | None = None) -> Any:
+    """Shape ``name`` with *uninitialised* CPU weights (no init cost): only for writing adapter
+    files (``make_random_adapter(..., hf_model=skeleton(...))`` reads module shapes, not values)."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        hf = AutoModelForCausalLM.from_config(config(name, n_layers), dtype=dtype)
+    return hf.to_empty(device="cpu").eval()

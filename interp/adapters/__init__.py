@@ -121,18 +121,23 @@ def _add_to_weights(hf: Any, merged: dict[str, LoraDelta]) -> None:
     with torch.no_grad():
         for m, d in merged.items():
             mod = mods[m]
-            dw = d.dense()
+            dw = d.to(mod.weight.device).dense()  # float64 on the weight's device, then cast once
             dw = dw.T if type(mod).__name__ == "Conv1D" else dw
             mod.weight += dw.to(mod.weight.dtype)
             if d.bias is not None:
                 if mod.bias is None:
-                    mod.bias = torch.nn.Parameter(torch.zeros(d.d_out, dtype=mod.weight.dtype))
-                mod.bias += d.bias.to(mod.bias.dtype)
+                    mod.bias = torch.nn.Parameter(torch.zeros(d.d_out, dtype=mod.weight.dtype, device=mod.weight.device))
+                mod.bias += d.bias.to(mod.bias)
+
+
+def _on(deltas: dict[str, LoraDelta] | None, device: torch.device) -> dict[str, LoraDelta] | None:
+    return None if deltas is None else {m: d.to(device) for m, d in deltas.items()}
 
 
 def load_hooked(model: Any, adapters: dict[str, str | os.PathLike], combine: str = "none",
                 weights: Sequence[float] | None = None, *, allow_pickle: bool = False,
-                expected_base: str | None = None, **options: Any):
+                expected_base: str | None = None, device: str | torch.device | None = None,
+                dtype: str | torch.dtype | None = None, **options: Any):
     """Load a base model with a library of LoRA experts, combined, into a hooked bridge.
 
     Args:
@@ -160,16 +165,28 @@ def load_hooked(model: Any, adapters: dict[str, str | os.PathLike], combine: str
         weights: per-expert weights for the merges (default 1/n; task arithmetic uses ``lam``).
         allow_pickle: accept pickle adapter files (see :class:`AdapterLibrary`).
         expected_base: base name the adapters must record (default: ``model``'s name).
+        device: where the model and everything built for it live (``"cpu"``, ``"cuda"``,
+            ``"cuda:N"``); default: ``model``'s device if it is a ``HookedModel``, else ``"cpu"``.
+            The base is built where its loader builds it and moved once, before peft attaches the
+            adapters, so only one copy of the weights is ever on the device.
+        dtype: dtype of the base weights (``torch.float32``, ``"bf16"``, …, see
+            :func:`interp.devices.resolve_dtype`); default: ``model``'s if it is a ``HookedModel``,
+            else the loader's (float32). peft holds the LoRA factors in the base's dtype, except
+            that it keeps fp32 factors over a bf16/fp16 base (its ``autocast_adapter_dtype``).
 
     Returns:
         ``HookedModel`` with ``.peft_model``, ``.adapters``, ``.combine`` set and ``info`` keys:
         ``library`` (:class:`AdapterLibrary`), ``deltas`` (``{module: LoraDelta}`` effective update;
         ``None`` for input-dependent routing: arrow, oracle), ``expert_deltas``, ``faithfulness``
         (DataFrame from :func:`~interp.adapters.merge.faithfulness_report`, merges only),
-        ``lora_runtime`` and ``router_adapters`` (expert order of ``hook_router``).
+        ``lora_runtime`` and ``router_adapters`` (expert order of ``hook_router``). Every
+        parameter, LoRA factor, router buffer, ``info["deltas"]`` and ``info["expert_deltas"]``
+        is on ``device``; merges are computed exactly (float64 where the merge needs it) from the
+        files, whose factors (``info["library"]``) stay on the CPU as read.
 
     Raises:
-        ValueError: unknown combine, bad weights. UnsupportedOptionError: an option the combine
+        ValueError: unknown combine, bad weights. ``interp.devices.HardwareError``: a device
+        torch cannot use here (CUDA on a machine without a GPU) or a bad dtype. UnsupportedOptionError: an option the combine
         does not accept (:data:`COMBINE_OPTIONS`). ReservedAdapterNameError: an adapter named like a
         combine or a peft-internal name (:data:`RESERVED_ADAPTER_NAMES`). AdapterFeatureError
         subclasses (:mod:`interp.adapters.features`): a peft feature this combine cannot reproduce
@@ -184,6 +201,7 @@ def load_hooked(model: Any, adapters: dict[str, str | os.PathLike], combine: str
     """
     from peft import PeftModel
 
+    from interp.devices import check_device, resolve_dtype
     from interp.models import HookedModel, assert_lora_reached, bridge_model, load_hf
 
     if combine not in COMBINES:
@@ -192,6 +210,12 @@ def load_hooked(model: Any, adapters: dict[str, str | os.PathLike], combine: str
     for a in adapters:
         check_adapter_name_reserved(a)
     source = str(model.info.get("source", model.name)) if isinstance(model, HookedModel) else str(model)
+    if device is None:
+        device = model.device if isinstance(model, HookedModel) else "cpu"
+    dev = torch.device(check_device(device))
+    dt = resolve_dtype(dtype)
+    if dt is None and isinstance(model, HookedModel):
+        dt = next(model.hf_model.parameters()).dtype
     hf, tok = load_hf(source)
     # merged into the weights before the bridge boots, a fused projection is not bypassed
     lib = AdapterLibrary.load(source, adapters, allow_pickle=allow_pickle, expected_base=expected_base, hf_model=hf,
@@ -203,6 +227,9 @@ def load_hooked(model: Any, adapters: dict[str, str | os.PathLike], combine: str
         raise ValueError(f"{len(weights)} weights for {n} adapters {names}")
     w = [float(x) for x in weights] if weights is not None else [1.0 / n] * n
     check_combine(lib.parts, combine)
+    # validated against the base as built; moved once, before any adapter layer exists, so peft
+    # creates every LoRA factor on the device (and in the dtype) of its base layer
+    hf.to(device=dev, dtype=dt) if dt is not None else hf.to(dev)
     info: dict[str, Any] = {"source": source, "library": lib, "expert_deltas": dict(zip(names, experts)),
                             "router_adapters": names, "deltas": None, "faithfulness": None}
     label = f"{source}+{combine}"
@@ -210,8 +237,9 @@ def load_hooked(model: Any, adapters: dict[str, str | os.PathLike], combine: str
     if combine == "merge_and_unload":
         merged = weighted_average(experts, w)
         _add_to_weights(hf, merged)
-        info.update(deltas=merged, faithfulness=faithfulness_report(merged, experts, w))
-        bridge = bridge_model(hf, tok, label)
+        info.update(deltas=_on(merged, dev), expert_deltas={a: _on(e, dev) for a, e in info["expert_deltas"].items()},
+                    faithfulness=faithfulness_report(merged, experts, w))
+        bridge = bridge_model(hf, tok, label, dev)
         return HookedModel(name=label, bridge=bridge, hf_model=hf, tokenizer=tok, peft_model=None,
                            adapters={a: lib.dirs[a] for a in names}, combine=combine, info=info)
 
@@ -278,8 +306,9 @@ def load_hooked(model: Any, adapters: dict[str, str | os.PathLike], combine: str
                              seed=options.get("seed", 0), method=options.get("method", "power"))
     elif combine == "oracle":
         router = OracleRouter(names)
+    info.update(deltas=_on(info["deltas"], dev), expert_deltas={a: _on(e, dev) for a, e in info["expert_deltas"].items()})
     inner = pm.base_model.model
-    bridge = bridge_model(inner, tok, label)
+    bridge = bridge_model(inner, tok, label, dev)
     runtime = install_lora_hooks(inner, bridge, router)
     info["lora_runtime"] = runtime
     hm = HookedModel(name=label, bridge=bridge, hf_model=inner, tokenizer=tok, peft_model=pm,

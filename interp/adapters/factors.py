@@ -75,6 +75,18 @@ class LoraDelta:
         """ΔW ``[d_out, d_in]`` in float64 (forms the full matrix: only for checks and small d)."""
         return self.scale * (self.B.double() @ self.A.double())
 
+    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> "LoraDelta":
+        """A copy with ``A``, ``B`` and ``bias`` on ``device`` (and cast to ``dtype`` if given);
+        ``self`` when nothing changes."""
+        dev = torch.device(device) if device is not None else self.A.device
+        dt = dtype or self.A.dtype
+        same = all(t is None or (t.device == dev and (dtype is None or t.dtype == dt))
+                   for t in (self.A, self.B, self.bias))
+        if same:
+            return self
+        mv = (lambda t: t.to(device=dev, dtype=dt)) if dtype is not None else (lambda t: t.to(dev))
+        return LoraDelta(mv(self.A), mv(self.B), self.scale, None if self.bias is None else mv(self.bias))
+
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         """ΔW x for activations ``[..., d_in]`` -> ``[..., d_out]`` without forming ΔW."""
         return self.scale * ((x @ self.A.T.to(x.dtype)) @ self.B.T.to(x.dtype))

@@ -257,7 +257,8 @@ def effective_site_deltas(cfg: dict, factors: dict[str, LoraDelta], parts: Adapt
             if m in parts.base_bias:
                 layer_base.bias.copy_(parts.base_bias[m].to(layer_base.bias.dtype))
             if ld.bias is not None and layer_base.bias is None:  # lora_bias on a bias-free layer: merge needs one
-                layer_base.bias = torch.nn.Parameter(torch.zeros(ld.d_out, dtype=base.weight.dtype))
+                layer_base.bias = torch.nn.Parameter(torch.zeros(ld.d_out, dtype=base.weight.dtype,
+                                                                  device=base.weight.device))
         lc, alpha = _lora_config(cfg, m, ld.rank, fan_in_fan_out=conv1d)
         lay = LoraLinear(layer_base, "x", config=lc, r=ld.rank, lora_alpha=alpha, is_target_conv_1d_layer=False)
         with torch.no_grad():
@@ -281,9 +282,9 @@ def effective_site_deltas(cfg: dict, factors: dict[str, LoraDelta], parts: Adapt
                 db = (bm.detach().double() - (b0.double() if b0 is not None else 0.0)).float()
         d_out, d_in = D.shape
         if d_in <= d_out:
-            out[m] = LoraDelta(torch.eye(d_in), D.contiguous(), 1.0, db)
+            out[m] = LoraDelta(torch.eye(d_in, device=D.device), D.contiguous(), 1.0, db)
         else:
-            out[m] = LoraDelta(D.contiguous(), torch.eye(d_out), 1.0, db)
+            out[m] = LoraDelta(D.contiguous(), torch.eye(d_out, device=D.device), 1.0, db)
     return out
 
 

@@ -260,6 +260,10 @@ class AdapterLibrary:
             for m, ld in (self.factors or self.deltas)[name].items():
                 if m not in live:
                     raise WeightsNotLoadedError(f"adapter {name!r}, module {m!r}: no LoRA layer in the live model")
+                # the file's factors on the live model's device and dtype (peft casts adapters to the
+                # base's device and dtype; fp32 -> fp64 is exact, and bf16 bases keep fp32 adapters)
+                ld = LoraDelta(ld.A.to(live[m].A), ld.B.to(live[m].B), ld.scale,
+                               None if ld.bias is None or live[m].bias is None else ld.bias.to(live[m].bias))
                 if not (torch.equal(live[m].B, ld.B) and torch.equal(live[m].A, ld.A)):
                     raise WeightsNotLoadedError(
                         f"adapter {name!r}, module {m!r}: live lora_A/lora_B differ from {self.dirs[name]}")

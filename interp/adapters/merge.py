@@ -142,8 +142,9 @@ def _bias_combine(deltas_list: Sequence[Adapter], m: str, fn) -> torch.Tensor | 
     if not any(m in ad and ad[m].bias is not None for ad in deltas_list):
         return None
     d_out = next(ad[m].d_out for ad in deltas_list if m in ad)
-    stack = torch.stack([ad[m].bias.double() if m in ad and ad[m].bias is not None
-                         else torch.zeros(d_out, dtype=torch.float64) for ad in deltas_list])
+    dev = next(ad[m].A.device for ad in deltas_list if m in ad)
+    stack = torch.stack([ad[m].bias.to(dev, torch.float64) if m in ad and ad[m].bias is not None
+                         else torch.zeros(d_out, dtype=torch.float64, device=dev) for ad in deltas_list])
     return fn(stack).float()
 
 
@@ -257,7 +258,8 @@ def dense_to_delta(W: torch.Tensor, rtol: float = 1e-7) -> LoraDelta:
 
 def _dense_stack(deltas_list: Sequence[Adapter], m: str) -> torch.Tensor:
     shape = next(ad[m] for ad in deltas_list if m in ad)
-    return torch.stack([ad[m].dense() if m in ad else torch.zeros(shape.d_out, shape.d_in, dtype=torch.float64)
+    return torch.stack([ad[m].to(shape.A.device).dense() if m in ad
+                        else torch.zeros(shape.d_out, shape.d_in, dtype=torch.float64, device=shape.A.device)
                         for ad in deltas_list])
 
 
@@ -386,9 +388,11 @@ def deltas_from_peft(peft_model, adapter_name: str) -> Adapter:
 def _fro_sq_combo(terms: Iterable[tuple[float, LoraDelta]]) -> float:
     """‖Σⱼ cⱼ sⱼ Bⱼ Aⱼ‖_F² from factors: with B = [cⱼsⱼBⱼ], A = [Aⱼ], it is Σ (BᵀB) ⊙ (AAᵀ)."""
     terms = list(terms)
-    B = torch.cat([c * d.scale * d.B.double() for c, d in terms], 1)
-    A = torch.cat([d.A.double() for _, d in terms], 0)
-    bias = sum((c * d.bias.double() for c, d in terms if d.bias is not None), torch.zeros(B.shape[0], dtype=torch.float64))
+    dev = terms[0][1].A.device  # a merge read off a GPU model is compared with experts read from files
+    B = torch.cat([c * d.scale * d.B.to(dev, torch.float64) for c, d in terms], 1)
+    A = torch.cat([d.A.to(dev, torch.float64) for _, d in terms], 0)
+    bias = sum((c * d.bias.to(dev, torch.float64) for c, d in terms if d.bias is not None),
+               torch.zeros(B.shape[0], dtype=torch.float64, device=dev))
     return max(0.0, float(torch.sum((B.T @ B) * (A @ A.T)))) + float(bias @ bias)
 
 

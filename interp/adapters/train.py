@@ -31,7 +31,7 @@ import torch
 
 from interp.adapters.recipe import TrainConfig
 from interp.adapters.testing import META
-from interp.hardware import choose_precision
+from interp.hardware import check_device, choose_precision
 from interp.models import (atomic_directory, atomic_write_text, check_fused_targets, decoder_and_head, load_hf,
                            verify_manifest, write_manifest)
 
@@ -208,7 +208,9 @@ def train_expert(base: str | os.PathLike, examples: Sequence[tuple[str, str]], o
         progress: show a tqdm bar.
         callback: called as ``callback(step, loss)`` after every step (raising aborts training;
             a later call resumes from the last checkpoint).
-        device: torch device to train on (``"cuda"``); weights stay fp32.
+        device: torch device to train on (``"cpu"``, ``"cuda"``, ``"cuda:N"``; checked by
+            :func:`interp.hardware.check_device`); the frozen base is fp32, or bf16 with
+            ``precision="bf16"``; LoRA factors and optimiser state stay fp32 (peft's default).
 
     Returns:
         The metadata written to ``interp_meta.json``: ``base_model, data_sha256, n_examples,
@@ -229,6 +231,7 @@ def train_expert(base: str | os.PathLike, examples: Sequence[tuple[str, str]], o
     bad = config.problems()
     if bad:
         raise ValueError(f"bad TrainConfig: {'; '.join(bad)}")
+    device = check_device(device)  # a GPU asked for where there is none: HardwareError, not a CPU run
     choice = choose_precision(config.precision, device)
     if choice.precision != config.precision:  # "auto" resolved: the weights depend on the choice
         config = dataclasses.replace(config, precision=choice.precision)

@@ -148,14 +148,15 @@ class Run:
 
     def load_variant(self, variant: str):
         """The HookedModel of one variant (base, an expert, a merge or a router), loaded as its
-        :class:`~interp.study.variants.Variant` entry says."""
+        :class:`~interp.study.variants.Variant` entry says, on ``cfg.study.device``."""
         v = VARIANTS[variant]
         if not v.experts:
             return self.base()
         from interp import load_hooked
 
+        # on the study's device, like the base: every step's model lives where cfg.study.device says
         return load_hooked(self.model, self.variant_adapters(variant), combine=v.load_combine,
-                           **v.options(self.cfg.methods))
+                           device=self.cfg.study.device, **v.options(self.cfg.methods))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -20,7 +20,9 @@ def merged_deltas(run, lib: dict) -> dict[str, dict]:
             merges[v.name] = v.merge_deltas(pair, run.cfg.methods)
         elif v.deltas_from_model and v.name in run.cfg.methods.variants:
             hm = run.load_variant(v.name)
-            merges[v.name] = hm.info["deltas"]
+            # factor geometry is small float64 algebra done on the CPU beside the experts read
+            # from their files; the model itself ran on cfg.study.device
+            merges[v.name] = {m: d.to("cpu") for m, d in hm.info["deltas"].items()}
             run.release(hm)
     return merges
 

@@ -1,0 +1,59 @@
+"""Where a model lives: device and dtype checks shared by every loader (no other interp imports,
+so ``interp.models`` can use them without an import cycle; ``interp.hardware`` re-exports them)."""
+
+from __future__ import annotations
+
+import torch
+
+from interp.errors import InterpError
+
+
+class HardwareError(InterpError, ValueError):
+    """A precision, device or thread request this machine cannot honour."""
+
+
+def check_device(device: str | torch.device) -> str:
+    """``device`` as a string if torch can use it here.
+
+    Raises:
+        HardwareError: not a device string, or CUDA asked for where torch sees no GPU (or too few).
+    """
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise HardwareError(f"device must be cpu, cuda or cuda:N, got {device!r}") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise HardwareError(f"device {device!r} asked for, but torch sees no CUDA GPU on this machine "
+                                f"(torch {torch.__version__}); use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise HardwareError(f"device {device!r}: this machine has {torch.cuda.device_count()} GPU(s)")
+    elif dev.type != "cpu":
+        raise HardwareError(f"device must be cpu, cuda or cuda:N, got {device!r}")
+    return str(dev)
+
+
+#: names accepted for a model dtype (torch's own names and the usual short ones)
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+          "float64": torch.float64, "fp64": torch.float64, "double": torch.float64,
+          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
+
+
+def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    """A floating torch dtype from ``dtype`` (a ``torch.dtype`` or a name in :data:`DTYPES`);
+    ``None`` stays ``None`` (keep the model's own dtype).
+
+    Raises:
+        HardwareError: not a floating dtype or an unknown name.
+    """
+    if dtype is None:
+        return None
+    if isinstance(dtype, torch.dtype):
+        if not dtype.is_floating_point:
+            raise HardwareError(f"model dtype must be a floating dtype, got {dtype}")
+        return dtype
+    key = str(dtype).strip().lower().removeprefix("torch.")
+    if key not in DTYPES:
+        raise HardwareError(f"dtype must be one of {', '.join(DTYPES)} or a floating torch.dtype, got {dtype!r}")
+    return DTYPES[key]
