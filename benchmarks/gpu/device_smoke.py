@@ -139,7 +139,13 @@ def bench(a) -> dict:
     rows["fold"]["peak_mib"] = round(pk.mib)  # fold and unfold (the float64 ΔW of one site at a time)
     V = arch.config(a.shape).vocab_size
     exs = [type("Ex", (), {"prompt": p, "answer": ans})() for p, ans in arch.word_examples(V, a.n_prompts, 24, 2)]
-    for label, fold in (("score_folded", True), ("score_hooked", False)):
+    from interp.adapters import hooks
+
+    probe = {n: p.detach().clone() for n, p in list(hm.hf_model.named_parameters())[:40] if "base_layer" in n}
+    for label, fold in (("score_folded", True), ("score_folded_host", "host"), ("score_hooked", False)):
+        park = hooks._park_originals_on_host
+        if fold == "host":  # force the low-memory path: originals wait in host memory while folded
+            hooks._park_originals_on_host = lambda ws: True
         with Peak(dev) as pk:
             t = time.perf_counter()
             if fold:
@@ -149,8 +155,11 @@ def bench(a) -> dict:
                 folded = False
                 score_examples(hm, exs, batch_size=64)
             sync(dev)
+        hooks._park_originals_on_host = park
+        live = dict(hm.hf_model.named_parameters())
         rows[label] = {"s": round(time.perf_counter() - t, 2), "peak_mib": round(pk.mib), "n": len(exs),
-                       "tokens": 26, "folded": bool(folded)}
+                       "tokens": 26, "folded": bool(folded),
+                       "weights_restored_bit_for_bit": all(torch.equal(live[n], v) for n, v in probe.items())}
         print(label, rows[label], flush=True)
     if a.fold_only:
         return rows
