@@ -129,6 +129,9 @@ def run_cmd(
         default = config == Path("experiments/two_hop.toml") and not config.is_file()
         cfg = load_config(None if default else config, overrides)  # every key checked before any work
         check_model_source(cfg.study.model)
+        from interp.hardware import check_device
+
+        check_device(cfg.study.device)  # before the run directory is created
         run_study(config=cfg, out=out, steps=step_list)
 
     _guarded(body)

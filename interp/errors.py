@@ -19,6 +19,10 @@ class AdapterError(InterpError, ValueError):
     (Its subclasses live in :mod:`interp.adapters.library` and :mod:`interp.adapters.features`.)"""
 
 
+class TrainingError(InterpError, ValueError):
+    """``train_expert`` got examples or settings it cannot train on (the message names which)."""
+
+
 class EvaluationError(InterpError, ValueError):
     """Scoring or accuracy tables got inputs they cannot use (empty sets, mismatched lengths...)."""
 
@@ -60,5 +64,5 @@ class StudyError(InterpError, RuntimeError):
     """A study step cannot run (missing upstream results, unwritable directory...)."""
 
 
-__all__ = ["InterpError", "AdapterError", "EvaluationError", "MechanismError", "LensError", "PatchscopeError",
+__all__ = ["InterpError", "AdapterError", "TrainingError", "EvaluationError", "MechanismError", "LensError", "PatchscopeError",
            "PatchingError", "UnsupportedHookError", "ProbeError", "FigureError", "SubspaceError", "StudyError"]

@@ -82,3 +82,20 @@ def test_offline_enforced_without_environment_variables(tmp_path):
     res = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     assert (tmp_path / "r" / "results" / "accuracy.csv").is_file()
+
+
+def test_targets_the_model_lacks_are_one_line(tmp_path):
+    res = CliRunner().invoke(app, ["run", "--config", "experiments/tiny.toml", "--out", str(tmp_path / "r"),
+                                   "--model", "tiny-gpt2", "--steps", "world,experts"])
+    assert res.exit_code == 2 and "training.target_modules" in res.output and "c_attn" in res.output, res.output
+    assert "Traceback" not in res.output
+
+
+def test_cuda_refused_before_the_run_directory_exists(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    res = CliRunner().invoke(app, ["run", "--config", "experiments/tiny.toml", "--out", str(tmp_path / "r"),
+                                   "--device", "cuda"])
+    assert res.exit_code == 2 and "no CUDA GPU" in res.output and not (tmp_path / "r").exists()

@@ -40,11 +40,16 @@ COMBINE_OPTIONS: dict[str, tuple[str, ...]] = {
 }
 
 
+# combines whose result depends on per-expert weights (the others fix their own: 1/n, λ, routing)
+WEIGHTED_COMBINES = ("weighted", "ties", "dare", "svd", "peft_linear", "peft_ties", "peft_dare_linear",
+                     "peft_dare_ties", "peft_magnitude_prune", "peft_svd", "peft_cat", "merge_and_unload")
+
+
 class UnsupportedOptionError(AdapterError, TypeError):
     """A ``load_hooked`` option the chosen combine does not accept (unknown or inapplicable)."""
 
 
-__all__ = ["load_hooked", "fold_static_update", "COMBINES", "COMBINE_OPTIONS", "AdapterLibrary", "AdapterError",
+__all__ = ["load_hooked", "fold_static_update", "COMBINES", "COMBINE_OPTIONS", "WEIGHTED_COMBINES", "AdapterLibrary", "AdapterError",
            "route_examples", "route_tokens", "make_random_adapter", "LoraDelta", "read_adapter", "delta_hook_name",
            "router_hook_name", "site_name", "MergeError", "RoutingError", "UnsupportedOptionError",
            "RESERVED_ADAPTER_NAMES", "ReservedAdapterNameError", "AdapterFeatureError", "ExtraModulesError",
@@ -64,6 +69,9 @@ def _check_options(combine: str, options: dict[str, Any]) -> None:
         raise UnsupportedOptionError(
             f"option(s) {bad} do not apply to combine={combine!r}; it accepts "
             f"{', '.join(accepted) if accepted else 'no options'}{hint}")
+    k = options.get("rank")
+    if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
+        raise UnsupportedOptionError(f"rank must be a positive integer (the merged adapter's rank k), got {k!r}")
     msm = options.get("majority_sign_method")
     if msm is not None and msm not in ("total", "frequency"):
         raise UnsupportedOptionError(f"majority_sign_method must be 'total' or 'frequency', got {msm!r}")
@@ -162,7 +170,9 @@ def load_hooked(model: Any, adapters: dict[str, str | os.PathLike], combine: str
               by :func:`route_examples` / :func:`route_tokens`).
             * ``"merge_and_unload"`` — the exact weighted sum (default 1/n) added to the base
               weights; no LoRA layers remain (no adapter hooks).
-        weights: per-expert weights for the merges (default 1/n; task arithmetic uses ``lam``).
+        weights: per-expert weights, for the combines in :data:`WEIGHTED_COMBINES` only (others
+            refuse them): default 1/n for weighted / svd / merge_and_unload / peft_*, and 1 for
+            ties and dare (as peft's ``ties`` / ``dare_linear``); task arithmetic uses ``lam``.
         allow_pickle: accept pickle adapter files (see :class:`AdapterLibrary`).
         expected_base: base name the adapters must record (default: ``model``'s name).
         device: where the model and everything built for it live (``"cpu"``, ``"cuda"``,
@@ -205,7 +215,14 @@ def load_hooked(model: Any, adapters: dict[str, str | os.PathLike], combine: str
     from interp.models import HookedModel, assert_lora_reached, bridge_model, load_hf
 
     if combine not in COMBINES:
-        raise ValueError(f"unknown combine {combine!r}; choose one of {', '.join(COMBINES)}")
+        raise AdapterError(f"unknown combine {combine!r}; choose one of {', '.join(COMBINES)}")
+    if not isinstance(adapters, dict) or not adapters:
+        raise AdapterError(f"adapters must be a non-empty {{name: adapter directory}} dict, got {adapters!r}")
+    if weights is not None and combine not in WEIGHTED_COMBINES:
+        raise UnsupportedOptionError(f"weights do not apply to combine={combine!r} (it fixes its own); combines "
+                                     f"that take weights: {', '.join(WEIGHTED_COMBINES)}")
+    if weights is None and combine == "weighted":
+        raise AdapterError("combine='weighted' needs weights=[w1, w2, ...], one per adapter")
     _check_options(combine, options)
     for a in adapters:
         check_adapter_name_reserved(a)
@@ -224,7 +241,7 @@ def load_hooked(model: Any, adapters: dict[str, str | os.PathLike], combine: str
     n = len(names)
     experts = [lib.deltas[a] for a in names]
     if weights is not None and len(weights) != n:
-        raise ValueError(f"{len(weights)} weights for {n} adapters {names}")
+        raise AdapterError(f"{len(weights)} weights for {n} adapters {names}")
     w = [float(x) for x in weights] if weights is not None else [1.0 / n] * n
     check_combine(lib.parts, combine)
     # validated against the base as built; moved once, before any adapter layer exists, so peft
@@ -264,8 +281,8 @@ def load_hooked(model: Any, adapters: dict[str, str | os.PathLike], combine: str
             w = [1.0 / n] * n
         elif combine == "task_arithmetic":
             w = [float(options.get("lam", 1.0))] * n
-        elif weights is None:
-            raise ValueError("combine='weighted' needs weights=[...]")
+        elif weights is None:  # pragma: no cover - refused above
+            raise AdapterError("combine='weighted' needs weights=[...]")
         router = StaticRouter(names, w)
         merged = task_arithmetic(experts, w[0]) if combine == "task_arithmetic" else weighted_average(experts, w)
         info.update(deltas=merged, faithfulness=faithfulness_report(merged, experts, w))

@@ -38,6 +38,7 @@ from typing import Any, Callable, Iterator, Protocol
 
 import torch
 
+from interp.errors import AdapterError
 from interp.surgery import clean_module_path, register_hook_point, replace_forward
 
 SITE_NAMES = {
@@ -58,10 +59,10 @@ def check_adapter_name(name: str) -> str:
     """Adapter names become hook-name components: letters, digits, ``_`` and ``-`` only.
 
     Raises:
-        ValueError: any other character (a dot would break hook names).
+        AdapterError: any other character (a dot would break hook names).
     """
     if not isinstance(name, str) or not _ADAPTER_NAME.match(name):
-        raise ValueError(f"adapter name {name!r} must match [A-Za-z0-9_-]+ (it becomes part of hook names)")
+        raise AdapterError(f"adapter name {name!r} must match [A-Za-z0-9_-]+ (it becomes part of hook names)")
     return name
 
 
@@ -73,14 +74,16 @@ def site_name(module_path: str) -> str:
     GPT-2's two ``c_proj`` stay apart: ``transformer.h.0.attn.c_proj`` -> ``blocks.0.attn.c_proj``.
 
     Raises:
-        ValueError: the path has no layer index.
+        AdapterError: the path has no layer index (LoRA on ``lm_head`` or another module outside
+            the transformer layers, which the hooked runtime does not run).
     """
     from interp.adapters.factors import layer_of
 
     layer = layer_of(module_path)
     if layer is None:
-        raise ValueError(f"module {module_path!r} is not inside a transformer layer (no .layers.N. / .h.N. / "
-                         ".blocks.N. in its path)")
+        raise AdapterError(f"LoRA target {module_path!r} is outside the transformer layers (no .layers.N. / .h.N. / "
+                           ".blocks.N. in its path; e.g. lm_head): interp hooks LoRA only inside transformer "
+                           "layers. Save the adapter without that target, or use combine='merge_and_unload'")
     parent, _, proj = module_path.rpartition(".")
     if proj in SITE_NAMES:
         return f"blocks.{layer}.{SITE_NAMES[proj]}"

@@ -180,7 +180,7 @@ class AdapterLibrary:
         from interp.models import MANIFEST, check_fused_targets, load_hf, verify_manifest
 
         if not adapters:
-            raise ValueError("AdapterLibrary.load got no adapters")
+            raise AdapterError("no adapters given: pass {name: adapter directory, ...}")
         if hasattr(base, "hf_model") and hasattr(base, "bridge"):
             base_name = str(base.info.get("source", base.name))
             hf_model = hf_model if hf_model is not None else base.hf_model

@@ -31,6 +31,7 @@ import torch
 
 from interp.adapters.recipe import TrainConfig
 from interp.adapters.testing import META
+from interp.errors import TrainingError
 from interp.hardware import check_device, choose_precision
 from interp.models import (atomic_directory, atomic_write_text, check_fused_targets, decoder_and_head, load_hf,
                            verify_manifest, write_manifest)
@@ -48,14 +49,14 @@ def _encode(tok: Any, examples: Sequence[tuple[str, str]], add_eos: bool) -> lis
     out = []
     for i, ex in enumerate(examples):
         if not (isinstance(ex, (tuple, list)) and len(ex) == 2 and all(isinstance(s, str) for s in ex)):
-            raise ValueError(f"example {i} must be a (prompt, answer) pair of strings, got {ex!r}")
+            raise TrainingError(f"example {i} must be a (prompt, answer) pair of strings, got {ex!r}")
         p = list(tok(ex[0], add_special_tokens=False)["input_ids"])
         a = list(tok(ex[1], add_special_tokens=False)["input_ids"])
         if not p or not a:
-            raise ValueError(f"example {i} {ex!r}: prompt and answer must both tokenise to ≥ 1 token")
+            raise TrainingError(f"example {i} {ex!r}: prompt and answer must both tokenise to ≥ 1 token")
         if add_eos:
             if tok.eos_token_id is None:
-                raise ValueError("add_eos=True but the tokenizer has no EOS token")
+                raise TrainingError("add_eos=True but the tokenizer has no EOS token")
             a.append(int(tok.eos_token_id))
         out.append((p, a))
     return out
@@ -219,7 +220,8 @@ def train_expert(base: str | os.PathLike, examples: Sequence[tuple[str, str]], o
         verifies) with the same data hash and config, that metadata is returned without training.
 
     Raises:
-        ValueError: no examples, malformed examples, bad config values.
+        interp.errors.TrainingError (a ValueError): no examples, malformed examples, bad config
+            values, target modules the model does not have.
         interp.models.FusedProjectionError: a fused projection is targeted.
         interp.models.ModelLoadError: unknown base.
     """
@@ -227,10 +229,10 @@ def train_expert(base: str | os.PathLike, examples: Sequence[tuple[str, str]], o
     from tqdm.auto import tqdm
 
     if not examples:
-        raise ValueError("train_expert got no examples")
+        raise TrainingError("train_expert got no examples")
     bad = config.problems()
     if bad:
-        raise ValueError(f"bad TrainConfig: {'; '.join(bad)}")
+        raise TrainingError(f"bad TrainConfig: {'; '.join(bad)}")
     device = check_device(device)  # a GPU asked for where there is none: HardwareError, not a CPU run
     choice = choose_precision(config.precision, device)
     if choice.precision != config.precision:  # "auto" resolved: the weights depend on the choice
@@ -248,6 +250,13 @@ def train_expert(base: str | os.PathLike, examples: Sequence[tuple[str, str]], o
     # bf16: the frozen base is held in bf16 (no per-step weight casts); LoRA weights, AdamW state
     # and the loss stay fp32 (peft keeps adapters in fp32), matmuls run under bf16 autocast.
     hf = hf.to(device, dtype=torch.bfloat16 if config.precision == "bf16" else None)
+    leaves = {n.rsplit(".", 1)[-1] for n, m in hf.named_modules() if n}
+    missing = [t for t in config.target_modules if t not in leaves]
+    if missing:
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in hf.named_modules()
+                         if isinstance(m, torch.nn.Linear) or type(m).__name__ == "Conv1D"})
+        raise TrainingError(f"training.target_modules {missing} not found in {base}; its linear layers are "
+                            f"named {', '.join(linear)}")
     check_fused_targets(hf, list(config.target_modules))
     encoded = _encode(tok, examples, config.add_eos)
     pad = next(c for c in (tok.pad_token_id, tok.eos_token_id, 0) if c is not None)

@@ -269,7 +269,8 @@ def run_pipeline(pipeline: Sequence[Step], cfg: Config, out: str | Path,
         console.print(f"[green]✓ {step.name}[/green] {dt:.1f} s")
     timings["total_this_invocation"] = round(time.perf_counter() - t_all, 2)
     _write_runjson(run, keys, timings)
-    console.print(f"[bold green]done[/bold green]: {out}/report.html")
+    report = out / "report.html"
+    console.print(f"[bold green]done[/bold green]: {report if report.is_file() else out}")
     return out
 
 
