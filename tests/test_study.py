@@ -150,6 +150,38 @@ def test_kill_9_during_mechanisms_resumes_to_identical_tables(tiny_run, tmp_path
         assert (copy / "results" / f"{name}.csv").read_bytes() == a, name
 
 
+def test_sigint_during_mechanisms_exits_130_and_resumes_to_identical_tables(tiny_run, tmp_path):
+    """One Ctrl-C in the middle of the patching/lens sweep of `interp run` ends it within seconds
+    with status 130; the same command then resumes and its tables equal the uninterrupted run's."""
+    import signal
+    import sys
+    import time
+
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_run, copy)
+    for step in ("mechanisms", "subspace", "figures", "report"):
+        (copy / "steps" / f"{step}.json").unlink()
+    shutil.rmtree(copy / "cache" / "mechanisms")
+    cmd = [sys.executable, "-m", "interp.cli", "run", "-c", TINY, "--out", str(copy)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    deadline = time.time() + 600
+    while time.time() < deadline and not list((copy / "cache" / "mechanisms").glob("*.json")):
+        time.sleep(0.1)
+    time.sleep(0.5)  # inside the next variant's sweep
+    t0 = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    rc = proc.wait(timeout=120)
+    err = proc.stderr.read()
+    assert rc == 130 and time.monotonic() - t0 < 8, (rc, err[-2000:])
+    assert "run the same command again" in err and "Traceback" not in err
+    assert not (copy / "steps" / "mechanisms.json").exists()  # stopped mid-step
+    assert subprocess.run(cmd, capture_output=True, timeout=900).returncode == 0
+    for name in ("lens", "patching", "probes", "backpatch"):
+        a = (tiny_run / "results" / f"{name}.csv").read_bytes()
+        assert (copy / "results" / f"{name}.csv").read_bytes() == a, name
+
+
 def test_csv_text_round_trips_tokens_with_line_breaks():
     """A decoded token can be a bare carriage return; plain ``to_csv`` would split its row."""
     import io
