@@ -76,7 +76,7 @@ def accuracy_figure(acc: pd.DataFrame, metric: str = "first_token", hop: str = "
                  hover_data=["n", "ci_low", "ci_high"] + (["library"] if "library" in d else []),
                  title=f"{hop} accuracy ({metric.replace('_', ' ')}) by method and test set, Wilson 95% CI")
     fig.update_yaxes(range=[0, 1.05], title="accuracy")
-    fig.update_xaxes(title=None, tickangle=-30)
+    fig.update_xaxes(title="method", tickangle=-30)
     return fig
 
 
