@@ -36,11 +36,14 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 
 def _guarded(fn: Callable[[], None]) -> None:
+    from interp.interrupts import EXIT_INTERRUPTED, handle_interrupts
+
     try:
-        fn()
+        with handle_interrupts():  # one Ctrl-C ends any step within seconds (see interp.interrupts)
+            fn()
     except KeyboardInterrupt:
         typer.echo("interrupted: finished units are cached; run the same command again to resume", err=True)
-        raise typer.Exit(130) from None
+        raise typer.Exit(EXIT_INTERRUPTED) from None
     except Exception as e:  # noqa: BLE001 - sorted into user errors and bugs below
         if _state["debug"] or not isinstance(e, _user_errors()):
             raise

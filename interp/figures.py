@@ -76,7 +76,7 @@ def accuracy_figure(acc: pd.DataFrame, metric: str = "first_token", hop: str = "
                  hover_data=["n", "ci_low", "ci_high"] + (["library"] if "library" in d else []),
                  title=f"{hop} accuracy ({metric.replace('_', ' ')}) by method and test set, Wilson 95% CI")
     fig.update_yaxes(range=[0, 1.05], title="accuracy")
-    fig.update_xaxes(title=None, tickangle=-30)
+    fig.update_xaxes(title="method", tickangle=-30)
     return fig
 
 
@@ -117,19 +117,32 @@ def lens_figure(lens: pd.DataFrame, value: str = "logprob", position: str = "fin
     if value == "rank":
         fig.update_yaxes(type="log", autorange="reversed")
     fig.update_xaxes(title_text="layer")
+    _integer_ticks(fig, "x", agg["layer"])
     fig.update_layout(title=f"Where are the bridge entity e₂ and the answer e₃ decodable? "
                             f"({position} position, mean ± s.e.m.)")
     return fig
 
 
+def _integer_ticks(fig: go.Figure, axis: str, values) -> None:
+    """Layer axes show whole layers (plotly's automatic ticks fall on 0.5 steps for few layers)."""
+    v = pd.Series(list(values)).dropna()
+    n = int(v.max() - v.min()) + 1 if len(v) else 1
+    kw = dict(tickmode="linear", tick0=0, dtick=max(1, int(np.ceil(n / 16))), tickformat="d")
+    (fig.update_xaxes if axis == "x" else fig.update_yaxes)(**kw)
+
+
 def heatmap_figure(df: pd.DataFrame, value: str, facet: str = "method", x: str = "position_label",
                    y: str = "layer", title: str = "", signed: bool = True,
-                   x_order: list[str] | None = None) -> go.Figure:
+                   x_order: list[str] | None = None, zrange: tuple[float, float] | None = None,
+                   x_title: str | None = None, y_title: str | None = None,
+                   value_title: str | None = None) -> go.Figure:
     """Layer × position (or any two-key) heatmaps, one facet per variant, RdBu centred at 0.
 
     Args:
         df: tidy rows with columns ``facet``, ``x``, ``y``, ``value``; duplicates are averaged.
         signed: diverging scale centred at 0 (effects); else sequential ``Viridis``.
+        zrange: fixed colour range, e.g. ``(0, 1)`` for a fraction (else from the data).
+        x_title, y_title, value_title: axis and colour-bar titles (default: the column names).
     """
     _require(df, [facet, x, y, value], "heatmap_figure")
     facets = list(dict.fromkeys(df[facet]))
@@ -148,18 +161,31 @@ def heatmap_figure(df: pd.DataFrame, value: str, facet: str = "method", x: str =
             piv = piv.reindex(columns=[c for c in x_order if c in piv.columns])
         piv = piv.sort_index()
         kw = dict(colorscale=DIVERGING, zmid=0, zmin=-vmax, zmax=vmax) if signed else dict(colorscale="Viridis")
+        if zrange is not None:
+            kw.update(zmin=zrange[0], zmax=zrange[1])
+            kw.pop("zmid", None)
         fig.add_trace(go.Heatmap(z=piv.to_numpy(), x=[str(c) for c in piv.columns], y=piv.index.tolist(),
-                                 showscale=(k == 0), colorbar=dict(title=value), hovertemplate=
+                                 showscale=(k == 0), colorbar=dict(title=value_title or value), hovertemplate=
                                  f"{x}=%{{x}}<br>{y}=%{{y}}<br>{value}=%{{z:.3f}}<extra>{f}</extra>", **kw),
                       row=k // cols + 1, col=k % cols + 1)
-    fig.update_yaxes(title_text=y, col=1)
-    fig.update_layout(title=title, height=max(380, 320 * rows))
+    fig.update_yaxes(title_text=y_title or y, col=1)
+    # every category labelled (plotly thins them, which dropped the last column's label)
+    fig.update_xaxes(title_text=x_title or x, type="category", tickmode="linear", dtick=1, tickangle=-45,
+                     row=rows)
+    fig.update_xaxes(type="category", tickmode="linear", dtick=1, tickangle=-45)
+    if pd.api.types.is_numeric_dtype(df[y]):
+        _integer_ticks(fig, "y", df[y])
+    if pd.api.types.is_numeric_dtype(df[x]):
+        fig.update_xaxes(type="linear", tickmode="linear", tick0=0, dtick=1, tickformat="d")
+    fig.update_layout(title=title, height=max(380, 320 * rows), margin=dict(b=110))
     return fig
 
 
 def line_figure(df: pd.DataFrame, x: str, y: str, color: str, title: str, facet: str | None = None,
-                y_title: str | None = None, log_y: bool = False, band: str | None = None) -> go.Figure:
-    """Lines (one per ``color`` value) with an optional ± ``band`` column, optional facets."""
+                y_title: str | None = None, log_y: bool = False, band: str | None = None,
+                x_title: str | None = None, y_range: tuple[float, float] | None = None) -> go.Figure:
+    """Lines (one per ``color`` value) with an optional ± ``band`` column, optional facets.
+    Both axes are titled (default: the column names); a ``layer`` x axis has integer ticks."""
     _require(df, [x, y, color] + ([facet] if facet else []) + ([band] if band else []), "line_figure")
     fig = px.line(df, x=x, y=y, color=color, facet_col=facet, markers=True, log_y=log_y, title=title,
                   color_discrete_map=_color_map(df[color]))
@@ -172,8 +198,12 @@ def line_figure(df: pd.DataFrame, x: str, y: str, color: str, title: str, facet:
             fig.add_trace(go.Scatter(x=np.concatenate([xs, xs[::-1]]), y=np.concatenate([ys + bs, (ys - bs)[::-1]]),
                                      fill="toself", fillcolor=tr.line.color, opacity=0.15, line=dict(width=0),
                                      hoverinfo="skip", showlegend=False))
-    if y_title:
-        fig.update_yaxes(title_text=y_title)
+    fig.update_yaxes(title_text=y_title or y, col=1)
+    fig.update_xaxes(title_text=x_title or x)
+    if y_range is not None:
+        fig.update_yaxes(range=list(y_range))
+    if "layer" in x and pd.api.types.is_numeric_dtype(df[x]):
+        _integer_ticks(fig, "x", df[x])
     return fig
 
 

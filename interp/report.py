@@ -25,6 +25,7 @@ th,td{border:1px solid #ddd;padding:3px 7px;text-align:right} th{background:#f5f
 .verdict-yes{color:#2a7d2a;font-weight:600}.verdict-no{color:#b03030;font-weight:600}.verdict-mixed{color:#a07000;font-weight:600}
 .fig{margin:1em 0 2em} .cap{color:#555;font-size:.9em} pre{background:#f7f7f7;padding:1em;overflow:auto;font-size:.8em}
 details{margin:.5em 0}
+.banner{background:#fff4e5;border:1px solid #e0a040;border-left:6px solid #d08000;padding:.5em 1em;margin:1em 0}
 """
 
 RENDER_CHECK = """
@@ -58,10 +59,13 @@ def table_html(df: pd.DataFrame, max_rows: int = 60, floatfmt: str = "{:.3f}") -
 
 
 def build_report(out_dir: str | Path, title: str, findings: list[dict[str, str]],
-                 sections: list[dict[str, Any]], config: dict, versions: dict, timings: dict) -> Path:
+                 sections: list[dict[str, Any]], config: dict, versions: dict, timings: dict,
+                 warnings: list[str] | None = None) -> Path:
     """Write ``out_dir/report.html``.
 
     Args:
+        warnings: HTML sentences on what limits the evidence (random-init model, experts that
+            missed their facts), shown in a banner above the findings.
         findings: ``{"claim", "verdict" ("yes"|"no"|"mixed"), "evidence"}`` items, shown first.
         sections: ``{"title", "text" (HTML), "figures": [(fig_id, plotly JSON str, caption)],
             "tables": [(caption, DataFrame)]}`` in page order.
@@ -74,6 +78,9 @@ def build_report(out_dir: str | Path, title: str, findings: list[dict[str, str]]
                        f'<p class="sub">interp {html.escape(versions.get("interp", ""))} · model '
                        f'{html.escape(str(config.get("study", {}).get("model", "")))} · total step time '
                        f'{sum(v for k, v in timings.items() if k != "total_this_invocation"):.0f} s</p>']
+    if warnings:
+        body.append('<div class="banner" id="evidence-warning"><b>Read these results with care.</b><ul>'
+                    + "".join(f"<li>{w}</li>" for w in warnings) + "</ul></div>")
     body.append("<h2>Findings</h2>")
     for f in findings:
         v = f.get("verdict", "mixed")

@@ -1,7 +1,7 @@
 """Theory checks: the one-layer key-value model of Chen et al. and the Zeng & Lee rank bound.
 
 **Key-value model** (Chen, Hoang, Hahn, Sarfraz 2025, arXiv 2506.13479, §theory / Prop. 1 and
-Thm. 2 as digested in reference/paper.md §6 and theory.md §2.2–2.3; following the associative-memory
+Thm. 2 of Chen et al. 2025, arXiv 2506.13479; following the associative-memory
 view of Nichani et al. 2024). A prompt "X REL" has the MLP key
 
     v(x, rel) = ReLU(U·V·e_x + U·e_rel) ∈ R^m
@@ -26,7 +26,7 @@ MLP width m = 256; entity/relation embeddings ~ N(0, 1/d), U ~ N(0, 1), V ~ N(0,
 (x, rel) has a seeded uniform random answer; W = T K⁺ is the minimum-norm linear memory that maps
 each stored key exactly to its one-hot answer (exact while #facts ≤ m). Everything is float64.
 
-**Zeng & Lee** (ICLR 2024, arXiv 2310.17513; theory.md §1.2): for frozen square layers
+**Zeng & Lee** (ICLR 2024, arXiv 2310.17513): for frozen square layers
 W_1 … W_L and a linear target W̄, the best error of rank-≤R updates in the spectral norm is
 min ‖∏(W_l + ΔW_l) − W̄‖₂ = σ_{RL+1}(E), E = W̄ − ∏W_l; the constructive ΔW_l follow the authors'
 ``helper.our_construction``.
@@ -215,8 +215,7 @@ def two_hop_trials(model: KeyValueModel, n_trials: int = 50, r1: int = 0, r2: in
     ``answer``: argmax on the two-hop key under ΔW_sum; ``answers_c`` (the composed answer),
     ``answers_b`` (the bridge, i.e. only the first hop); ``c_gain``: C's score gain on v_q under
     ΔW_sum; ``c_gain_other_bridge``: the same with the first edit installing another bridge b' —
-    equal to ``c_gain`` (the sum cannot route through B); ``oracle_span_deficit``: span deficit
-    (theory.md §2.4) of the composing rank-one edit ΔW(v_q → c) with respect to the two edits.
+    equal to ``c_gain`` (the sum cannot route through B); ``oracle_span_deficit``: span deficit of the composing rank-one edit ΔW(v_q → c) with respect to the two edits.
 
     Raises:
         TheoryError: bad relations or fewer than 4 entities.
@@ -320,7 +319,7 @@ def _sv(E: torch.Tensor) -> torch.Tensor:
 
 def zeng_lee_error(E: torch.Tensor, R: int, L: int) -> float:
     """Best spectral-norm error of L rank-≤R adapted layers for target difference E:
-    σ_{RL+1}(E) (0 when RL ≥ min(E.shape)) — Zeng & Lee 2024, linear-model lemma (theory.md §1.2).
+    σ_{RL+1}(E) (0 when RL ≥ min(E.shape)) — Zeng & Lee 2024, linear-model lemma.
 
     Args:
         E: ``[D_out, D_in]`` error matrix W̄ − ∏ W_l; R ≥ 0 per-layer rank; L ≥ 1 layers.
@@ -357,7 +356,7 @@ def _prod(mats: Sequence[torch.Tensor], D: int) -> torch.Tensor:
 
 
 def zeng_lee_construction(Ws: Sequence[torch.Tensor], W_target: torch.Tensor, R: int) -> list[torch.Tensor]:
-    """Zeng & Lee's constructive adapters (authors' ``helper.our_construction``; theory.md §1.2).
+    """Zeng & Lee's constructive adapters (authors' ``helper.our_construction``).
 
     With E = W̄ − W_L⋯W_1 = UΣVᵀ and Q_l the projector onto right singular vectors
     (l−1)R … lR−1, ΔW_l = S_l⁻¹ E Q_l A_{l−1}⁻¹ (S_l = W_L⋯W_{l+1} frozen suffix, A_{l−1} the
@@ -412,7 +411,7 @@ def chain_error(Ws: Sequence[torch.Tensor], deltas: Sequence[torch.Tensor], W_ta
 def rank_need_table(oracle: Mapping[str, LoraDelta], candidate: Mapping[str, LoraDelta] | None = None,
                     eps: float = 0.1, available_rank: int | None = None, block_size: int = 1) -> pd.DataFrame:
     """Rank needed vs rank available per module and per block of layers (Zeng & Lee as a
-    diagnostic template, theory.md §1.5 items 1–2).
+    diagnostic template).
 
     Per module, the residual E = O − X (oracle minus candidate, e.g. a merge; E = O without a
     candidate) is decomposed from the factors (:func:`interp.subspace.factor_svd`):

@@ -62,3 +62,23 @@ def test_report_embeds_figures_and_escapes(tmp_path):
     assert "T &lt;x&gt;" in page and 'id="fig-a"' in page and "supported by our data" in page
     data = page.split('id="figure-data">')[1].split("</script>")[0]
     assert json.loads(data.replace("<\\/", "</"))["fig-a"]["data"][0]["type"] == "heatmap"
+
+
+def test_fraction_heatmap_keeps_its_range_and_layers_are_integers():
+    """A fraction in [0, 1] is drawn on a 0-1 scale even when every value is 0 (plotly's own
+    range was -0.5..0.5), layer ticks fall on whole layers, and both axes are titled."""
+    import pandas as pd
+
+    from interp.figures import heatmap_figure, line_figure
+
+    df = pd.DataFrame({"method": "m", "source_layer": [0, 0, 1, 1], "target_layer": [0, 1, 0, 1], "fixed": 0.0})
+    fig = heatmap_figure(df, value="fixed", x="target_layer", y="source_layer", signed=False, zrange=(0, 1),
+                         x_title="target layer", y_title="source layer")
+    tr = fig.data[0]
+    assert (tr.zmin, tr.zmax) == (0, 1)
+    assert fig.layout.yaxis.dtick == 1 and fig.layout.yaxis.tickformat == "d"
+    assert fig.layout.xaxis.title.text == "target layer" and fig.layout.yaxis.title.text == "source layer"
+    lines = line_figure(pd.DataFrame({"layer": [0, 1, 2], "v": [0.1, 0.2, 0.3], "m": "a"}), x="layer", y="v",
+                        color="m", title="t")
+    assert lines.layout.xaxis.dtick == 1 and lines.layout.xaxis.title.text == "layer"
+    assert lines.layout.yaxis.title.text == "v"

@@ -61,3 +61,24 @@ def test_token_rank_counts_ties_in_the_targets_favour():
     assert token_rank(scores, 2).tolist() == [0, 1]
     assert token_rank(scores, 3).tolist() == [3, 1]
     assert token_rank(scores[0], 1).item() == 0
+
+
+def test_entity_token_skips_a_bare_space_token():
+    """A byte-level tokenizer that splits the space off: the name's own first token is taken."""
+    from interp.mechanisms.lens import entity_first_token
+
+    class Tok:
+        vocab = {" ": 5, "Zor": 7, "vath": 9, " Paris": 11}
+
+        def decode(self, ids):
+            inv = {v: k for k, v in self.vocab.items()}
+            return "".join(inv[i] for i in ids)
+
+    class HM:
+        tokenizer = Tok()
+
+        def encode(self, text):
+            return [11] if text == " Paris" else [5, 7, 9]
+
+    assert entity_first_token(HM(), "Zorvath") == 7
+    assert entity_first_token(HM(), "Paris") == 11

@@ -131,3 +131,42 @@ def test_merge_invariants(r, d_out, d_in, seed):
     torch.testing.assert_close(full.dense(), a["m"].dense(), rtol=1e-4, atol=1e-4)
     energies = [M.svd_truncate(a["m"], k)[1] for k in range(1, r + 1)]
     assert all(x <= y + 1e-9 for x, y in zip(energies, energies[1:])) and abs(e_full - 1) < 1e-6
+
+
+def test_atomic_writes_follow_the_umask(tmp_path):
+    """mkstemp/mkdtemp create 0600/0700; files interp writes (report.html) must be readable as
+    any plain open() would make them."""
+    old = os.umask(0o022)
+    try:
+        models.atomic_write_text(tmp_path / "report.html", "x")
+        with models.atomic_directory(tmp_path / "adapter") as d:
+            (d / "f").write_text("y")
+        os.umask(0o077)
+        models.atomic_write_text(tmp_path / "private.txt", "z")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "report.html").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "adapter").stat().st_mode & 0o777 == 0o755
+    assert (tmp_path / "private.txt").stat().st_mode & 0o777 == 0o600
+
+
+def test_atomic_directory_interrupted_between_renames_keeps_the_old(tmp_path, monkeypatch):
+    target = tmp_path / "ckpt"
+    target.mkdir()
+    (target / "w").write_text("old")
+    real = os.replace
+    calls = []
+
+    def replace(a, b):
+        calls.append(a)
+        if len(calls) == 2:  # after moving the old one aside, before the new one is in place
+            raise KeyboardInterrupt
+        return real(a, b)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(KeyboardInterrupt):
+        with models.atomic_directory(target) as d:
+            (d / "w").write_text("new")
+    monkeypatch.undo()
+    assert (target / "w").read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]

@@ -123,6 +123,37 @@ def test_report_renders_in_headless_chromium(tiny_run, tmp_path):
     assert proc.stdout.count('class="main-svg"') >= int(attrs["figures-total"])
 
 
+@pytest.mark.browser
+@pytest.mark.skipif(_chromium() is None, reason="Debian chromium not installed (make test installs it)")
+def test_report_tells_the_truth_about_its_evidence(tiny_run, tmp_path):
+    """Rendered in Chromium, the tiny run's page warns that the model is random-init and
+    familiarity unverified, names the probe estimator of its config, has a finding sentence in
+    every section, shows the main two-hop figure before the controls, and titles every axis."""
+    run = json.loads((tiny_run / "run.json").read_text())
+    est = run["config"]["mechanisms"]["probe_estimator"]
+    cmd = [_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+           "--disable-background-networking", "--disable-component-update", "--disable-sync",
+           f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=20000", "--dump-dom",
+           (tiny_run / "report.html").resolve().as_uri()]
+    dom = subprocess.run(cmd, capture_output=True, text=True, timeout=180).stdout
+    assert 'id="evidence-warning"' in dom and "random-init" in dom and "verify_familiarity = false" in dom
+    caps = re.findall(r'<p class="cap">(.*?)</p>', dom, flags=re.S)
+    probe = [c for c in caps if "probes" in c and "e₂" in c]
+    assert probe and all(est in c for c in probe), probe
+    other = {"ridge": "logistic", "logistic": "ridge"}[est]
+    assert not any(other in c for c in probe)
+    sections = re.findall(r"<h2>(.*?)</h2>\s*(<p>.*?</p>)?", dom, flags=re.S)
+    for title, text in sections:
+        if title not in ("Findings", "Config", "Versions and timings"):
+            assert re.sub("<[^>]+>", "", text).strip(), f"section {title!r} has no finding sentence"
+    assert dom.index('id="fig-accuracy_two_hop"') < dom.index('id="fig-accuracy_controls"')
+    for fig in json.loads((tiny_run / "figures" / "index.json").read_text()):
+        layout = json.loads((tiny_run / "figures" / f"{fig}.json").read_text())["layout"]
+        for ax in ("xaxis", "yaxis"):
+            if ax in layout and fig not in ("overlap_phi_row", "overlap_phi_col", "overlap_cosine"):
+                assert layout[ax].get("title", {}).get("text") or fig.startswith("accuracy"), (fig, ax)
+
+
 def test_kill_9_during_mechanisms_resumes_to_identical_tables(tiny_run, tmp_path):
     """kill -9 the study in the middle of its patching/lens sweeps; the re-run resumes from the
     variants already cached and its tables equal the uninterrupted run's, byte for byte."""
@@ -145,6 +176,38 @@ def test_kill_9_during_mechanisms_resumes_to_identical_tables(tiny_run, tmp_path
     done_before = list((copy / "cache" / "mechanisms").glob("*.json"))
     assert done_before and not (copy / "steps" / "mechanisms.json").exists()  # killed mid-step
     run_study(TINY, out=copy)
+    for name in ("lens", "patching", "probes", "backpatch"):
+        a = (tiny_run / "results" / f"{name}.csv").read_bytes()
+        assert (copy / "results" / f"{name}.csv").read_bytes() == a, name
+
+
+def test_sigint_during_mechanisms_exits_130_and_resumes_to_identical_tables(tiny_run, tmp_path):
+    """One Ctrl-C in the middle of the patching/lens sweep of `interp run` ends it within seconds
+    with status 130; the same command then resumes and its tables equal the uninterrupted run's."""
+    import signal
+    import sys
+    import time
+
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_run, copy)
+    for step in ("mechanisms", "subspace", "figures", "report"):
+        (copy / "steps" / f"{step}.json").unlink()
+    shutil.rmtree(copy / "cache" / "mechanisms")
+    cmd = [sys.executable, "-m", "interp.cli", "run", "-c", TINY, "--out", str(copy)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    deadline = time.time() + 600
+    while time.time() < deadline and not list((copy / "cache" / "mechanisms").glob("*.json")):
+        time.sleep(0.1)
+    time.sleep(0.5)  # inside the next variant's sweep
+    t0 = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    rc = proc.wait(timeout=120)
+    err = proc.stderr.read()
+    assert rc == 130 and time.monotonic() - t0 < 8, (rc, err[-2000:])
+    assert "run the same command again" in err and "Traceback" not in err
+    assert not (copy / "steps" / "mechanisms.json").exists()  # stopped mid-step
+    assert subprocess.run(cmd, capture_output=True, timeout=900).returncode == 0
     for name in ("lens", "patching", "probes", "backpatch"):
         a = (tiny_run / "results" / f"{name}.csv").read_bytes()
         assert (copy / "results" / f"{name}.csv").read_bytes() == a, name

@@ -156,7 +156,7 @@ def test_principal_angle_known_value(theta):
     assert sp.grassmann_distance(U1, U2) == pytest.approx(theta, rel=1e-9)
     d_p = sp.grassmann_distance(U1, U2, "projection")
     assert d_p == pytest.approx(math.sin(theta), rel=1e-9)
-    # φ = 1 − d_P²/p (theory.md §3.1)
+    # φ = 1 − d_P²/p
     assert sp.subspace_similarity(U1, U2) == pytest.approx(1 - d_p ** 2 / 2, abs=1e-12)
 
 

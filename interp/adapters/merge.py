@@ -174,7 +174,7 @@ def factored_svd(delta: LoraDelta) -> tuple[torch.Tensor, torch.Tensor, torch.Te
 
     The one factored SVD of ``interp`` (``interp.subspace.factor_svd`` is this function). With
     ``B = Q_B R_B`` and ``Aᵀ = Q_A R_A`` (reduced QR), ``ΔW = Q_B (s R_B R_Aᵀ) Q_Aᵀ``; the core's
-    SVD ``U' S V'ᵀ`` gives ``ΔW = (Q_B U') S (Q_A V')ᵀ`` (theory.md §0; elias-gaeros/resize_lora
+    SVD ``U' S V'ᵀ`` gives ``ΔW = (Q_B U') S (Q_A V')ᵀ`` (elias-gaeros/resize_lora
     ``fast_decompose``). Cost O((d_in+d_out) r²), in float64 on the factors' device.
 
     Returns:

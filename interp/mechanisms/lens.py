@@ -94,14 +94,23 @@ def resolve_spans(examples: Sequence[Any], hm: Any, spans: Sequence[SpanDict] | 
 
 
 def entity_first_token(hm: Any, entity: str) -> int:
-    """First token id of an entity as it follows a word: ``hm.encode(" " + entity)[0]``.
+    """First token of ``" " + entity`` that carries part of the name.
+
+    Byte-level tokenizers can split a leading space off as a token of its own (``" "``, then
+    ``"Zorvath"``); a bare whitespace token says nothing about which entity is meant, so the
+    first token whose text is not whitespace is taken (``hm.encode(" " + entity)[0]`` when the
+    space is merged into the name's first token, as usual).
 
     Raises:
         LensError: empty entity name.
     """
     if not entity or not entity.strip():
         raise LensError("entity name is empty")
-    return int(hm.encode(" " + entity.strip())[0])
+    ids = hm.encode(" " + entity.strip())
+    for i in ids:
+        if hm.tokenizer.decode([int(i)]).strip():
+            return int(i)
+    return int(ids[0])
 
 
 def position_label(p: int, spans: SpanDict, length: int) -> str:

@@ -59,7 +59,9 @@ def build_figures(run) -> dict[str, go.Figure]:
             figs[f"patching_{hook}"] = (
                 F.heatmap_figure(sub, value=val, facet="method", x=xcol, y="layer", x_order=xo,
                                  title=f"Activation patching ({hook}): normalised logit difference "
-                                       f"(1 = clean answer restored)"),
+                                       f"(1 = clean answer restored)",
+                                 x_title="position (relative to e₁; final = last prompt token)",
+                                 y_title="layer", value_title="normalised<br>logit diff."),
                 "Layer × position activation patching on clean/corrupted pairs (e₁ swapped); where does "
                 "information about e₁ flow to produce the answer?")
     bp = run.table("backpatch")
@@ -68,8 +70,10 @@ def build_figures(run) -> dict[str, go.Figure]:
         if ycol and {"source_layer", "target_layer"} <= set(bp.columns):
             g = bp.groupby(["method", "source_layer", "target_layer"])[ycol].mean().reset_index()
             figs["backpatch"] = (F.heatmap_figure(g, value=ycol, facet="method", x="target_layer", y="source_layer",
-                                                  signed=False, title=f"Back-patching (Biran et al. 2024): "
-                                                                      f"fraction {ycol}"),
+                                                  signed=False, zrange=(0.0, 1.0), x_title="target layer ℓt",
+                                                  y_title="source layer ℓs", value_title=f"fraction<br>{ycol}",
+                                                  title=f"Back-patching (Biran et al. 2024): "
+                                                        f"fraction {ycol}"),
                                  "Final-position state of source layer ℓs written into earlier layer ℓt of the "
                                  "same prompt: does more depth let the second hop finish?")
     ko = run.table("knockout")
@@ -78,18 +82,22 @@ def build_figures(run) -> dict[str, go.Figure]:
         if val:
             g = ko.groupby(["method", "layer"])[val].mean().reset_index()
             figs["knockout"] = (F.line_figure(g, x="layer", y=val, color="method",
+                                              y_title="Δ log-prob of the answer",
                                               title="Attention knockout: final token → e₁ span (window 3)"),
                                 "Change in the answer's log-probability when the final token cannot attend to "
                                 "e₁ around each layer: where is e₁ read?")
     pr = run.table("probes")
     if pr is not None and len(pr):
         val = "selectivity" if "selectivity" in pr.columns else "accuracy"
+        est = run.cfg.mechanisms.probe_estimator  # the caption names the estimator actually used
+        kind = {"ridge": "ridge-classifier", "logistic": "logistic-regression"}.get(est, est)
         figs["probes"] = (F.line_figure(pr, x="layer", y=val, color="method",
                                         facet="position" if "position" in pr.columns else None,
-                                        title="Linear probes for the bridge entity e₂ (selectivity = accuracy − "
-                                              "control)"),
-                          "Cross-validated logistic probes decoding e₂ from the residual stream, minus a "
-                          "random-relabelling control (Hewitt & Liang 2019).")
+                                        y_title=f"probe {val}",
+                                        title=f"Linear ({est}) probes for the bridge entity e₂ (selectivity = "
+                                              "accuracy − control)"),
+                          f"Cross-validated {kind} probes ({est}, mechanisms.probe_estimator) decoding e₂ from "
+                          "the residual stream, minus a random-relabelling control (Hewitt & Liang 2019).")
     ps = run.table("patchscope")
     if ps is not None and len(ps):
         val = next((c for c in ("top1", "hit", "logprob") if c in ps.columns), None)
@@ -98,6 +106,7 @@ def build_figures(run) -> dict[str, go.Figure]:
             keys = ["method", lay] + [c for c in ("target", "target_prompt") if c in ps.columns][:1]
             g = ps.groupby(keys)[val].mean().reset_index()
             figs["patchscope"] = (F.line_figure(g, x=lay, y=val, color="method", facet=keys[2] if len(keys) > 2 else None,
+                                                x_title="source layer", y_title=f"e₂ decoded ({val})",
                                                 title="Patchscopes: is e₂ decoded from the hidden state?"),
                                   "Hidden state at the final position patched into identity / description "
                                   "prompts; fraction (or log-prob) of e₂ decoded, per source layer.")
@@ -107,6 +116,7 @@ def build_figures(run) -> dict[str, go.Figure]:
         idx = "index" if "index" in spec.columns else "i"
         g = spec.groupby(["adapter", idx])[sig].mean().reset_index()
         figs["spectra"] = (F.line_figure(g, x=idx, y=sig, color="adapter", log_y=True,
+                                         x_title="singular value index", y_title="σ (mean over modules)",
                                          title="ΔW singular spectra (mean over modules), experts and merges"),
                            "Singular values of ΔW = s·B·A computed from the factors; merges held as "
                            "concatenated-rank LoRAs have up to the summed rank.")
@@ -127,7 +137,7 @@ def build_figures(run) -> dict[str, go.Figure]:
     le = run.table("subspace_layer_energy")
     if le is not None and len(le):
         val = "energy_fraction"
-        f = F.line_figure(le, x="layer", y=val, color="adapter",
+        f = F.line_figure(le, x="layer", y=val, color="adapter", y_title="share of ‖ΔW‖²_F", y_range=(0, 1.02),
                           title="Where each adapter writes: ΔW energy by layer, beside the bridge layer ℓ*")
         bl = _bridge(le)
         if bl is not None:
@@ -142,17 +152,20 @@ def build_figures(run) -> dict[str, go.Figure]:
             g = g.melt(id_vars=["oracle", "layer"], var_name="measure", value_name="deficit")
             g["series"] = g["oracle"] + " · " + g["measure"]
             figs["span_deficit"] = (F.line_figure(g, x="layer", y="deficit", color="series",
+                                                  y_title="span deficit (fraction)", y_range=(0, 1.02),
                                                   title="Span deficit: fraction of the composing update outside "
                                                         "the library's row/column spans"),
                                     "No merge inside the spans of {expert_ab, expert_bc} can reach this fraction "
                                     "of the A→C expert's (or the joint model's) update.")
     ko2 = run.table("subspace_key_overlap")
     if ko2 is not None and len(ko2) and "layer" in ko2.columns:
-        cols = [c for c in ko2.columns if c.startswith("kappa")]
+        # κ only: the composed/native ratio (≈ 1) would flatten κ (≈ 0.05) on a shared axis
+        cols = [c for c in ko2.columns if c.startswith("kappa") and c != "kappa_ratio"]
         if cols:
             g = ko2.groupby("layer")[cols].mean().reset_index().melt(id_vars="layer", var_name="prompts",
                                                                      value_name="kappa")
             figs["key_overlap"] = (F.line_figure(g, x="layer", y="kappa", color="prompts",
+                                                 y_title="κ = ‖P_R x‖² / ‖x‖²",
                                                  title="Key overlap κ: share of the module input inside the B→C "
                                                        "expert's row space"),
                                    "Two-hop queries vs the B→C expert's own training prompts: does the second "

@@ -3,13 +3,13 @@
 Everything here works on one module's :class:`~interp.adapters.factors.LoraDelta` or on an
 adapter as ``{module_path: LoraDelta}``. The d_out × d_in matrix ΔW is never formed unless a
 function says so (``dense=True``, the TIES sign-conflict rate, intruder dimensions): the thin SVD
-of ΔW comes from thin QRs of B and Aᵀ and the SVD of an r × r core (theory.md §0), cost
+of ΔW comes from thin QRs of B and Aᵀ and the SVD of an r × r core, cost
 O((d_in + d_out)·r²) instead of O(d_out·d_in·min(d_out, d_in)).
 
 Numerics: all results are computed in float64 on the factors' own device (CPU or GPU), so a
 GPU tensor stays on the GPU; float64 gives ~1e-12 relative agreement with a dense SVD.
 
-Modules (sources in each docstring; theory.md §6 table items in brackets):
+Modules (sources in each docstring):
 
 * ``svd`` — :func:`factor_svd` (the one shared with :mod:`interp.adapters.merge`), :func:`spectrum`,
   :func:`left_right_bases`, :func:`weighted_sum`; ``ranks`` [1, 2] — :func:`effective_rank`,

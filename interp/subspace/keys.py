@@ -1,4 +1,4 @@
-"""Key overlap (theory.md §6 item 12): how much of a module's input lies in an adapter's row space,
+"""Key overlap: how much of a module's input lies in an adapter's row space,
 on composed queries vs the adapter's own training prompts."""
 
 from __future__ import annotations
@@ -83,8 +83,8 @@ def module_inputs(hm: Any, prompts: Sequence[str], modules: Sequence[str],
 
 
 def key_overlap(x: torch.Tensor, delta: LoraDelta, k: int | None = None) -> torch.Tensor:
-    """Key overlap κ = ‖P_R x‖² / ‖x‖² per activation (theory.md §2.5 item 1, κ₂, derived there
-    from the one-layer key-value analysis of Chen et al. 2025): the energy fraction of a module's
+    """Key overlap κ = ‖P_R x‖² / ‖x‖² per activation (from the one-layer key-value model of
+    Chen et al. 2025, arXiv 2506.13479): the energy fraction of a module's
     input that lies in the adapter's input (row) space row(ΔW) (top-k right singular directions if k).
 
     Args:
@@ -113,7 +113,7 @@ def key_overlap_table(hm: Any, expert: Mapping[str, LoraDelta], composed_prompts
                       native_prompts: Sequence[str], modules: Sequence[str] | None = None,
                       position: str = "final") -> pd.DataFrame:
     """κ₂ per adapted module on composed (two-hop) prompts against the expert's native prompts,
-    plus output triggering ‖ΔW x‖ (theory.md §2.5 items 1 and 3).
+    plus output triggering ‖ΔW x‖.
 
     Args:
         hm: HookedModel (base or merged); expert: ``{module: LoraDelta}`` of the B→C expert.

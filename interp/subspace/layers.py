@@ -1,4 +1,4 @@
-"""Layer placement (theory.md §6 item 14): where an adapter writes, and its mass past the bridge layer."""
+"""Layer placement: where an adapter writes, and its mass past the bridge layer."""
 
 from __future__ import annotations
 
@@ -12,8 +12,7 @@ from interp.subspace.svd import DTYPE
 
 
 def layer_energy(deltas: Mapping[str, LoraDelta], n_layers: int | None = None) -> torch.Tensor:
-    """Layer energy profile e(ℓ) = Σ_{modules at ℓ} ‖ΔW‖_F² / Σ_{all modules} ‖ΔW‖_F²
-    (theory.md §5.5 item 1), from the factors.
+    """Layer energy profile e(ℓ) = Σ_{modules at ℓ} ‖ΔW‖_F² / Σ_{all modules} ‖ΔW‖_F², from the factors.
 
     Args:
         deltas: ``{module_path: LoraDelta}``; module paths must carry a layer index.
@@ -46,7 +45,7 @@ def layer_energy(deltas: Mapping[str, LoraDelta], n_layers: int | None = None) -
 
 
 def late_mass(profile: torch.Tensor, bridge_layer: int) -> float:
-    """Late mass m₂ = Σ_{ℓ > ℓ*} e(ℓ) (theory.md §5.5 item 2): the share of an expert's update
+    """Late mass m₂ = Σ_{ℓ > ℓ*} e(ℓ): the share of an expert's update
     after the layer ℓ* where the bridge entity becomes decodable.
 
     Args:

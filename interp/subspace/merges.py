@@ -1,5 +1,4 @@
-"""Merge geometry: energy of each expert kept, cross terms, truncation loss, span deficit
-(theory.md §6 item 11)."""
+"""Merge geometry: energy of each expert kept, cross terms, truncation loss, span deficit."""
 
 from __future__ import annotations
 
@@ -17,7 +16,7 @@ def energy_kept(expert: LoraDelta, merged: LoraDelta) -> float:
     P_C, P_R the orthogonal projectors onto col(ΔW_merged) and row(ΔW_merged).
 
     The two-sided analogue of Iso-C's subspace alignment ratio (Marczak et al. 2025, SAR uses the
-    left side only; theory.md §3.8), from the factors.
+    left side only), from the factors.
 
     Returns:
         fraction ∈ [0, 1].
@@ -79,7 +78,7 @@ def truncation_loss(delta: LoraDelta, k: int) -> float:
 
 
 def span_deficit(oracle: LoraDelta, library: Sequence[LoraDelta], one_sided: bool = False) -> float:
-    """Span deficit (theory.md §2.4 and summary item 11, derived there and numerically checked):
+    """Span deficit (derived for this toolkit and checked numerically in tests/test_subspace.py):
     ‖O − P_C O P_R‖_F² / ‖O‖_F², P_C / P_R the projectors onto the joint column / row spans
     Σ_i col(ΔW_i), Σ_i row(ΔW_i) of the library. It is the fraction of the oracle update O that no
     merge whose column space lies in C and row space in R (averaging, task arithmetic, CAT, TSV,

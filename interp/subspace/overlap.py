@@ -27,7 +27,7 @@ def _check_bases(Q1: torch.Tensor, Q2: torch.Tensor, name: str) -> tuple[torch.T
 def principal_angles(Q1: torch.Tensor, Q2: torch.Tensor) -> torch.Tensor:
     """Principal angles between span(Q1) and span(Q2), radians, ascending (Björck & Golub 1973).
 
-    cos θ_i are the singular values of Q1ᵀQ2 (theory.md §3.2). Small angles are taken from the
+    cos θ_i are the singular values of Q1ᵀQ2. Small angles are taken from the
     sines, σ((I − Q_bQ_bᵀ) Q_a) (Knyazev & Argentati 2002), so identical subspaces give angles
     ~1e-15 rather than the ~1e-8 of arccos.
 
@@ -54,7 +54,7 @@ def subspace_similarity(U1: torch.Tensor, U2: torch.Tensor, i: int | None = None
     """Normalised subspace similarity φ(i, j) = ‖U1[:, :i]ᵀ U2[:, :j]‖_F² / min(i, j).
 
     Hu et al. 2021 (LoRA, arXiv 2106.09685, §7.2 eq. 4). Equals the mean squared cosine of the
-    principal angles, and 1 − d_P²/min(i, j) with d_P the projection distance (theory.md §3.1).
+    principal angles, and 1 − d_P²/min(i, j) with d_P the projection distance.
 
     Args:
         U1: ``[d, k1]``, U2: ``[d, k2]`` orthonormal columns ordered by importance (singular vectors).
@@ -76,7 +76,7 @@ def subspace_similarity(U1: torch.Tensor, U2: torch.Tensor, i: int | None = None
 
 
 def grassmann_distance(Q1: torch.Tensor, Q2: torch.Tensor, kind: str = "geodesic") -> float:
-    """Distance between subspaces from principal angles θ (theory.md §3.2; Edelman et al. 1998).
+    """Distance between subspaces from principal angles θ (Edelman et al. 1998).
 
     ``kind="geodesic"``: d_G = (Σθ_i²)^{1/2} (arc length on the Grassmannian, radians);
     ``kind="projection"``: d_P = (Σ sin²θ_i)^{1/2} (= ‖Q1Q1ᵀ − Q2Q2ᵀ‖_F/√2 for equal dimensions).
@@ -112,7 +112,7 @@ def frobenius_inner(d1: LoraDelta, d2: LoraDelta) -> float:
 
 def task_cosine(d1: LoraDelta, d2: LoraDelta) -> float:
     """Task-vector cosine ⟨ΔW₁, ΔW₂⟩_F / (‖ΔW₁‖_F ‖ΔW₂‖_F) (Ilharco et al. 2023, task
-    arithmetic; per matrix as in theory.md §3.4), from the factors.
+    arithmetic; per matrix), from the factors.
 
     Returns:
         cosine ∈ [−1, 1].
@@ -128,7 +128,7 @@ def task_cosine(d1: LoraDelta, d2: LoraDelta) -> float:
 
 def sign_conflict_rate(d1: LoraDelta, d2: LoraDelta, sample: int | None = None, seed: int = 0,
                        chunk_rows: int = 256) -> float:
-    """TIES sign-conflict rate of two updates (Yadav et al., NeurIPS 2023; theory.md §3.4):
+    """TIES sign-conflict rate of two updates (Yadav et al., NeurIPS 2023):
     the fraction of entries (p, q) with ΔW₁[p,q] ≠ 0 and ΔW₂[p,q] ≠ 0 whose signs disagree.
 
     Untrimmed: TIES's top-k% trimming step is not applied, so every co-supported entry counts
@@ -189,8 +189,7 @@ def _check_weight(W: torch.Tensor, delta: LoraDelta, name: str) -> torch.Tensor:
 
 
 def amplification_factor(delta: LoraDelta, W: torch.Tensor, k: int | None = None) -> float:
-    """Hu et al. 2021's amplification factor ‖ΔW‖_F / ‖U_kᵀ W V_k‖_F (LoRA paper §7.3;
-    theory.md §3.1), U_k, V_k the top-k left/right singular vectors of ΔW (default k = rank r).
+    """Hu et al. 2021's amplification factor ‖ΔW‖_F / ‖U_kᵀ W V_k‖_F (LoRA paper §7.3), U_k, V_k the top-k left/right singular vectors of ΔW (default k = rank r).
 
     Large values mean ΔW amplifies directions that W does not emphasise (GPT-3 W_q, r = 4: ≈ 21.5).
 
@@ -214,7 +213,7 @@ def amplification_factor(delta: LoraDelta, W: torch.Tensor, k: int | None = None
 def intruder_dimensions(W: torch.Tensor, delta: LoraDelta, k: int = 10,
                         eps: float | Sequence[float] = 0.5, side: str = "left") -> dict[float, int]:
     """Intruder dimensions (Shuttleworth et al. 2024, "LoRA vs Full Fine-tuning: An Illusion of
-    Equivalence", arXiv 2410.21228; theory.md §3.3): among the top-k singular vectors y_j of
+    Equivalence", arXiv 2410.21228): among the top-k singular vectors y_j of
     W + ΔW, the number whose max_i |cos(y_j, x_i)| over all singular vectors x_i of W is < ε.
 
     Dense: two SVDs of ``[d_out, d_in]`` matrices (O(d_out·d_in·min) each).

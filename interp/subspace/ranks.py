@@ -1,5 +1,5 @@
 """Ranks of a singular spectrum: effective (Roy & Vetterli 2007), stable, participation ratio,
-energy ranks (theory.md §6 items 1, 2)."""
+energy ranks."""
 
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ def effective_rank(sigma: torch.Tensor) -> float:
 
 
 def stable_rank(sigma: torch.Tensor) -> float:
-    """Stable rank ‖ΔW‖_F² / ‖ΔW‖₂² = Σσ_k² / σ₁² (theory.md §3.3; e.g. Rudelson & Vershynin 2007).
+    """Stable rank ‖ΔW‖_F² / ‖ΔW‖₂² = Σσ_k² / σ₁² (e.g. Rudelson & Vershynin 2007).
 
     Args:
         sigma: singular values ``[k]``, ≥ 0.
@@ -54,7 +54,7 @@ def stable_rank(sigma: torch.Tensor) -> float:
 
 
 def participation_ratio(sigma: torch.Tensor) -> float:
-    """Participation ratio (Σσ_k²)² / Σσ_k⁴ (theory.md §3.3), ∈ [1, rank].
+    """Participation ratio (Σσ_k²)² / Σσ_k⁴, ∈ [1, rank].
 
     Raises:
         SubspaceError: empty, negative, non-finite or all-zero ``sigma``.
@@ -65,7 +65,7 @@ def participation_ratio(sigma: torch.Tensor) -> float:
 
 
 def energy_rank(sigma: torch.Tensor, tau: float = 0.9) -> int:
-    """Energy rank k_τ = min{k : Σ_{i≤k} σ_i² ≥ τ Σ_i σ_i²} (theory.md §3.3; Biderman et al. 2024
+    """Energy rank k_τ = min{k : Σ_{i≤k} σ_i² ≥ τ Σ_i σ_i²} (Biderman et al. 2024
     use τ = 0.9, "rank needed to explain 90% of the variance").
 
     A relative tolerance of 1e-12 absorbs rounding, so a flat spectrum of k equal values gives
@@ -92,7 +92,7 @@ def energy_rank(sigma: torch.Tensor, tau: float = 0.9) -> int:
 
 
 def tail_energy_rank(sigma: torch.Tensor, eps: float) -> int:
-    """r_need(ε) = min{k : Σ_{i>k} σ_i² ≤ ε² Σ_i σ_i²} (theory.md §1.5 item 1; Iso-C's k_M uses
+    """r_need(ε) = min{k : Σ_{i>k} σ_i² ≤ ε² Σ_i σ_i²} (Iso-C's k_M uses
     ε = 0.05). Equals :func:`energy_rank` with τ = 1 − ε²; returns 0 when ε ≥ 1.
 
     Raises:

@@ -1,4 +1,4 @@
-"""Thin SVD of ΔW = s·B·A from the factors (theory.md §0), spectra, bases and spans."""
+"""Thin SVD of ΔW = s·B·A from the factors, spectra, bases and spans."""
 
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ weighted_sum = _weighted_sum
 def spectrum(delta: LoraDelta, dense: bool = False) -> torch.Tensor:
     """Singular values σ₁ ≥ … ≥ σ_r ≥ 0 of ΔW = s·B·A (units of the weight).
 
-    From the factors by :func:`factor_svd` (thin QR + r × r SVD, theory.md §0); ``dense=True``
+    From the factors by :func:`factor_svd` (thin QR + r × r SVD); ``dense=True``
     instead forms ΔW (``[d_out, d_in]``) and calls ``torch.linalg.svdvals`` — only for checks.
 
     Args:

@@ -4,7 +4,7 @@ The math task of Chen, Hoang, Hahn & Sarfraz (arXiv 2506.13479; TMLR 2026): reus
 trained on separate skills fails on problems that need both skills, unless the experts' training
 data share the *solution template* of the composed problem (P2 abstract: reuse "can succeed when
 fine-tuning datasets share solution templates"). The exact dataset of the paper is unknown
-(reference/paper.md §2); this is our small, deterministic stand-in.
+(Chen et al. 2025, arXiv 2506.13479, §2); this is our small, deterministic stand-in.
 
 * skill 1 (``kind="skill1"``), multiplication story: "Mia buys 3 bags with 4 apples in each bag.
   How many apples does Mia have? Answer:" → ``a·b``;

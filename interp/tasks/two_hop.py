@@ -2,7 +2,7 @@
 
 The task of Chen, Hoang, Hahn & Sarfraz (arXiv 2506.13479; TMLR 2026, "When does LoRA reuse
 work?"): expert 1 learns the first hop (A→B, D₁), expert 2 the second hop (B→C, D₂), and the query
-asks the composition A→C. Test sets differ by entity familiarity (reference/paper.md §1):
+asks the composition A→C. Test sets differ by entity familiarity (Chen et al. 2025, arXiv 2506.13479):
 
 * ``F`` — invented names throughout: invented person →works in→ invented city →located in→
   invented country. Names are built from syllables with a seeded RNG.
