@@ -78,7 +78,7 @@ def _weights(d: Path) -> dict:
 
 
 def test_sigint_mid_training_exits_fast_and_resumes_to_identical_weights(tmp_path):
-    p = _start(_TRAIN, str(tmp_path / "cut"), "signal", "200")
+    p = _start(_TRAIN, str(tmp_path / "cut"), "signal", "60")
     _wait_ready(p)
     time.sleep(1.0)
     t0 = time.monotonic()
@@ -86,12 +86,12 @@ def test_sigint_mid_training_exits_fast_and_resumes_to_identical_weights(tmp_pat
     rc = p.wait(timeout=60)
     assert rc == 130 and time.monotonic() - t0 < 5, (rc, p.stderr.read()[-2000:])
     assert not (tmp_path / "cut").exists() and (tmp_path / "cut.partial").is_dir()
-    # resume with fewer steps than 200 would change the schedule: re-run the same command
-    p = _start(_TRAIN, str(tmp_path / "cut"), "none", "200")
+    # resume with fewer steps than 60 would change the schedule: re-run the same command
+    p = _start(_TRAIN, str(tmp_path / "cut"), "none", "60")
     assert p.wait(timeout=900) == 0, p.stderr.read()[-2000:]
     meta = json.loads((tmp_path / "cut" / "interp_meta.json").read_text())
     assert meta["resumed_from_step"] > 0
-    p = _start(_TRAIN, str(tmp_path / "whole"), "none", "200")
+    p = _start(_TRAIN, str(tmp_path / "whole"), "none", "60")
     assert p.wait(timeout=900) == 0
     a, b = _weights(tmp_path / "cut"), _weights(tmp_path / "whole")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -131,7 +131,7 @@ def read_adapter_config(adapter_dir: str | Path) -> dict:
 def pattern_key(keys, module: str) -> str | None:
     """The ``rank_pattern`` / ``alpha_pattern`` key that applies to ``module``, as peft 0.21.2 resolves it
     (``peft.utils.other.get_pattern_key``): the *first* key, in the config's order, with
-    ``re.match(rf"(.*\.)?({key})$", module)``; ``None`` if no key matches. Keys are regexes
+    ``re.match(rf"(.*\\.)?({key})$", module)``; ``None`` if no key matches. Keys are regexes
     (``"q_proj|v_proj"`` matches both), and an earlier key wins over a later, more specific one."""
     for key in keys:
         if re.match(rf"(.*\.)?({key})$", module):
