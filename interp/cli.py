@@ -71,29 +71,6 @@ def models_cmd() -> None:
     _guarded(body)
 
 
-def check_model_source(name: str) -> None:
-    """Refuse, before any work, a model that is neither registered and available nor a local
-    Hugging Face directory (``config.json`` inside).
-
-    Raises:
-        interp.models.ModelLoadError: naming the model and what was looked for.
-    """
-    from interp.models import ModelLoadError, list_models
-
-    known = {m["name"]: m for m in list_models()}
-    if name in known:
-        if not known[name]["available"]:
-            raise ModelLoadError(f"model {name!r} is registered but not available offline "
-                                 f"({known[name]['description']}); see `interp models`")
-        return
-    p = Path(name).expanduser()
-    if not p.is_dir():
-        raise ModelLoadError(f"model {name!r} is neither a registered name ({', '.join(known)}) nor a local "
-                             "directory; interp never downloads models")
-    if not (p / "config.json").is_file():
-        raise ModelLoadError(f"model directory {p} has no config.json (expected a Hugging Face model directory)")
-
-
 @app.command("run")
 def run_cmd(
     config: Path = typer.Option(Path("experiments/two_hop.toml"), "--config", "-c",
@@ -131,7 +108,9 @@ def run_cmd(
             overrides["study.device"] = device
         default = config == Path("experiments/two_hop.toml") and not config.is_file()
         cfg = load_config(None if default else config, overrides)  # every key checked before any work
-        check_model_source(cfg.study.model)
+        from interp.diagnose.inputs import check_model
+
+        check_model(cfg.study.model)
         from interp.hardware import check_device
 
         check_device(cfg.study.device)  # before the run directory is created

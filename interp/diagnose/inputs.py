@@ -141,8 +141,9 @@ def read_prompts(path: str | Path, adapters: list[str] | None = None) -> list[Qu
 
 
 def check_model(name: str) -> None:
-    """Refuse a model that is neither registered and offline nor a local HF directory (the same
-    rule as ``interp run``; kept here because the CLI module sits above this package).
+    """Refuse, before any work, a model that is neither registered and available offline nor a
+    local Hugging Face directory (``config.json`` inside); used by ``interp run`` and
+    ``interp diagnose``.
 
     Raises:
         interp.models.ModelLoadError: naming the model and what was looked for.
