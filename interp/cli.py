@@ -59,7 +59,8 @@ def models_cmd() -> None:
         from rich.console import Console
         from rich.table import Table
 
-        from interp.models import cache_dir, list_models
+        from interp.files import cache_dir
+        from interp.registry import list_models
 
         t = Table(title=f"interp models (cache: {cache_dir()})")
         for col in ("name", "kind", "params", "offline", "description"):

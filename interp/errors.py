@@ -60,9 +60,14 @@ class SubspaceError(InterpError, ValueError):
     """Inputs to a subspace metric do not fit (shapes, empty adapters, zero updates)."""
 
 
+class ModelLoadError(InterpError, RuntimeError):
+    """A model could not be loaded offline (missing package, bad directory, corrupt cache)."""
+
+
 class StudyError(InterpError, RuntimeError):
     """A study step cannot run (missing upstream results, unwritable directory...)."""
 
 
 __all__ = ["InterpError", "AdapterError", "TrainingError", "EvaluationError", "MechanismError", "LensError", "PatchscopeError",
-           "PatchingError", "UnsupportedHookError", "ProbeError", "FigureError", "SubspaceError", "StudyError"]
+           "PatchingError", "UnsupportedHookError", "ProbeError", "FigureError", "SubspaceError", "ModelLoadError",
+           "StudyError"]

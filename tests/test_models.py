@@ -125,8 +125,9 @@ def test_smollm2_cache_reused_and_corruption_rebuilt(tmp_path, monkeypatch, smol
     shutil.copytree(good, cache / "models" / "smollm2-135m")
     monkeypatch.setenv("INTERP_CACHE", str(cache))
     calls = []
-    real = models._convert_gguf_to_safetensors
-    monkeypatch.setattr(models, "_convert_gguf_to_safetensors", lambda *a: (calls.append(a), real(*a)))
+    from interp import builders
+    real = builders._convert_gguf_to_safetensors
+    monkeypatch.setattr(builders, "_convert_gguf_to_safetensors", lambda *a: (calls.append(a), real(*a)))
     models.smollm2_dir()
     assert calls == []  # second load: from the cache
     st = cache / "models" / "smollm2-135m" / "model.safetensors"
