@@ -60,6 +60,15 @@ def test_cli_start_imports_no_torch():
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
 
 
+def test_models_command_imports_no_torch():
+    """`interp models` answers from the torch-free registry (it must take well under a second)."""
+    code = ("import sys; from typer.testing import CliRunner; from interp.cli import app; "
+            "r = CliRunner().invoke(app, ['models']); assert r.exit_code == 0, r.output; "
+            "assert 'smollm2-135m' in r.output and 'tiny-llama' in r.output, r.output; "
+            "bad = [m for m in ('torch', 'transformers') if m in sys.modules]; assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
 def test_offline_enforced_without_environment_variables(tmp_path):
     """No HF_*_OFFLINE in the environment and every non-loopback connection refused: the tiny study
     still runs, because interp switches the hub libraries offline itself."""
