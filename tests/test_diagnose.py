@@ -6,7 +6,6 @@ import json
 import math
 import re
 import shutil
-import subprocess
 
 import pandas as pd
 import pytest
@@ -14,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
+from browser import assert_rendered, chromium
 from interp.cli import app
 from interp.diagnose import PromptFileError, diagnose, read_prompts
 
@@ -300,27 +300,11 @@ def test_read_prompts_refusals(tmp_path):
             read_prompts(p, ["ab"])
 
 
-def _chromium():
-    return shutil.which("chromium") or shutil.which("chromium-browser")
-
-
 @pytest.mark.browser
-@pytest.mark.skipif(_chromium() is None, reason="Debian chromium not installed (make test installs it)")
+@pytest.mark.skipif(chromium() is None, reason="Debian chromium not installed (make test installs it)")
 def test_diagnose_report_renders_in_headless_chromium(llama_run, tmp_path):
     run, _, _ = llama_run
-    cmd = [_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-           "--disable-background-networking", "--disable-component-update", "--disable-sync",
-           f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=20000", "--enable-logging=stderr",
-           "--v=0", "--dump-dom", (run / "report.html").resolve().as_uri()]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
-    body = re.search(r"<body([^>]*)>", proc.stdout)
-    assert body, proc.stderr[-2000:]
-    attrs = dict(re.findall(r'data-([\w-]+)="([^"]*)"', body.group(1)))
-    assert "errors" not in attrs, attrs.get("errors")
-    assert int(attrs["figures-total"]) >= 8
-    assert attrs.get("figures-rendered") == attrs["figures-total"]
-    console_errors = [l for l in proc.stderr.splitlines() if "CONSOLE" in l and ("Error" in l or "Uncaught" in l)]
-    assert not console_errors, console_errors
+    assert_rendered(run / "report.html", tmp_path / "profile", min_figures=8)
 
 
 def test_findings_state_their_numbers():

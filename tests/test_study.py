@@ -11,6 +11,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from browser import assert_rendered, chromium, render
 from interp.config import ConfigError
 from interp.study import STEPS, StudyError, open_run, run_study
 
@@ -99,43 +100,22 @@ def test_notebook_runs_top_to_bottom(tiny_run):
     assert any("per-adapter hook points" in o.get("text", "") for o in outputs)
 
 
-def _chromium() -> str | None:
-    return shutil.which("chromium") or shutil.which("chromium-browser")
-
-
 @pytest.mark.browser
-@pytest.mark.skipif(_chromium() is None, reason="Debian chromium not installed (make test installs it)")
+@pytest.mark.skipif(chromium() is None, reason="Debian chromium not installed (make test installs it)")
 def test_report_renders_in_headless_chromium(tiny_run, tmp_path):
-    report = tiny_run / "report.html"
-    cmd = [_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-           "--disable-background-networking", "--disable-component-update", "--disable-sync",
-           f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=20000", "--enable-logging=stderr",
-           "--v=0", "--dump-dom", report.resolve().as_uri()]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
-    body = re.search(r"<body([^>]*)>", proc.stdout)
-    assert body, proc.stderr[-2000:]
-    attrs = dict(re.findall(r'data-([\w-]+)="([^"]*)"', body.group(1)))
-    assert "errors" not in attrs, attrs.get("errors")
-    assert int(attrs["figures-total"]) >= 8
-    assert attrs.get("figures-rendered") == attrs["figures-total"]
-    console_errors = [l for l in proc.stderr.splitlines() if "CONSOLE" in l and ("Error" in l or "Uncaught" in l)]
-    assert not console_errors, console_errors
-    assert proc.stdout.count('class="main-svg"') >= int(attrs["figures-total"])
+    dom = assert_rendered(tiny_run / "report.html", tmp_path / "profile", min_figures=8)
+    assert dom.count('class="main-svg"') >= int(re.search(r'data-figures-total="(\d+)"', dom).group(1))
 
 
 @pytest.mark.browser
-@pytest.mark.skipif(_chromium() is None, reason="Debian chromium not installed (make test installs it)")
+@pytest.mark.skipif(chromium() is None, reason="Debian chromium not installed (make test installs it)")
 def test_report_tells_the_truth_about_its_evidence(tiny_run, tmp_path):
     """Rendered in Chromium, the tiny run's page warns that the model is random-init and
     familiarity unverified, names the probe estimator of its config, has a finding sentence in
     every section, shows the main two-hop figure before the controls, and titles every axis."""
     run = json.loads((tiny_run / "run.json").read_text())
     est = run["config"]["mechanisms"]["probe_estimator"]
-    cmd = [_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-           "--disable-background-networking", "--disable-component-update", "--disable-sync",
-           f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=20000", "--dump-dom",
-           (tiny_run / "report.html").resolve().as_uri()]
-    dom = subprocess.run(cmd, capture_output=True, text=True, timeout=180).stdout
+    dom, _ = render(tiny_run / "report.html", tmp_path / "profile")
     assert 'id="evidence-warning"' in dom and "random-init" in dom and "verify_familiarity = false" in dom
     caps = re.findall(r'<p class="cap">(.*?)</p>', dom, flags=re.S)
     probe = [c for c in caps if "probes" in c and "e₂" in c]
