@@ -60,6 +60,13 @@ def _build_smollm2() -> tuple[Any, Any]:
     return load_hf_dir(smollm2_dir())
 
 
+def smollm2_config() -> Any:
+    """SmolLM2-135M's transformers config (eager attention), from the dequantised cache."""
+    from transformers import AutoConfig
+
+    return use_eager_attention(AutoConfig.from_pretrained(str(smollm2_dir())))
+
+
 def byte_tokenizer() -> Any:
     """A byte-level BPE tokenizer (3 specials + 256 bytes + 52 "space+letter" merges), on disk.
 
@@ -158,3 +165,4 @@ def load_hf_dir(path: str | os.PathLike) -> tuple[Any, Any]:
     hf = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32,
                                               attn_implementation="eager")
     return hf, tok
+

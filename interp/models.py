@@ -312,3 +312,26 @@ def assert_lora_reached(hm: HookedModel, sample_text: str = "The") -> None:
         raise FusedProjectionError(
             f"{len(missed)} LoRA layers never ran inside the bridge (e.g. {missed[0]}); "
             "their adapters would be silently ignored")
+
+
+def model_skeleton(name_or_dir: str | os.PathLike) -> torch.nn.Module | None:
+    """The model's module tree on the meta device (no weights read or allocated), to check module
+    names before any work; ``None`` for a registered model that declares no config.
+
+    Raises:
+        ModelLoadError: a local directory without a readable ``config.json``.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    key = str(name_or_dir)
+    if key in REGISTRY:
+        if REGISTRY[key].config is None:
+            return None
+        cfg = REGISTRY[key].config()
+    else:
+        try:
+            cfg = AutoConfig.from_pretrained(str(Path(key).expanduser()))
+        except (OSError, ValueError) as e:
+            raise ModelLoadError(f"cannot read the config of model {key!r}: {e}") from e
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(cfg)

