@@ -207,3 +207,29 @@ def test_csv_text_round_trips_tokens_with_line_breaks():
     assert back["pred_first_token"].tolist()[:3] == ["\r", "a\nb", ' "q"'] and pd.isna(back["pred_first_token"][3])
     assert back["ok"].tolist() == [True, False, True, False] and back["n"].tolist() == [1, 2, 3, 4]
     assert back["logprob"][0] == -1.23457 and pd.isna(back["logprob"][2])
+
+
+def test_mechanisms_finding_states_the_tables_numbers():
+    """The mechanisms section's sentence, on hand-made tables whose answers are known."""
+    from types import SimpleNamespace
+
+    from interp.study.steps.report import mechanisms_finding
+
+    rows = []
+    for ex in range(4):  # e2 top-1 at layer 2 on 3 of 4 queries for "uniform"; never for "base"
+        for layer in range(4):
+            rows.append(("uniform", ex, layer, 0 if (layer == 2 and ex < 3) else 5))
+            rows.append(("base", ex, layer, 7))
+    lens = pd.DataFrame(rows, columns=["method", "example_id", "layer", "rank"]).assign(
+        target="e2", position="final", kind="two_hop")
+    bp = pd.DataFrame({"method": "uniform", "example_id": [0, 0, 1, 2], "was_correct": [False, False, False, True],
+                       "fixed": [False, True, False, False]})
+    probes = pd.DataFrame({"method": ["base", "uniform"], "layer": [1, 3], "position": "final",
+                           "accuracy": [0.2, 0.9], "control_accuracy": [0.1, 0.3], "selectivity": [0.1, 0.6],
+                           "chance": 0.1, "estimator": "ridge"})
+    tables = {"lens": lens, "backpatch": bp, "probes": probes}
+    text = mechanisms_finding(SimpleNamespace(table=tables.get))
+    assert "<b>uniform</b>: e₂ is decodable (top-1) at the final position from layer 2, most often at layer 2 (75%" in text
+    assert "<b>base</b>: e₂ is never the top logit-lens token at the final position (best median rank 7)" in text
+    assert "fixes 1 of 2 for <b>uniform</b>" in text
+    assert "on <b>uniform</b> at layer 3, final position: accuracy 90% against control 30%" in text

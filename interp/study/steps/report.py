@@ -50,7 +50,7 @@ def build_run_report(run) -> Path:
     sections.append({"title": "Reuse accuracy", "text": "Every variant answers the same queries: latent two-hop "
                      "queries (training and held-out templates), each hop alone, explicit chaining, and the real "
                      "facts of tier H.", "figures": figs("accuracy"), "tables": tables})
-    sections.append({"title": "Bridge-entity mechanisms", "text": "Is e₂ computed, where, and can the second hop use it?",
+    sections.append({"title": "Bridge-entity mechanisms", "text": mechanisms_finding(run),
                      "figures": figs("lens", "patching", "backpatch", "knockout", "patchscope", "probes"),
                      "tables": []})
     sub_tables = []
@@ -119,3 +119,45 @@ def subspace_finding(run) -> str:
     if not parts:
         return "No subspace tables were written for this run."
     return "In this run " + "; ".join(parts) + "."
+
+
+def mechanisms_finding(run) -> str:
+    """Sentences on what the mechanism tables show, per analysed variant: whether the bridge e₂ is
+    decodable (EntRec rank 0 = top-1 under the logit lens) at the final position of two-hop
+    queries and from which layer; how many wrong answers back-patching fixes; the best probe
+    selectivity for e₂ (probe accuracy minus its control task's)."""
+    parts = []
+    lens = run.table("lens")
+    if lens is not None and len(lens):
+        fin = lens[(lens["target"] == "e2") & (lens["position"] == "final") & (lens["kind"] == "two_hop")]
+        for method, g in fin.groupby("method", sort=False):
+            top1 = g.groupby("layer")["rank"].apply(lambda r: float((r == 0).mean()))
+            best = int(top1.idxmax())
+            if top1.max() == 0:
+                parts.append(f"<b>{html.escape(str(method))}</b>: e₂ is never the top logit-lens token at the final "
+                             f"position (best median rank {int(g.groupby('layer')['rank'].median().min())})")
+            else:
+                first = int(top1[top1 > 0].index.min())
+                parts.append(f"<b>{html.escape(str(method))}</b>: e₂ is decodable (top-1) at the final position from "
+                             f"layer {first}, most often at layer {best} ({top1.max():.0%} of queries)")
+    bp = run.table("backpatch")
+    if bp is not None and len(bp) and {"was_correct", "fixed"} <= set(bp.columns):
+        counts = []
+        for method, g in bp.groupby("method", sort=False):
+            wrong = g[~g["was_correct"].astype(bool)]
+            if wrong["example_id"].nunique():
+                fixed = wrong[wrong["fixed"].astype(bool)]["example_id"].nunique()
+                counts.append(f"{fixed} of {wrong['example_id'].nunique()} for <b>{html.escape(str(method))}</b>")
+        if counts:
+            parts.append("back-patching a later layer's final-position state into an earlier layer (any layer "
+                         "pair) fixes " + ", ".join(counts) + " of the two-hop queries answered wrongly")
+    pr = run.table("probes")
+    if pr is not None and len(pr) and "selectivity" in pr.columns:
+        i = pr["selectivity"].idxmax()
+        r = pr.loc[i]
+        parts.append(f"the most selective e₂ probe ({html.escape(str(r['estimator']))}) is on "
+                     f"<b>{html.escape(str(r['method']))}</b> at layer {int(r['layer'])}, {r['position']} position: "
+                     f"accuracy {r['accuracy']:.0%} against control {r['control_accuracy']:.0%} (chance {r['chance']:.0%})")
+    if not parts:
+        return "No mechanism tables were written for this run."
+    return "Is e₂ computed, where, and can the second hop use it? In this run " + "; ".join(parts) + "."
