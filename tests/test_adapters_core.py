@@ -281,6 +281,12 @@ def test_bad_adapters_refused(tmp_path):
 
     with pytest.raises(L.AdapterFileError, match="does not exist"):
         L.AdapterLibrary.load(BASE, {"gone": tmp_path / "nope"}, hf_model=hf)
+    with pytest.raises(L.AdapterFileError, match=r"is a file; pass the adapter directory that holds it"):
+        L.AdapterLibrary.load(BASE, {"f": ok / "adapter_model.safetensors"}, hf_model=hf)
+    import shutil
+    shutil.copytree(ok, tmp_path / "saved" / "ab")  # peft's layout for a named adapter
+    with pytest.raises(L.AdapterFileError, match=r"its sub-folder\(s\) ab do .*pass the sub-folder"):
+        L.AdapterLibrary.load(BASE, {"ab": tmp_path / "saved"}, hf_model=hf)
     with pytest.raises(ValueError, match="hook names"):
         L.AdapterLibrary.load(BASE, {"a.b": ok}, hf_model=hf)
 

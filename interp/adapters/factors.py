@@ -110,6 +110,27 @@ def short_module(module: str) -> str:
     return module.rsplit(".", 1)[-1]
 
 
+def adapter_dir_problem(d: Path) -> str | None:
+    """What is wrong with ``d`` as a PEFT adapter directory, in words a user can act on, or None.
+
+    Names the common slips: a weights *file* given instead of its directory, and the sub-folders
+    peft writes for named adapters (``save_pretrained`` of a model with adapter ``"ab"`` saves it
+    under ``DIR/ab``).
+    """
+    if d.is_file():
+        return f"{d} is a file; pass the adapter directory that holds it ({d.parent})"
+    if not d.is_dir():
+        return f"adapter directory {d} does not exist"
+    if (d / ADAPTER_CONFIG).is_file():
+        return None
+    nested = sorted(str(c.parent.relative_to(d)) for c in d.glob(f"*/{ADAPTER_CONFIG}")) + \
+        sorted(str(c.parent.relative_to(d)) for c in d.glob(f"*/*/{ADAPTER_CONFIG}"))
+    if nested:
+        return (f"adapter directory {d} has no {ADAPTER_CONFIG}, but its sub-folder(s) {', '.join(nested[:5])} "
+                "do (peft saves named adapters there); pass the sub-folder")
+    return f"adapter directory {d} has no {ADAPTER_CONFIG}"
+
+
 def read_adapter_config(adapter_dir: str | Path) -> dict:
     """The adapter's ``adapter_config.json`` as a dict.
 
@@ -117,11 +138,10 @@ def read_adapter_config(adapter_dir: str | Path) -> dict:
         AdapterFormatError: the directory or the config is missing or unreadable.
     """
     d = Path(adapter_dir)
-    if not d.is_dir():
-        raise AdapterFormatError(f"adapter directory {d} does not exist")
+    problem = adapter_dir_problem(d)
+    if problem:
+        raise AdapterFormatError(problem)
     p = d / ADAPTER_CONFIG
-    if not p.is_file():
-        raise AdapterFormatError(f"adapter directory {d} has no {ADAPTER_CONFIG}")
     try:
         return json.loads(p.read_text())
     except json.JSONDecodeError as e:

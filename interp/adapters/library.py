@@ -35,7 +35,7 @@ from typing import Any
 import torch
 
 from interp.adapters.factors import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, PICKLE_WEIGHTS, AdapterFormatError,
-                                     LoraDelta, read_adapter, read_adapter_config)
+                                     LoraDelta, adapter_dir_problem, read_adapter, read_adapter_config)
 from interp.adapters.hooks import check_adapter_name
 from interp.errors import AdapterError
 from interp.surgery import clean_module_path
@@ -195,10 +195,9 @@ class AdapterLibrary:
             check_adapter_name(name)
             check_adapter_name_reserved(name)
             d = Path(d)
-            if not d.is_dir():
-                raise AdapterFileError(f"adapter {name!r}: directory {d} does not exist")
-            if not (d / ADAPTER_CONFIG).is_file():
-                raise AdapterFileError(f"adapter {name!r}: {d} has no {ADAPTER_CONFIG}")
+            problem = adapter_dir_problem(d)
+            if problem:
+                raise AdapterFileError(f"adapter {name!r}: {problem}")
             if not (d / ADAPTER_WEIGHTS).is_file():
                 if (d / PICKLE_WEIGHTS).is_file() and not allow_pickle:
                     raise PickleRefusedError(
