@@ -35,11 +35,24 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     return (InterpError, FileNotFoundError, PermissionError)
 
 
+# Library warnings our own calls trigger on every run, which a user can do nothing about:
+# peft asks transformers' deprecated `is_gradient_checkpointing` when it wraps a model, and looks for
+# a hub config of registered names such as "tiny-llama" when saving an adapter (interp is offline).
+# `--debug` shows them.
+QUIET_WARNINGS = ((FutureWarning, r"`is_gradient_checkpointing` is deprecated"),
+                  (UserWarning, r"Could not find a config file in "))
+
+
 def _guarded(fn: Callable[[], None]) -> None:
+    import warnings
+
     from interp.interrupts import EXIT_INTERRUPTED, handle_interrupts
 
     try:
-        with handle_interrupts():  # one Ctrl-C ends any step within seconds (see interp.interrupts)
+        with handle_interrupts(), warnings.catch_warnings():  # one Ctrl-C ends any step within seconds
+            if not _state["debug"]:
+                for category, message in QUIET_WARNINGS:
+                    warnings.filterwarnings("ignore", message=message, category=category)
             fn()
     except KeyboardInterrupt:
         typer.echo("interrupted: finished units are cached; run the same command again to resume", err=True)

@@ -123,3 +123,29 @@ def test_cuda_refused_before_the_run_directory_exists(tmp_path):
     res = CliRunner().invoke(app, ["run", "--config", "experiments/tiny.toml", "--out", str(tmp_path / "r"),
                                    "--device", "cuda"])
     assert res.exit_code == 2 and "no CUDA GPU" in res.output and not (tmp_path / "r").exists()
+
+
+def test_known_library_warnings_quiet_unless_debug(recwarn):
+    """The two warnings peft triggers on every run are filtered inside commands, other warnings
+    pass, `--debug` shows all, and the filters do not leak out of the command."""
+    import warnings
+
+    from interp import cli
+
+    def body():
+        warnings.warn("`is_gradient_checkpointing` is deprecated and will be removed in v6.", FutureWarning)
+        warnings.warn("Could not find a config file in tiny-llama - will assume ...", UserWarning)
+        warnings.warn("something else", UserWarning)
+
+    cli._guarded(body)
+    assert [str(w.message) for w in recwarn] == ["something else"]
+    recwarn.clear()
+    cli._state["debug"] = True
+    try:
+        cli._guarded(body)
+    finally:
+        cli._state["debug"] = False
+    assert len(recwarn) == 3
+    recwarn.clear()
+    body()
+    assert len(recwarn) == 3

@@ -98,3 +98,11 @@ def test_study_resolves_auto_and_records_machine(tmp_path, fresh_cache, monkeypa
     assert m["threads"] == 1 and m["precision"]["precision"] == "fp32" and m["precision"]["requested"] == "auto"
     assert "0.20x" in m["precision"]["reason"] and run["config"]["training"]["precision"] == "fp32"
     assert m["cpu"]["capability"] == torch.backends.cpu.get_cpu_capability()
+
+
+def test_oversubscription_warns_beyond_the_cores():
+    from interp.hardware import oversubscription
+
+    assert oversubscription(2, cores=2) is None and oversubscription(1, cores=2) is None
+    msg = oversubscription(64, cores=2)
+    assert "64 torch threads on 2 core(s)" in msg and "--threads 2" in msg

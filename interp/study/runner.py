@@ -281,10 +281,12 @@ def _resolve_machine(cfg: Config) -> dict[str, Any]:
     experts trained in bf16 on one processor are not reused as if fp32 on another. The choice and
     its reason are printed once and written to ``run.json``.
     """
-    from interp.hardware import check_device, choose_precision, cpu_description, set_threads
+    from interp.hardware import check_device, choose_precision, cpu_description, oversubscription, set_threads
 
     check_device(cfg.study.device)
     threads = set_threads(cfg.study.threads)
+    if (warn := oversubscription(threads)) is not None:
+        console.print(f"[yellow]warning[/yellow]: {warn}")
     choice = choose_precision(cfg.training.precision, cfg.study.device)
     cfg.training.precision = choice.precision
     why_threads = "as configured" if cfg.study.threads else "the cores not busy with other work"
