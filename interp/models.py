@@ -69,7 +69,9 @@ class HookedModel:
         name: registry name, directory, or a label such as ``"smollm2-135m+uniform"``.
         bridge: the ``TransformerBridge``; hook names follow TransformerLens
             (``blocks.{l}.hook_resid_pre``, ``blocks.{l}.hook_attn_out``, ...).
-        hf_model: the transformers model the bridge wraps (modified in place by the bridge).
+        hf_model: the transformers model the bridge wraps (modified in place by the bridge: its
+            modules are bridge components, so do not hand it to peft or ``from_pretrained``
+            code; for a plain copy of the same weights use :func:`load_hf` on ``name``).
         tokenizer: the Hugging Face tokenizer (never fetched from a hub).
         peft_model: the ``peft.PeftModel`` when adapters are attached, else ``None``.
         adapters: adapter name -> directory of the PEFT adapters attached (may be empty).
