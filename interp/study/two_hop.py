@@ -17,9 +17,9 @@ from interp.study.steps import evaluate, experts, figures, mechanisms, report, s
 
 PIPELINE: tuple[Step, ...] = (
     Step("world", world.run, ("study", "world")),
-    Step("experts", experts.run, ("training",)),
-    Step("evaluate", evaluate.run, ("methods", "evaluation")),
-    Step("mechanisms", mechanisms.run, ("mechanisms",)),
+    Step("experts", experts.run, ("training",), sharded=True),
+    Step("evaluate", evaluate.run, ("methods", "evaluation"), sharded=True),
+    Step("mechanisms", mechanisms.run, ("mechanisms",), sharded=True),
     Step("subspace", subspace.run),
     Step("figures", figures.run),
     Step("report", report.run),
