@@ -24,7 +24,9 @@ def run(run) -> None:
         # the seed is the config's: an expert's weights do not depend on which rank trains it
         return train_expert(run.model, pairs, run.expert_dir(name), tc, progress=True, device=run.device)
 
-    metas = {name: train(name) for name in run.dist.shard(names)}
+    # cost: training examples (steps scale with them at a fixed number of epochs)
+    n_pairs = {n: sum(len(world.train_pairs(s)) for s in EXPERT_DATA[n]) for n in names}
+    metas = {name: train(name) for name in run.dist.shard(names, cost=n_pairs.get)}
     run.dist.barrier()
     if not run.dist.is_main:
         return

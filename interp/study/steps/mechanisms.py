@@ -14,6 +14,7 @@ from interp.models import atomic_write_text
 from interp.study.runner import cached_csv, console, unit_key
 
 TABLES = ("lens", "patching", "backpatch", "probes", "patchscope", "knockout")
+PATCHING_COST = 4  # relative work of a patching variant's unit over a lens-only one, for sharding
 
 
 def mechanism_examples(run, world) -> list:
@@ -34,7 +35,10 @@ def run(run) -> None:
     m = run.cfg.mechanisms
     exs = mechanism_examples(run, world)
     cache = run.cache / "mechanisms"
-    for v in tqdm(run.dist.shard(m.variants), desc="mechanisms"):
+    # a patching variant sweeps layers × positions × pairs besides the lens: weigh it heavier
+    # (PATCHING_COST), so two of them do not land on one rank while another rank idles
+    cost = lambda v: 1 + PATCHING_COST * (v in m.patching_variants)  # noqa: E731
+    for v in tqdm(run.dist.shard(m.variants, cost=cost), desc="mechanisms"):
         key = mechanism_key(run, v)
         done = cache / f"{v}.{key}.json"
         if not done.is_file():
