@@ -147,3 +147,38 @@ def test_torchrun_variables_are_checked(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "two")
     with pytest.raises(StudyError, match=r"\$WORLD_SIZE must be an integer"):
         init_world("cpu")
+
+
+def _two_ranks(rank: int, port: int, queue) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2",
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    w = init_world("cpu")
+    out = {"rank": w.rank, "shard": w.shard(["a", "b", "c"]), "costly": w.shard(["a", "b", "c"], cost={"a": 1, "b": 1, "c": 3}.get),
+           "bcast": w.broadcast(f"from {w.rank}"), "gather": w.gather(10 + w.rank)}
+    w.barrier()
+    try:
+        w.shard(["x"] if w.is_main else ["y"])
+    except StudyError as e:
+        out["error"] = str(e)
+    queue.put(out)
+
+
+def test_two_gloo_ranks_shard_gather_and_refuse_different_lists():
+    import multiprocessing as mp
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_two_ranks, args=(r, port, queue)) for r in (0, 1)]
+    for p in procs:
+        p.start()
+    got = sorted((queue.get(timeout=300) for _ in procs), key=lambda o: o["rank"])
+    for p in procs:
+        p.join(timeout=60)
+    assert [o["shard"] for o in got] == [["a", "c"], ["b"]]
+    assert [o["costly"] for o in got] == [["c"], ["a", "b"]]
+    assert [o["bcast"] for o in got] == ["from 0", "from 0"] and got[1]["gather"] == [10, 11]
+    assert all("disagree on the list of work units" in o.get("error", "") for o in got)
