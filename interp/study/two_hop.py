@@ -20,7 +20,7 @@ PIPELINE: tuple[Step, ...] = (
     Step("experts", experts.run, ("training",), sharded=True),
     Step("evaluate", evaluate.run, ("methods", "evaluation"), sharded=True),
     Step("mechanisms", mechanisms.run, ("mechanisms",), sharded=True),
-    Step("subspace", subspace.run),
+    Step("subspace", subspace.run, sharded=True),
     Step("figures", figures.run),
     Step("report", report.run),
 )
