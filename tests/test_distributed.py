@@ -1,7 +1,7 @@
 """`interp run` under torchrun: two CPU processes (gloo) write the same tables as one process.
 
 The tiny study (experiments/tiny.toml: random-init tiny Llama, one thread per process, fp32) runs
-its sharded steps (experts, evaluate, mechanisms) and the subspace step once in this process and
+its sharded steps (experts, evaluate, mechanisms by unit; subspace by module) once in this process and
 once as ``torchrun --standalone --nproc_per_node 2``; every results table must be byte-identical,
 except the ``experts`` table's two timing columns (``wall_time_s``, ``steps_per_s``: seconds of
 the wall clock, different in any two runs). Then units of the two-process run are deleted, as an
