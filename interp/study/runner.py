@@ -5,6 +5,11 @@ its cache key (a hash of the config sections it depends on plus its upstream ste
 re-run skips steps whose key still matches, and long steps also cache per unit (per expert, per
 variant) with :func:`cached_csv`, so an interrupted run resumes where it stopped. A study is a
 :class:`Step` list (see :mod:`interp.study.two_hop`); the runner knows nothing of what the steps do.
+
+Under ``torchrun`` (:mod:`interp.study.distributed`) every process runs this same loop: a
+``sharded`` step runs on every rank (each computes its share of the step's units, then rank 0
+assembles the tables), any other step on rank 0 alone; only rank 0 writes tables, markers and
+``run.json``, and every rank waits at a barrier after each step.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from rich.console import Console
 from interp.config import Config, ConfigError, load_config
 from interp.errors import StudyError
 from interp.models import atomic_write_text
+from interp.study.distributed import World, init_world
 from interp.study.tables import check_table
 from interp.study.variants import VARIANTS
 
@@ -69,11 +75,14 @@ def unit_key(inputs: Any) -> str:
 @dataclass(frozen=True)
 class Step:
     """One step of a study: ``run(Run)`` writes its outputs; ``deps`` are the config sections its
-    results depend on besides its upstream steps (they enter its cache key)."""
+    results depend on besides its upstream steps (they enter its cache key). A ``sharded`` step
+    is run by every rank of a distributed run and splits its units with ``run.dist.shard``;
+    only rank 0 may write its tables (``run.dist.is_main``)."""
 
     name: str
     run: Callable[["Run"], None]
     deps: tuple[str, ...] = ()
+    sharded: bool = False
 
 
 @dataclass
@@ -84,6 +93,7 @@ class Run:
     out: Path
     timings: dict[str, float]
     machine: dict[str, Any] | None = None  # threads and precision chosen, and why (run.json)
+    dist: World = World()  # this process's rank among those of a torchrun launch (one by default)
     _base: Any = None
 
     @property
@@ -98,12 +108,19 @@ class Run:
     def model(self) -> str:
         return self.cfg.study.model
 
+    @property
+    def device(self) -> str:
+        """The device this process computes on: ``cfg.study.device``, or this rank's own GPU
+        (``cuda:LOCAL_RANK``) when several processes share the host. The config is not changed,
+        so cache keys are the same as a one-process run's."""
+        return self.dist.device(self.cfg.study.device)
+
     def base(self):
         """The base model as a HookedModel (loaded once)."""
         if self._base is None:
             from interp.models import load_model
 
-            self._base = load_model(self.model, device=self.cfg.study.device)
+            self._base = load_model(self.model, device=self.device)
         return self._base
 
     def release(self, hm: Any) -> None:
@@ -148,15 +165,15 @@ class Run:
 
     def load_variant(self, variant: str):
         """The HookedModel of one variant (base, an expert, a merge or a router), loaded as its
-        :class:`~interp.study.variants.Variant` entry says, on ``cfg.study.device``."""
+        :class:`~interp.study.variants.Variant` entry says, on :attr:`device`."""
         v = VARIANTS[variant]
         if not v.experts:
             return self.base()
         from interp import load_hooked
 
-        # on the study's device, like the base: every step's model lives where cfg.study.device says
+        # on the study's device, like the base: every step's model lives on this rank's device
         return load_hooked(self.model, self.variant_adapters(variant), combine=v.load_combine,
-                           device=self.cfg.study.device, **v.options(self.cfg.methods))
+                           device=self.device, **v.options(self.cfg.methods))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -236,9 +253,12 @@ def run_pipeline(pipeline: Sequence[Step], cfg: Config, out: str | Path,
     if unknown:
         raise ConfigError(f"unknown step {unknown[0]!r}; steps are {', '.join(names)}")
     out = Path(out)
+    world = init_world(cfg.study.device)
+    if not world.is_main:
+        console.quiet = True  # rank 0 tells the story; the others show only their units' progress
     _check_writable(out)
-    machine = _resolve_machine(cfg)
-    run = Run(cfg, out, timings={}, machine=machine)
+    machine = _resolve_machine(cfg, world)
+    run = Run(cfg, out, timings={}, machine=machine, dist=world)
     prev = {}
     runjson = out / "run.json"
     if runjson.is_file():
@@ -252,48 +272,73 @@ def run_pipeline(pipeline: Sequence[Step], cfg: Config, out: str | Path,
     for i, step in enumerate(pipeline):
         key = _step_key(cfg, pipeline, i, keys)
         keys[step.name] = key
-        marker = _done(out, step.name)
         if steps is not None and step.name not in steps:
             continue  # --steps: run exactly those, on the results already in `out`
+        marker = world.broadcast(_done(out, step.name))  # rank 0's view: every rank decides alike
         if steps is None and marker is not None and marker.get("key") == key:
             console.print(f"[dim]✓ {step.name}: cached ({marker.get('seconds', 0):.1f} s when run)[/dim]")
             continue
         console.rule(f"[bold]{step.name}")
         t0 = time.perf_counter()
-        step.run(run)
+        if step.sharded and world.size > 1:
+            if world.is_main:
+                run.base()  # a registered model is converted into its cache once, not by every rank at once
+            world.barrier()
+        if step.sharded or world.is_main:
+            step.run(run)
+        world.barrier()  # every shard written, and rank 0's tables, before anyone reads them
         dt = time.perf_counter() - t0
         timings[step.name] = round(dt, 2)
-        atomic_write_text(_marker(out, step.name),
-                          json.dumps({"key": key, "seconds": dt, "finished": time.time()}))
-        _write_runjson(run, keys, timings)
+        if world.is_main:
+            atomic_write_text(_marker(out, step.name),
+                              json.dumps({"key": key, "seconds": dt, "finished": time.time()}))
+            _write_runjson(run, keys, timings)
         console.print(f"[green]✓ {step.name}[/green] {dt:.1f} s")
     timings["total_this_invocation"] = round(time.perf_counter() - t_all, 2)
-    _write_runjson(run, keys, timings)
+    if world.is_main:
+        _write_runjson(run, keys, timings)
+    world.barrier()
     report = out / "report.html"
     console.print(f"[bold green]done[/bold green]: {report if report.is_file() else out}")
     return out
 
 
-def _resolve_machine(cfg: Config) -> dict[str, Any]:
+def _resolve_machine(cfg: Config, world: World = World()) -> dict[str, Any]:
     """Set torch's thread count and resolve ``training.precision = "auto"`` for this machine.
 
     The resolved precision replaces ``"auto"`` in ``cfg`` before any cache key is computed, so
     experts trained in bf16 on one processor are not reused as if fp32 on another. The choice and
-    its reason are printed once and written to ``run.json``.
+    its reason are printed once and written to ``run.json``. With several processes on the host
+    (torchrun), automatic threads are rank 0's free cores divided among them, and rank 0's
+    precision choice is every rank's (experts trained by different ranks agree).
     """
-    from interp.hardware import check_device, choose_precision, cpu_description, oversubscription, set_threads
+    import torch
 
-    check_device(cfg.study.device)
-    threads = set_threads(cfg.study.threads)
-    if (warn := oversubscription(threads)) is not None:
+    from interp.hardware import check_device, choose_precision, cpu_description, oversubscription, resolve_threads
+
+    device = world.device(cfg.study.device)
+    check_device(device)
+    auto = not cfg.study.threads and os.environ.get("INTERP_THREADS", "").strip() in ("", "0", "auto")
+    shared = world.local_size > 1 and auto
+    if shared:  # measured once, on rank 0, before the others load anything
+        threads = max(1, world.broadcast(resolve_threads(0) if world.is_main else None) // world.local_size)
+    else:
+        threads = resolve_threads(cfg.study.threads)  # auto: $INTERP_THREADS, else the free cores
+    torch.set_num_threads(threads)
+    if (warn := oversubscription(threads * max(1, world.local_size))) is not None:
         console.print(f"[yellow]warning[/yellow]: {warn}")
-    choice = choose_precision(cfg.training.precision, cfg.study.device)
+    choice = world.broadcast(choose_precision(cfg.training.precision, device) if world.is_main else None)
     cfg.training.precision = choice.precision
     why_threads = "as configured" if cfg.study.threads else "the cores not busy with other work"
+    if shared:
+        why_threads += f", shared by {world.local_size} processes"
     console.print(f"[bold]machine[/bold]: {threads} torch thread(s) ({why_threads}); "
                   f"training precision {choice.precision}: {choice.reason}")
-    return {"threads": threads, "threads_requested": cfg.study.threads or "auto",
-            "precision": choice.to_json(), "cpu": cpu_description()}
+    out = {"threads": threads, "threads_requested": cfg.study.threads or "auto",
+           "precision": choice.to_json(), "cpu": cpu_description()}
+    if world.size > 1:
+        out["processes"] = {"world_size": world.size, "per_host": world.local_size, "backend": "gloo"}
+    return out
 
 
 def _write_runjson(run: Run, keys: dict[str, str], timings: dict[str, float]) -> None:

@@ -17,10 +17,10 @@ from interp.study.steps import evaluate, experts, figures, mechanisms, report, s
 
 PIPELINE: tuple[Step, ...] = (
     Step("world", world.run, ("study", "world")),
-    Step("experts", experts.run, ("training",)),
-    Step("evaluate", evaluate.run, ("methods", "evaluation")),
-    Step("mechanisms", mechanisms.run, ("mechanisms",)),
-    Step("subspace", subspace.run),
+    Step("experts", experts.run, ("training",), sharded=True),
+    Step("evaluate", evaluate.run, ("methods", "evaluation"), sharded=True),
+    Step("mechanisms", mechanisms.run, ("mechanisms",), sharded=True),
+    Step("subspace", subspace.run, sharded=True),
     Step("figures", figures.run),
     Step("report", report.run),
 )

@@ -68,7 +68,9 @@ def score_variant(run, variant: str, sets: dict[str, list]) -> pd.DataFrame:
 
 def run(run) -> None:
     """Write ``scores`` (one row per variant × query) and ``accuracy``; per-variant scores are
-    cached in ``DIR/cache/scores`` (a derived variant, the oracle, from its inputs' scores)."""
+    cached in ``DIR/cache/scores`` (a derived variant, the oracle, from its inputs' scores).
+    Sharded by variant: in a distributed run each rank scores its variants into their cache
+    files, and rank 0 derives the oracle and writes the tables from those files."""
     from interp.evaluate import accuracy_table
 
     world = run.world()
@@ -76,9 +78,16 @@ def run(run) -> None:
     variants = list(run.cfg.methods.variants)
     scored_dir = run.cache / "scores"
     key = run.cfg.section_hash("study", "world", "training", "methods", "evaluation")
+    scored = evaluated_inputs(variants)
     frames: dict[str, pd.DataFrame] = {}
-    for v in tqdm(evaluated_inputs(variants), desc="variants"):
+    for v in tqdm(run.dist.shard(scored), desc="variants"):
         frames[v] = cached_csv(scored_dir / f"{v}.{key}.csv", lambda v=v: score_variant(run, v, sets))
+    run.dist.barrier()
+    if not run.dist.is_main:
+        return
+    for v in scored:
+        if v not in frames:  # another rank's: read back from its cache file, as cached_csv does
+            frames[v] = pd.read_csv(scored_dir / f"{v}.{key}.csv")
     for v in variants:
         spec = VARIANTS[v]
         if spec.derive is not None:

@@ -9,16 +9,30 @@ from interp.study.variants import EXPERT_DATA, needed_experts
 
 def run(run) -> None:
     """Train (or reuse) each expert of :func:`needed_experts`; write the ``experts`` table.
-    Training itself resumes mid-way (``train_expert`` checkpoints)."""
+    Training itself resumes mid-way (``train_expert`` checkpoints). Sharded: in a distributed
+    run each rank trains its experts (one directory each) on its own device, and rank 0 then
+    reads every expert's metadata back (``train_expert`` returns a finished expert's as is)."""
     from interp.adapters.train import train_expert
 
     tc = run.cfg.training  # the [training] section is a TrainConfig (precision resolved by the runner)
     world = run.world()
-    rows = []
-    for name in needed_experts(run.cfg):
+    names = needed_experts(run.cfg)
+
+    def train(name: str) -> dict:
         pairs = [p for split in EXPERT_DATA[name] for p in world.train_pairs(split)]
         run.base()  # make sure a registered model exists (and is converted) before training
-        meta = train_expert(run.model, pairs, run.expert_dir(name), tc, progress=True, device=run.cfg.study.device)
+        # the seed is the config's: an expert's weights do not depend on which rank trains it
+        return train_expert(run.model, pairs, run.expert_dir(name), tc, progress=True, device=run.device)
+
+    # cost: training examples (steps scale with them at a fixed number of epochs)
+    n_pairs = {n: sum(len(world.train_pairs(s)) for s in EXPERT_DATA[n]) for n in names}
+    metas = {name: train(name) for name in run.dist.shard(names, cost=n_pairs.get)}
+    run.dist.barrier()
+    if not run.dist.is_main:
+        return
+    rows = []
+    for name in names:
+        meta = metas[name] if name in metas else train(name)
         rows.append({"expert": name, "data": "+".join(EXPERT_DATA[name]), "n_examples": meta["n_examples"],
                      "steps": meta["steps"], "final_loss": meta["final_loss"],
                      "train_first_token_acc": meta["train_first_token_acc"],

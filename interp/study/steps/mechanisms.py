@@ -14,6 +14,7 @@ from interp.models import atomic_write_text
 from interp.study.runner import cached_csv, console, unit_key
 
 TABLES = ("lens", "patching", "backpatch", "probes", "patchscope", "knockout")
+PATCHING_COST = 4  # relative work of a patching variant's unit over a lens-only one, for sharding
 
 
 def mechanism_examples(run, world) -> list:
@@ -27,13 +28,17 @@ def mechanism_examples(run, world) -> list:
 
 
 def run(run) -> None:
-    """Write the mechanism tables of every ``mechanisms.variants`` entry (``method`` column first)."""
+    """Write the mechanism tables of every ``mechanisms.variants`` entry (``method`` column first).
+    Sharded by variant: in a distributed run each rank runs the analyses of its variants into
+    their cache files, and rank 0 writes the tables from those files."""
     world = run.world()
     m = run.cfg.mechanisms
     exs = mechanism_examples(run, world)
     cache = run.cache / "mechanisms"
-    tables: dict[str, list[pd.DataFrame]] = {k: [] for k in TABLES}
-    for v in tqdm(m.variants, desc="mechanisms"):
+    # a patching variant sweeps layers × positions × pairs besides the lens: weigh it heavier
+    # (PATCHING_COST), so two of them do not land on one rank while another rank idles
+    cost = lambda v: 1 + PATCHING_COST * (v in m.patching_variants)  # noqa: E731
+    for v in tqdm(run.dist.shard(m.variants, cost=cost), desc="mechanisms"):
         key = mechanism_key(run, v)
         done = cache / f"{v}.{key}.json"
         if not done.is_file():
@@ -48,7 +53,13 @@ def run(run) -> None:
                 cached_csv(cache / f"{v}.{name}.{key}.csv", lambda df=df: df)
             atomic_write_text(done, json.dumps(sorted(parts)))
             run.release(hm)
-        for name in json.loads(done.read_text()):
+    run.dist.barrier()
+    if not run.dist.is_main:
+        return
+    tables: dict[str, list[pd.DataFrame]] = {k: [] for k in TABLES}
+    for v in m.variants:
+        key = mechanism_key(run, v)
+        for name in json.loads((cache / f"{v}.{key}.json").read_text()):
             tables[name].append(pd.read_csv(cache / f"{v}.{name}.{key}.csv"))
     for name, dfs in tables.items():
         if dfs:

@@ -1,0 +1,184 @@
+"""`interp run` under torchrun: two CPU processes (gloo) write the same tables as one process.
+
+The tiny study (experiments/tiny.toml: random-init tiny Llama, one thread per process, fp32) runs
+its sharded steps (experts, evaluate, mechanisms by unit; subspace by module) once in this process and
+once as ``torchrun --standalone --nproc_per_node 2``; every results table must be byte-identical,
+except the ``experts`` table's two timing columns (``wall_time_s``, ``steps_per_s``: seconds of
+the wall clock, different in any two runs). Then units of the two-process run are deleted, as an
+interruption leaves them, and a second two-process launch recomputes exactly those.
+"""
+
+import itertools
+import os
+import random
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from interp.errors import StudyError
+from interp.study import run_study
+from interp.study.distributed import World, assign, init_world
+from interp.study.tables import TABLES
+
+TINY = "experiments/tiny.toml"
+STEPS = ["world", "experts", "evaluate", "mechanisms", "subspace"]
+TIMING = ["wall_time_s", "steps_per_s"]  # experts table: wall-clock measurements
+
+
+def torchrun(out: Path, steps: list[str], logs: Path) -> subprocess.CompletedProcess:
+    """``interp run`` as two gloo processes; each rank's stdout/stderr in ``logs``."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "--log-dir", str(logs), "--redirects", "3", "-m", "interp.cli", "run", "-c", TINY,
+           "--out", str(out), "--steps", ",".join(steps)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
+    if proc.returncode:
+        rank_logs = "\n".join(f"--- {p}\n{p.read_text()[-3000:]}" for p in sorted(logs.rglob("*.log")))
+        raise AssertionError(f"torchrun exited {proc.returncode}\n{proc.stderr[-3000:]}\n{rank_logs}")
+    return proc
+
+
+def rank_log(logs: Path, rank: int) -> str:
+    return "".join(p.read_text() for p in logs.rglob("stderr.log") if p.parent.name == str(rank))
+
+
+def assert_same_tables(ref: Path, got: Path) -> None:
+    names = sorted(p.name for p in (ref / "results").glob("*.csv"))
+    assert sorted(p.name for p in (got / "results").glob("*.csv")) == names and len(names) >= 15
+    for name in names:
+        a, b = ref / "results" / name, got / "results" / name
+        if name == "experts.csv":
+            pd.testing.assert_frame_equal(pd.read_csv(a).drop(columns=TIMING), pd.read_csv(b).drop(columns=TIMING))
+        else:
+            assert a.read_bytes() == b.read_bytes(), name
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    base = tmp_path_factory.mktemp("dist")
+    run_study(TINY, out=base / "one", steps=STEPS)
+    torchrun(base / "two", STEPS, base / "logs")
+    return base
+
+
+def test_two_gloo_processes_write_the_tables_of_one(runs):
+    """Byte-identical tables, and the work was really shared: each rank scored its own variants."""
+    assert_same_tables(runs / "one", runs / "two")
+    import json
+
+    machine = json.loads((runs / "two" / "run.json").read_text())["machine"]
+    assert machine["processes"] == {"world_size": 2, "per_host": 2, "backend": "gloo"}
+    variants = ["base", "expert_ab", "expert_bc", "expert_ac", "uniform", "ties", "peft_linear", "arrow",
+                "mixture", "uniform+ac", "joint_all"]  # tiny.toml's, the oracle derived by rank 0
+    r0, r1 = rank_log(runs / "logs", 0), rank_log(runs / "logs", 1)
+    for i, v in enumerate(variants):  # round robin: rank i mod 2 scores variant i
+        mine, other = (r0, r1) if i % 2 == 0 else (r1, r0)
+        assert f"evaluate {v}:" in mine and f"evaluate {v}:" not in other, v
+
+
+def test_interrupted_two_process_run_resumes_to_the_same_tables(runs, tmp_path):
+    """Units lost as an interruption leaves them (an expert of each rank, a variant's scores,
+    a variant's mechanism tables, every marker after ``world``) are recomputed by the next
+    two-process launch, the others reused untouched, and the tables equal the one-process run's."""
+    copy = tmp_path / "copy"
+    shutil.copytree(runs / "two", copy)
+    for step in STEPS[1:]:
+        (copy / "steps" / f"{step}.json").unlink()
+    for name, table in TABLES.items():  # the tables of the steps run again
+        if table.step != "world":
+            (copy / "results" / f"{name}.csv").unlink(missing_ok=True)
+    lost = [copy / "adapters" / "joint_all", copy / "adapters" / "ab"]
+    lost += list((copy / "cache" / "scores").glob("expert_bc.*.csv"))
+    lost += list((copy / "cache" / "mechanisms").glob("uniform.*"))
+    assert len(lost) >= 5
+    for p in lost:
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
+    kept = {p: p.stat().st_mtime_ns for p in (copy / "cache").rglob("*.csv")}
+    kept[copy / "adapters" / "bc" / "adapter_model.safetensors"] = \
+        (copy / "adapters" / "bc" / "adapter_model.safetensors").stat().st_mtime_ns
+    torchrun(copy, STEPS[1:], tmp_path / "logs")
+    assert all(p.exists() for p in lost)
+    assert {p: p.stat().st_mtime_ns for p in kept} == kept  # finished units were not redone
+    assert_same_tables(runs / "one", copy)
+
+
+def test_assign_is_a_longest_first_greedy_within_four_thirds_of_optimal():
+    assert assign([5, 1, 5, 1], 2) == [0, 0, 1, 1]
+    assert assign([126, 54, 54, 18], 2) == [0, 1, 1, 1]  # tiny.toml's experts: joint_all alone
+    assert assign([1, 2, 3], 1) == [0, 0, 0] and assign([], 3) == []
+    rng = random.Random(0)
+    for _ in range(200):
+        n, size = rng.randint(1, 7), rng.randint(1, 3)
+        costs = [rng.randint(0, 9) for _ in range(n)]
+        owner = assign(costs, size)
+        assert assign(costs, size) == owner and all(0 <= r < size for r in owner)
+        span = max(sum(c for c, r in zip(costs, owner) if r == k) for k in range(size))
+        best = min(max(sum(c for c, r in zip(costs, split) if r == k) for k in range(size))
+                   for split in itertools.product(range(size), repeat=n))  # brute force
+        assert span <= best * 4 / 3 + 1e-9, (costs, size, owner)
+    with pytest.raises(StudyError, match="costs must be finite"):
+        assign([1, -1], 2)
+    with pytest.raises(StudyError, match="size must be"):
+        assign([1], 0)
+
+
+def test_one_process_world_is_a_no_op(monkeypatch):
+    for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    w = init_world("cuda")
+    assert w == World() and w.is_main and w.size == 1
+    assert w.shard(["a", "b", "c"]) == ["a", "b", "c"] and w.gather(3) == [3] and w.broadcast("x") == "x"
+    w.barrier()
+    assert w.device("cuda") == "cuda" and w.device("cpu") == "cpu"
+    two = World(rank=1, size=2, local_rank=1, local_size=2)
+    assert two.device("cuda") == "cuda:1" and two.device("cuda:0") == "cuda:1" and two.device("cpu") == "cpu"
+    assert not two.is_main
+
+
+def test_torchrun_variables_are_checked(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.delenv("RANK", raising=False)
+    with pytest.raises(StudyError, match=r"\$RANK is not set"):
+        init_world("cpu")
+    monkeypatch.setenv("WORLD_SIZE", "two")
+    with pytest.raises(StudyError, match=r"\$WORLD_SIZE must be an integer"):
+        init_world("cpu")
+
+
+def _two_ranks(rank: int, port: int, queue) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2",
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    w = init_world("cpu")
+    out = {"rank": w.rank, "shard": w.shard(["a", "b", "c"]), "costly": w.shard(["a", "b", "c"], cost={"a": 1, "b": 1, "c": 3}.get),
+           "bcast": w.broadcast(f"from {w.rank}"), "gather": w.gather(10 + w.rank)}
+    w.barrier()
+    try:
+        w.shard(["x"] if w.is_main else ["y"])
+    except StudyError as e:
+        out["error"] = str(e)
+    queue.put(out)
+
+
+def test_two_gloo_ranks_shard_gather_and_refuse_different_lists():
+    import multiprocessing as mp
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_two_ranks, args=(r, port, queue)) for r in (0, 1)]
+    for p in procs:
+        p.start()
+    got = sorted((queue.get(timeout=300) for _ in procs), key=lambda o: o["rank"])
+    for p in procs:
+        p.join(timeout=60)
+    assert [o["shard"] for o in got] == [["a", "c"], ["b"]]
+    assert [o["costly"] for o in got] == [["c"], ["a", "b"]]
+    assert [o["bcast"] for o in got] == ["from 0", "from 0"] and got[1]["gather"] == [10, 11]
+    assert all("disagree on the list of work units" in o.get("error", "") for o in got)
