@@ -234,9 +234,10 @@ def load_hooked(model: Any, adapters: dict[str, str | os.PathLike], combine: str
     if dt is None and isinstance(model, HookedModel):
         dt = next(model.hf_model.parameters()).dtype
     hf, tok = load_hf(source)
-    # merged into the weights before the bridge boots, a fused projection is not bypassed
+    # fused projections: merged into the weights before the bridge boots, or hooked on the bridge's split
+    # copies row block by row block (interp.adapters.hooks.install_lora_hooks)
     lib = AdapterLibrary.load(source, adapters, allow_pickle=allow_pickle, expected_base=expected_base, hf_model=hf,
-                              allow_fused=combine == "merge_and_unload")
+                              allow_fused=True)
     names = lib.names
     n = len(names)
     experts = [lib.deltas[a] for a in names]
