@@ -425,6 +425,26 @@ def test_randomised_pissa_refused():
         load_hooked(model_dir("qwen2"), {"a": d})
 
 
+def test_layer_replication_refused_by_name():
+    """An adapter trained with ``layer_replication`` targets layers the base does not have (peft repeats base
+    layers): refused naming the option, not as an unknown target module."""
+    import tempfile
+
+    from peft import LoraConfig, get_peft_model
+
+    from interp.adapters import UnsupportedVariantError
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = get_peft_model(_hf("llama"), LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False,
+                                                     layer_replication=[[0, 2], [1, 2]]))
+    d = tempfile.mkdtemp(prefix="ad-llama-layer-replication-")
+    pm.save_pretrained(d)
+    for combine in ("none", "merge_and_unload"):
+        with pytest.raises(UnsupportedVariantError, match="layer_replication"):
+            load_hooked(model_dir("llama"), {"a": d}, combine=combine)
+
+
 def test_several_residual_adapters_under_none_refused():
     from interp.adapters import SharedBaseError
 
