@@ -149,7 +149,7 @@ def _probe_rows(split: Callable, original: torch.nn.Module, attr: str, shape: tu
     return rows
 
 
-def fused_splits(bridge: Any) -> list[FusedSplit]:
+def fused_splits(bridge: Any, select: Callable[[torch.nn.Module], bool] | None = None) -> list[FusedSplit]:
     """The fused projections ``bridge`` runs as split copies, with the rows each copy computes.
 
     The row map is read from the bridge's own split function (run once on a stand-in weight that
@@ -157,9 +157,14 @@ def fused_splits(bridge: Any) -> list[FusedSplit]:
     ``Conv1D``, Phi-3's GQA sizes, GPT-NeoX's per-head interleaving ``[head, (q,k,v), d_head]``,
     Falcon's multi-query and per-head layouts — is the bridge's, not restated here.
 
+    Args:
+        bridge: a booted ``TransformerBridge``.
+        select: map only the fused modules for which it returns True (e.g. peft LoRA layers);
+            default all.
+
     Returns:
-        One :class:`FusedSplit` per fused module; ``parts`` is empty when the split could not be
-        mapped (a splitter that reads more than the fused weight).
+        One :class:`FusedSplit` per (selected) fused module; ``parts`` is empty when the split could
+        not be mapped (a splitter that reads more than the fused weight).
     """
     out = []
     for comp in bridge.modules():
@@ -174,7 +179,7 @@ def fused_splits(bridge: Any) -> list[FusedSplit]:
             while isinstance(fused, torch.nn.Module) and isinstance(fused._modules.get(BRIDGE_SEGMENTS[0]),
                                                                     torch.nn.Module):
                 fused = fused._modules[BRIDGE_SEGMENTS[0]]  # the bridge's LinearBridge around it
-            if not isinstance(fused, torch.nn.Module):
+            if not isinstance(fused, torch.nn.Module) or (select is not None and not select(fused)):
                 continue
             base = getattr(fused, LORA_SEGMENT, fused)  # a peft layer's base layer: the weight's orientation
             w = getattr(base, "weight", None)

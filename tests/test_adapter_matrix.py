@@ -11,7 +11,8 @@ References are peft's own computations, never ours:
   best rank-k ΔW of ``Σ wᵢ (Mᵢ − W₀)`` per weight by ``torch.linalg.svd``, biases summed exactly;
 * ``arrow``: peft's ``create_arrow_model``.
 
-A cell that cannot be exact must raise its named error.
+A cell that cannot be exact must raise its named error. LoRA on fused projections (which the bridge runs
+as split copies) is compared in float64 (float32 rounding alone reaches 1e-5 on the tiny NeoX model).
 """
 
 import copy
@@ -351,6 +352,27 @@ def test_fused_projection_hook_delta_per_part(arch):
             full = s.layer.lora_B["a"](s.layer.lora_A["a"](x)) * s.layer.scaling["a"]  # the fused layer's s·B·A·x
             assert _maxdiff(cache[s.hook_delta["a"].name], full[..., s.rows]) <= 1e-12
             assert float(full[..., s.rows].abs().max()) > 1e-3
+
+
+@pytest.mark.parametrize("combine", ["peft_linear", "peft_cat"])
+@pytest.mark.parametrize("arch", sorted(FUSED))
+def test_fused_projection_peft_combinations(arch, combine):
+    """peft's ``add_weighted_adapter`` on fused projections equals peft's own forward of that adapter
+    (float64, see ``test_fused_projection_by_combine``)."""
+    from peft import PeftModel
+
+    ads = {"a": adapter(arch, "fused", 0), "b": adapter(arch, "fused", 1)}
+    hm = load_hooked(model_dir(arch), ads, combine=combine, dtype=torch.float64)
+    pm = PeftModel.from_pretrained(_hf(arch, torch.float64), ads["a"], adapter_name="a")
+    pm.load_adapter(ads["b"], adapter_name="b")
+    pm.add_weighted_adapter(["a", "b"], [0.5, 0.5], "m", combination_type=combine[len("peft_"):])
+    pm.set_adapter("m")
+    pm.eval()
+    with torch.no_grad():
+        ref = pm(_tokens()).logits
+        base = _logits_with(arch, _base_params(arch, torch.float64), torch.float64)
+    assert _maxdiff(ref, base) > 1e-3
+    assert _maxdiff(hm.logits(_tokens()), ref) <= TOL
 
 
 def test_peft_merge_adapter_on_fused_projection_refused():

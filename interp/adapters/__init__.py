@@ -206,7 +206,10 @@ def load_hooked(model: Any, adapters: dict[str, str | os.PathLike], combine: str
     Adapter features (see README "Supported adapters"): plain LoRA, rsLoRA, rank/alpha patterns,
     DoRA, ``lora_bias``, trained biases and PiSSA/OLoRA are exact under every combine but
     ``arrow`` and ``peft_*``; for combines other than ``none`` the experts are attached as their
-    exact update on the original base (``info["rebuilt_experts"]``). ``modules_to_save``,
+    exact update on the original base (``info["rebuilt_experts"]``). LoRA on fused projections
+    (GPT-2 ``c_attn``, Phi-3 ``qkv_proj``/``gate_up_proj``, GPT-NeoX/Falcon ``query_key_value``) is
+    exact under every combine: hooked on the bridge's split q/k/v (gate/up) copies, row block by row
+    block (:mod:`interp.adapters.hooks`). ``modules_to_save``,
     embedding LoRA and trainable tokens are exact under ``none`` only (peft runs them).
     """
     from peft import PeftModel

@@ -27,6 +27,18 @@ With one active adapter and ``router=None`` the arithmetic is PEFT's own (``resu
 ``lora_B``'s bias included with ``lora_bias``; a DoRA adapter's contribution is computed by peft's
 own ``DoraLinearVariant.forward``), so logits equal PEFT's forward. GPT-2 ``Conv1D`` sites and
 ``.h.N.`` layer paths (GPT-2, Falcon) are supported.
+
+Fused projections (GPT-2 ``c_attn``, Phi-3 ``qkv_proj`` / ``gate_up_proj``, GPT-NeoX / Falcon
+``query_key_value``): the bridge never calls the fused module; at boot it copies row blocks of its
+weight into separate ``q``, ``k``, ``v`` (``gate``, ``in``) ``nn.Linear`` s and calls those. A LoRA on
+the fused layer therefore becomes one site per copy, run by that copy, adding the copy's rows of
+the update: ``s·B[rows]·A·x`` (+ ``s·b_B[rows]``; DoRA's ``m/‖W₀+sBA‖`` is row by row, so peft's DoRA
+arithmetic on those rows). ``rows`` are read off the bridge's own split function
+(:func:`interp.surgery.fused_splits`: GPT-NeoX's per-head ``[head, (q,k,v), d_head]`` interleaving,
+Falcon's multi-query layout, Phi-3's GQA sizes, GPT-2's transposed ``Conv1D``) and checked against
+the copies' weights at install. Hook points: ``blocks.{l}.attn.q.lora.{adapter}.hook_delta``,
+``…attn.k…``, ``…attn.v…``, ``blocks.{l}.mlp.gate…`` / ``mlp.in…`` (and one ``hook_router`` per copy,
+all with the same weights). Arrow prototypes are the whole fused ``B·A``'s, as in peft.
 """
 
 from __future__ import annotations
@@ -261,7 +273,8 @@ def install_lora_hooks(peft_inner_model: Any, bridge: Any, router: Router | None
     """Wrap every PEFT ``lora.Linear`` of a (bridged) PEFT model and register its hook points.
 
     Call after ``interp.models.bridge_model(pm.base_model.model, ...)``. Module paths are read
-    with the bridge's ``_original_component`` segments removed.
+    with the bridge's ``_original_component`` segments removed. A LoRA layer on a fused projection
+    that the bridge splits gets one site per split copy (module docstring).
 
     Args:
         peft_inner_model: ``peft_model.base_model.model`` (the HF model with LoRA layers).
@@ -275,12 +288,14 @@ def install_lora_hooks(peft_inner_model: Any, bridge: Any, router: Router | None
 
     Raises:
         ValueError: an adapter name unusable in a hook name; no LoRA layers found.
+        interp.models.FusedProjectionError: a LoRA on a fused projection whose split copies the
+            bridge does not build as row blocks of the base weight (checked exactly).
     """
     from peft.tuners.lora import Linear as LoraLinear
     from transformer_lens.hook_points import HookPoint
 
     runtime = LoraRuntime([], router)
-    splits = {id(fs.fused): fs for fs in fused_splits(bridge) if isinstance(fs.fused, LoraLinear)}
+    splits = {id(fs.fused): fs for fs in fused_splits(bridge, lambda m: isinstance(m, LoraLinear))}
     paths: dict[int, list[str]] = {}
     for name, mod in peft_inner_model.named_modules(remove_duplicate=False):
         if isinstance(mod, LoraLinear):
