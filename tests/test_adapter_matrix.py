@@ -375,6 +375,18 @@ def test_fused_projection_peft_combinations(arch, combine):
     assert _maxdiff(hm.logits(_tokens()), ref) <= TOL
 
 
+@pytest.mark.parametrize("arch", ["phi3", "neox"])
+def test_fused_projection_module_inputs(arch):
+    """The subspace key analyses read a fused layer's input from the bridge's split copies that run it."""
+    from interp.subspace.keys import module_inputs
+
+    hm = load_hooked(model_dir(arch), {"a": adapter(arch, "fused", 0)})
+    site = next(s for s in hm.info["lora_runtime"].sites if s.rows is not None)
+    _, cache = hm.bridge.run_with_cache(hm.tokenize(["hello there"])[0], names_filter=f"{site.name}.hook_in")
+    got = module_inputs(hm, ["hello there"], [site.module_path], position="all")[site.module_path]
+    assert _maxdiff(got, cache[f"{site.name}.hook_in"][0]) == 0
+
+
 def test_peft_merge_adapter_on_fused_projection_refused():
     hm = load_hooked(model_dir("gpt2"), {"a": adapter("gpt2", "fused", 0)})
     hm.peft_model.merge_adapter()

@@ -337,7 +337,8 @@ def install_lora_hooks(peft_inner_model: Any, bridge: Any, router: Router | None
                                      part=lin) for part_name, lin, rows in fs.parts]
         for site in mod._interp_site:
             replace_forward(site.part, lambda orig, site=site: _make_part_forward(site, runtime, orig))
-        mod._interp_parts = [site.part for site in mod._interp_site]
+        # what runs this layer (and the base layer's input) in the bridge: assert_lora_reached, module_inputs
+        mod._interp_parts = mod.base_layer._interp_parts = [site.part for site in mod._interp_site]
     if not runtime.sites:
         raise ValueError("no PEFT LoRA layers found to hook")
     return runtime
