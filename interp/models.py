@@ -301,8 +301,9 @@ def assert_lora_reached(hm: HookedModel, sample_text: str = "The") -> None:
                    if isinstance(m, LoraLayer) and getattr(m, "active_adapters", None)}
     if not lora_layers:
         return
-    for n, m in lora_layers.items():
-        handles.append(m.register_forward_hook(lambda mod, i, o, n=n: called.add(n)))
+    for n, m in lora_layers.items():  # a fused layer split by the bridge runs in its parts (interp.adapters.hooks)
+        for runner in getattr(m, "_interp_parts", None) or [m]:
+            handles.append(runner.register_forward_hook(lambda mod, i, o, n=n: called.add(n)))
     try:
         toks, _ = hm.tokenize([sample_text])
         hm.logits(toks)

@@ -15,6 +15,12 @@ here, so a version bump has one place to look (pinned: transformer-lens 4.3.0, t
 - transformers model configs select their attention kernel with ``config._attn_implementation``.
 - A module's ``forward`` is replaced per instance (never on the class) to insert the per-adapter
   hook points; the original bound method is kept by the replacement.
+- Bridge components for fused projections (``JointQKVAttentionBridge`` and subclasses,
+  ``JointGateUpMLPBridge``) split the fused weight once, at boot, with their ``split_qkv_matrix``
+  / ``split_gate_up_matrix`` callable, into plain ``nn.Linear`` copies held as the
+  ``original_component`` of their ``q``/``k``/``v`` (``gate``/``in``) children, and never call the
+  fused module again; the fused module is the child named ``submodules["qkv"].name`` (resp.
+  ``fused_attr``) of the component's ``original_component``.
 """
 
 from __future__ import annotations
@@ -83,3 +89,107 @@ def unembed_linear(bridge: Any) -> torch.nn.Linear | None:
     ``None`` when it is anything else (e.g. a LoRA layer on ``lm_head``)."""
     lin = getattr(bridge.unembed, "original_component", None)
     return lin if type(lin) is torch.nn.Linear else None
+
+
+#: bridge components that split a fused projection: (split callable attribute, part names, site kind)
+_SPLITTERS = (("split_qkv_matrix", ("q", "k", "v"), "attn"), ("split_gate_up_matrix", ("gate", "in"), "mlp"))
+
+
+class FusedSplit:
+    """One fused projection that a bridge runs as separate copies of row blocks of its weight.
+
+    Attributes:
+        kind: ``"attn"`` (fused q/k/v) or ``"mlp"`` (fused gate/up).
+        attr: the fused module's attribute name in its HF parent (``c_attn``, ``qkv_proj``, …).
+        fused: the module the HF model holds at the fused position (a peft LoRA layer, or the
+            plain ``nn.Linear`` / ``Conv1D``).
+        parts: ``[(name, linear, rows)]``: the bridge's component name (``q``, ``k``, ``v``,
+            ``gate``, ``in``), the ``nn.Linear`` the bridge calls for it (weight
+            ``[len(rows), d_in]``), and ``rows`` (int64 ``[d_part]``): the fused output rows it
+            computes, in its output order (``part(x) == fused(x)[..., rows]`` for the base weights).
+    """
+
+    def __init__(self, kind: str, attr: str, fused: torch.nn.Module,
+                 parts: list[tuple[str, torch.nn.Module, torch.Tensor]]):
+        self.kind, self.attr, self.fused, self.parts = kind, attr, fused, parts
+
+
+def _probe_rows(split: Callable, original: torch.nn.Module, attr: str, shape: tuple[int, ...],
+                out_dim: int, parts: int) -> list[torch.Tensor] | None:
+    """Run the bridge's own split callable on a stand-in whose fused weight holds, in every entry,
+    the index of its output row (float64, exact): each part's rows are then read off its weight."""
+    import copy
+
+    d_out = shape[out_dim]
+    idx = torch.arange(d_out, dtype=torch.float64)
+    probe_lin = torch.nn.Module()
+    probe_lin.weight = torch.nn.Parameter(idx.view(-1, 1).expand(shape).clone() if out_dim == 0
+                                          else idx.view(1, -1).expand(shape).clone(), requires_grad=False)
+    probe_lin.bias = torch.nn.Parameter(idx.clone(), requires_grad=False)
+    probe = copy.copy(original)  # the other attributes as they are; its own child table
+    probe.__dict__["_modules"] = dict(original._modules)
+    probe._modules[attr] = probe_lin
+    try:
+        with torch.no_grad():
+            out = split(probe)
+    except Exception:  # noqa: BLE001 - a splitter that needs more than the weight: not mappable
+        return None
+    if len(out) != parts:
+        return None
+    rows = []
+    for lin in out:
+        w = getattr(lin, "weight", None)
+        if not isinstance(w, torch.Tensor) or w.dim() != 2 or w.numel() == 0:
+            return None
+        r = w[:, 0].detach().double()
+        if not (bool((w.detach().double() == r[:, None]).all()) and bool((r == r.round()).all())
+                and float(r.min()) >= 0 and float(r.max()) < d_out):
+            return None
+        rows.append(r.long())
+    return rows
+
+
+def fused_splits(bridge: Any, select: Callable[[torch.nn.Module], bool] | None = None) -> list[FusedSplit]:
+    """The fused projections ``bridge`` runs as split copies, with the rows each copy computes.
+
+    The row map is read from the bridge's own split function (run once on a stand-in weight that
+    encodes row indices), so any layout it implements — GPT-2's ``[q | k | v]`` columns of a
+    ``Conv1D``, Phi-3's GQA sizes, GPT-NeoX's per-head interleaving ``[head, (q,k,v), d_head]``,
+    Falcon's multi-query and per-head layouts — is the bridge's, not restated here.
+
+    Args:
+        bridge: a booted ``TransformerBridge``.
+        select: map only the fused modules for which it returns True (e.g. peft LoRA layers);
+            default all.
+
+    Returns:
+        One :class:`FusedSplit` per (selected) fused module; ``parts`` is empty when the split could
+        not be mapped (a splitter that reads more than the fused weight).
+    """
+    out = []
+    for comp in bridge.modules():
+        for attr, names, kind in _SPLITTERS:
+            split = getattr(comp, attr, None)
+            if not callable(split):
+                continue
+            original = getattr(comp, "original_component", None)
+            subs = getattr(comp, "submodules", {}) or {}
+            fname = subs["qkv"].name if kind == "attn" and "qkv" in subs else getattr(comp, "fused_attr", None)
+            fused = getattr(original, fname, None) if fname else None
+            while isinstance(fused, torch.nn.Module) and isinstance(fused._modules.get(BRIDGE_SEGMENTS[0]),
+                                                                    torch.nn.Module):
+                fused = fused._modules[BRIDGE_SEGMENTS[0]]  # the bridge's LinearBridge around it
+            if not isinstance(fused, torch.nn.Module) or (select is not None and not select(fused)):
+                continue
+            base = getattr(fused, LORA_SEGMENT, fused)  # a peft layer's base layer: the weight's orientation
+            w = getattr(base, "weight", None)
+            if not isinstance(w, torch.Tensor) or w.dim() != 2:
+                continue
+            out_dim = 1 if type(base).__name__ == "Conv1D" else 0
+            rows = _probe_rows(split, original, fname, tuple(w.shape), out_dim, len(names))
+            linears = [getattr(getattr(comp, n, None), "original_component", None) for n in names]
+            if rows is None or any(not isinstance(lin, torch.nn.Linear) for lin in linears):
+                out.append(FusedSplit(kind, fname, fused, []))
+                continue
+            out.append(FusedSplit(kind, fname, fused, [(n, lin, r) for n, lin, r in zip(names, linears, rows)]))
+    return out

@@ -206,7 +206,10 @@ def load_hooked(model: Any, adapters: dict[str, str | os.PathLike], combine: str
     Adapter features (see README "Supported adapters"): plain LoRA, rsLoRA, rank/alpha patterns,
     DoRA, ``lora_bias``, trained biases and PiSSA/OLoRA are exact under every combine but
     ``arrow`` and ``peft_*``; for combines other than ``none`` the experts are attached as their
-    exact update on the original base (``info["rebuilt_experts"]``). ``modules_to_save``,
+    exact update on the original base (``info["rebuilt_experts"]``). LoRA on fused projections
+    (GPT-2 ``c_attn``, Phi-3 ``qkv_proj``/``gate_up_proj``, GPT-NeoX/Falcon ``query_key_value``) is
+    exact under every combine: hooked on the bridge's split q/k/v (gate/up) copies, row block by row
+    block (:mod:`interp.adapters.hooks`). ``modules_to_save``,
     embedding LoRA and trainable tokens are exact under ``none`` only (peft runs them).
     """
     from peft import PeftModel
@@ -234,9 +237,10 @@ def load_hooked(model: Any, adapters: dict[str, str | os.PathLike], combine: str
     if dt is None and isinstance(model, HookedModel):
         dt = next(model.hf_model.parameters()).dtype
     hf, tok = load_hf(source)
-    # merged into the weights before the bridge boots, a fused projection is not bypassed
+    # fused projections: merged into the weights before the bridge boots, or hooked on the bridge's split
+    # copies row block by row block (interp.adapters.hooks.install_lora_hooks)
     lib = AdapterLibrary.load(source, adapters, allow_pickle=allow_pickle, expected_base=expected_base, hf_model=hf,
-                              allow_fused=combine == "merge_and_unload")
+                              allow_fused=True)
     names = lib.names
     n = len(names)
     experts = [lib.deltas[a] for a in names]

@@ -136,6 +136,37 @@ class AdapterParts:
         return ", ".join(FEATURE_LABELS.get(f, f) for f in sorted(self.features) if f in names)
 
 
+def check_config(name: str, cfg: dict) -> None:
+    """Refuse ``adapter_config.json`` settings with no exact rebuild, before any tensor is read.
+
+    Args:
+        name: adapter name (for messages).
+        cfg: its ``adapter_config.json``.
+
+    Raises:
+        UnsupportedVariantError: ``layer_replication`` (named: its adapter targets layers the base does
+            not have) or another of :data:`VARIANT_FIELDS`.
+        UnsupportedInitError: ``init_lora_weights`` other than :data:`PLAIN_INITS` / :data:`RESIDUAL_INITS`.
+    """
+    if cfg.get("layer_replication"):
+        raise UnsupportedVariantError(
+            f"adapter {name!r}: LoraConfig.layer_replication={cfg['layer_replication']!r} is not supported: peft "
+            "builds a deeper model by repeating base layers and trains LoRA on the copies, so the adapter's "
+            "layers do not exist in the base model interp hooks; supported variants: plain LoRA, rsLoRA, DoRA")
+    init = cfg.get("init_lora_weights", True)
+    if not (isinstance(init, str) and init.lower() in RESIDUAL_INITS) and init not in PLAIN_INITS:
+        raise UnsupportedInitError(
+            f"adapter {name!r}: init_lora_weights={init!r} rewrites the base weights at load time in a way "
+            f"that cannot be rebuilt exactly (supported: {', '.join(map(str, PLAIN_INITS + RESIDUAL_INITS))}). "
+            "Save it converted to a plain LoRA (peft's save_pretrained(..., "
+            "path_initial_model_for_weight_conversion=...)) and load that")
+    for f in VARIANT_FIELDS:
+        if cfg.get(f):
+            raise UnsupportedVariantError(
+                f"adapter {name!r}: LoraConfig.{f}={cfg[f]!r} is not supported (no exact hooked forward); "
+                "supported variants: plain LoRA, rsLoRA, DoRA")
+
+
 def inspect_adapter(name: str, cfg: dict, tensors: dict[str, torch.Tensor], sites: set[str]) -> AdapterParts:
     """Sort an adapter's tensors into site parts and extras, refusing what has no exact rebuild.
 
@@ -151,21 +182,11 @@ def inspect_adapter(name: str, cfg: dict, tensors: dict[str, torch.Tensor], site
         UnsupportedVariantError: any of :data:`VARIANT_FIELDS` set.
         UnknownAdapterTensorError: a tensor that is none of the known kinds.
     """
+    check_config(name, cfg)
     feats: set[str] = set()
     init = cfg.get("init_lora_weights", True)
     if isinstance(init, str) and init.lower() in RESIDUAL_INITS:
         feats.add(init.lower())
-    elif init not in PLAIN_INITS:
-        raise UnsupportedInitError(
-            f"adapter {name!r}: init_lora_weights={init!r} rewrites the base weights at load time in a way "
-            f"that cannot be rebuilt exactly (supported: {', '.join(map(str, PLAIN_INITS + RESIDUAL_INITS))}). "
-            "Save it converted to a plain LoRA (peft's save_pretrained(..., "
-            "path_initial_model_for_weight_conversion=...)) and load that")
-    for f in VARIANT_FIELDS:
-        if cfg.get(f):
-            raise UnsupportedVariantError(
-                f"adapter {name!r}: LoraConfig.{f}={cfg[f]!r} is not supported (no exact hooked forward); "
-                "supported variants: plain LoRA, rsLoRA, DoRA")
     if cfg.get("use_rslora"):
         feats.add("rslora")
     mags, bbias, extras = {}, {}, {}

@@ -176,7 +176,8 @@ class AdapterLibrary:
             ``ValueError`` for an empty ``adapters`` or a bad adapter name.
         """
         from interp.adapters.factors import read_adapter_tensors
-        from interp.adapters.features import check_adapter_name_reserved, effective_site_deltas, inspect_adapter
+        from interp.adapters.features import (check_adapter_name_reserved, check_config, effective_site_deltas,
+                                              inspect_adapter)
         from interp.models import MANIFEST, check_fused_targets, load_hf, verify_manifest
 
         if not adapters:
@@ -215,6 +216,7 @@ class AdapterLibrary:
                 tensors = read_adapter_tensors(d, allow_pickle=allow_pickle)
             except AdapterFormatError as e:
                 raise AdapterFileError(f"adapter {name!r}: {e}") from e
+            check_config(name, cfg)  # before the targets: layer_replication's targets are not the base's
             got = _norm_base(recorded_base(d))
             if got and want and got != want:
                 raise BaseModelMismatchError(

@@ -37,7 +37,7 @@ def module_inputs(hm: Any, prompts: Sequence[str], modules: Sequence[str],
     Raises:
         SubspaceError: empty prompts/modules or an unknown ``position``; KeyError / SubspaceError:
             a module path that does not resolve to a linear layer; RuntimeError: a hooked module
-            never ran (e.g. bypassed by a fused projection).
+            never ran (e.g. a fused projection bypassed by a bridge without interp's LoRA hooks).
     """
     if position not in ("final", "all"):
         raise SubspaceError(f"module_inputs: position must be 'final' or 'all', got {position!r}")
@@ -58,6 +58,8 @@ def module_inputs(hm: Any, prompts: Sequence[str], modules: Sequence[str],
     try:
         for m in modules:
             lin = resolve_linear(hm.hf_model, m)
+            # a fused projection the bridge runs as split copies (interp.adapters.hooks): each copy reads its input
+            lin = (getattr(lin, "_interp_parts", None) or [lin])[0]
             handles.append(lin.register_forward_pre_hook(make_hook(m)))
         if getattr(hm, "bridge", None) is not None:
             hm.logits(tokens)
