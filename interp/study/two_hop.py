@@ -18,9 +18,9 @@ from interp.study.steps import evaluate, experts, figures, mechanisms, report, s
 PIPELINE: tuple[Step, ...] = (
     Step("world", world.run, ("study", "world")),
     Step("experts", experts.run, ("training",)),
-    Step("evaluate", evaluate.run, ("methods", "evaluation")),
-    Step("mechanisms", mechanisms.run, ("mechanisms",)),
-    Step("subspace", subspace.run),
+    Step("evaluate", evaluate.run, ("methods", "evaluation"), analysis=True),
+    Step("mechanisms", mechanisms.run, ("mechanisms",), analysis=True),
+    Step("subspace", subspace.run, analysis=True),
     Step("figures", figures.run),
     Step("report", report.run),
 )

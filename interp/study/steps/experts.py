@@ -10,6 +10,8 @@ from interp.study.variants import EXPERT_DATA, needed_experts
 def run(run) -> None:
     """Train (or reuse) each expert of :func:`needed_experts`; write the ``experts`` table.
     Training itself resumes mid-way (``train_expert`` checkpoints)."""
+    import torch
+
     from interp.adapters.train import train_expert
 
     tc = run.cfg.training  # the [training] section is a TrainConfig (precision resolved by the runner)
@@ -17,7 +19,7 @@ def run(run) -> None:
     rows = []
     for name in needed_experts(run.cfg):
         pairs = [p for split in EXPERT_DATA[name] for p in world.train_pairs(split)]
-        run.base()  # make sure a registered model exists (and is converted) before training
+        run.base(torch.float32)  # make sure a registered model exists (and is converted) before training
         meta = train_expert(run.model, pairs, run.expert_dir(name), tc, progress=True, device=run.cfg.study.device)
         rows.append({"expert": name, "data": "+".join(EXPERT_DATA[name]), "n_examples": meta["n_examples"],
                      "steps": meta["steps"], "final_loss": meta["final_loss"],
