@@ -43,21 +43,31 @@ def main() -> None:
     ap.add_argument("--dtypes", default="tf32,bf16", help="analysis precisions to compare with fp32 ('' for none)")
     ap.add_argument("--training-precision", default="auto")
     ap.add_argument("--small", action="store_true", help="tiny shape and a few chains: a CPU check")
+    ap.add_argument("--config", default=None, help="study config (default: the defaults)")
+    ap.add_argument("--model", default=None, help="a registered model instead of --shape (e.g. tiny-llama)")
+    ap.add_argument("--override", action="append", default=[], help="KEY=VALUE (JSON value), repeatable")
     ap.add_argument("--save-run", default=None, help="copy the fp32 run's results and run.json here")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     from interp.study import run_study
 
     shape = "tiny-shape" if a.small else a.shape
-    key = arch.register_text(shape, device=a.device)
+    key = a.model or arch.register_text(shape, device=a.device)
     ov = {"world.verify_familiarity": False, "training.precision": a.training_precision}
     if a.small:
         ov.update(SMALL)
+    for kv in a.override:
+        k, _, v = kv.partition("=")
+        ov[k] = json.loads(v)
     run_dir = Path(a.run_dir)
     shutil.rmtree(run_dir, ignore_errors=True)
-    res: dict = {"shape": shape, "device": a.device, "overrides": ov}
+    res: dict = {"shape": a.model or shape, "device": a.device, "overrides": ov, "config": a.config}
     t = time.perf_counter()
-    run_study(None, out=run_dir, model=key, device=a.device, steps=STEPS, overrides=ov)
+    for step in STEPS:  # one step at a time: run.json is saved after each (a cut-off call keeps them)
+        run_study(a.config, out=run_dir, model=key, device=a.device, steps=[step], overrides=ov)
+        if a.save_run:
+            Path(a.save_run).mkdir(parents=True, exist_ok=True)
+            shutil.copy(run_dir / "run.json", Path(a.save_run) / "run.json")
     res["wall_s"] = round(time.perf_counter() - t, 1)
     rj = json.loads((run_dir / "run.json").read_text())
     res.update({k: rj.get(k) for k in ("timings", "gpu", "machine")})
@@ -68,12 +78,15 @@ def main() -> None:
         shutil.copytree(run_dir / "results", Path(a.save_run) / "results", dirs_exist_ok=True)
         shutil.copy(run_dir / "run.json", Path(a.save_run) / "run.json")
     res["precision"] = {}
+    if a.out:
+        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.out).write_text(json.dumps(res, indent=1))
     for dt in [d for d in a.dtypes.split(",") if d]:
         other = run_dir.with_name(run_dir.name + f"-{dt}")
         shutil.rmtree(other, ignore_errors=True)
         shutil.copytree(run_dir, other, ignore=shutil.ignore_patterns("cache"))
         t = time.perf_counter()
-        run_study(None, out=other, model=key, device=a.device, steps=["evaluate", "mechanisms", "subspace"],
+        run_study(a.config, out=other, model=key, device=a.device, steps=["evaluate", "mechanisms", "subspace"],
                   overrides={**ov, "evaluation.dtype": dt})
         rj = json.loads((other / "run.json").read_text())
         res["precision"][dt] = {"wall_s": round(time.perf_counter() - t, 1), "timings": rj.get("timings"),
