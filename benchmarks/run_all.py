@@ -277,6 +277,8 @@ def to_markdown(res: dict) -> str:
                   "| shape | max_batch | TF32 | seconds | max abs diff vs fp32 max_batch 64 |", "|---|---|---|---|---|"]
         lines += [f"| {t['shape']} | {t['max_batch']} | {t['tf32']} | {t['seconds']:.3f} | {t['max_abs_diff_vs_fp32']:.1e} |"
                   for t in tp]
+    for sec in res.get("sections") or []:  # extra measured tables, already in markdown
+        lines += ["", f"## {sec['title']}", "", sec["markdown"]]
     return "\n".join(lines) + "\n"
 
 

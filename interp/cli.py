@@ -98,6 +98,9 @@ def run_cmd(
                                 "the cores not busy with other work, measured at start)"),
     precision: Optional[str] = typer.Option(
         None, "--precision", help="training precision: auto (bf16 where measured faster), fp32 or bf16"),
+    dtype: Optional[str] = typer.Option(
+        None, "--dtype", help="precision of evaluation and every analysis: fp32 (default), tf32 (CUDA) "
+                              "or bf16 (config evaluation.dtype; errors in the README's precision policy)"),
 ) -> None:
     """Run the two-hop reuse study end to end (world -> experts -> merges/routes -> evaluation ->
     mechanisms -> subspace -> figures -> report). Re-running resumes from cached steps."""
@@ -116,6 +119,8 @@ def run_cmd(
             overrides["study.threads"] = _int_option("--threads", threads)
         if precision is not None:
             overrides["training.precision"] = precision
+        if dtype is not None:
+            overrides["evaluation.dtype"] = dtype
         if model:
             overrides["study.model"] = model
         if device:

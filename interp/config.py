@@ -61,6 +61,9 @@ class MethodsSection:
 class EvaluationSection:
     batch_size: int = 32
     held_out_templates: bool = True
+    # precision of the models in evaluation and every analysis (evaluate, mechanisms, subspace):
+    # fp32 | tf32 (CUDA only: fp32 weights, TF32 matmuls) | bf16; errors of each: README "Precision policy"
+    dtype: str = "fp32"
 
 
 @dataclasses.dataclass
@@ -90,10 +93,19 @@ class Config:
         return dataclasses.asdict(self)
 
     def section_hash(self, *sections: str) -> str:
-        """Stable short hash of the named sections (the cache key of a step)."""
+        """Stable short hash of the named sections (the cache key of a step). Keys added after runs
+        were cached (:data:`HASH_NEW_DEFAULTS`) enter it only when set off their default, so
+        existing runs keep their keys."""
         d = self.to_dict()
+        for (sec, key), default in HASH_NEW_DEFAULTS.items():
+            if sec in d and d[sec].get(key) == default:
+                d[sec] = {k: v for k, v in d[sec].items() if k != key}
         blob = json.dumps({s: d[s] for s in sections}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+#: (section, key) -> default of keys that enter a cache key only when changed from the default
+HASH_NEW_DEFAULTS: dict[tuple[str, str], Any] = {("evaluation", "dtype"): "fp32"}
 
 
 def _check_type(value: Any, tp: Any, key: str) -> Any:
@@ -175,6 +187,13 @@ def validate(cfg: Config) -> Config:
         raise ConfigError("methods.ties_density must be in (0, 1]")
     if cfg.study.device not in ("cpu", "cuda") and not cfg.study.device.startswith("cuda:"):
         raise ConfigError(f"study.device must be cpu or cuda[:N], got {cfg.study.device!r}")
+    from interp.devices import ANALYSIS_DTYPES
+
+    if cfg.evaluation.dtype not in ANALYSIS_DTYPES:
+        raise ConfigError(f"evaluation.dtype must be one of {', '.join(ANALYSIS_DTYPES)}, got {cfg.evaluation.dtype!r}")
+    if cfg.evaluation.dtype == "tf32" and not cfg.study.device.startswith("cuda"):
+        raise ConfigError(f"evaluation.dtype 'tf32' needs study.device cuda (TF32 is a GPU matmul mode), "
+                          f"got device {cfg.study.device!r}")
     return cfg
 
 

@@ -57,3 +57,40 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     if key not in DTYPES:
         raise HardwareError(f"dtype must be one of {', '.join(DTYPES)} or a floating torch.dtype, got {dtype!r}")
     return DTYPES[key]
+
+
+#: the precisions of evaluation and every analysis (``[evaluation] dtype``, ``interp run --dtype``):
+#: name -> the weights' dtype. ``tf32`` keeps float32 weights and lets CUDA matmuls use TF32 cores.
+ANALYSIS_DTYPES = {"fp32": torch.float32, "tf32": torch.float32, "bf16": torch.bfloat16}
+
+
+class analysis_precision:
+    """Context: matmuls in the precision ``name`` of :data:`ANALYSIS_DTYPES` for its duration.
+
+    ``"tf32"`` turns on TF32 for CUDA matmuls and cuDNN (``torch.backends.cuda.matmul.allow_tf32``,
+    ``torch.backends.cudnn.allow_tf32``); ``"fp32"`` turns it off (torch's own default for matmuls)
+    and ``"bf16"`` leaves it off (bf16 weights use bf16 kernels). The previous flags are restored
+    on exit, so a study's training step is never affected by its analyses' setting.
+
+    Raises:
+        HardwareError: an unknown name, or ``"tf32"`` on a device other than CUDA (TF32 exists
+            only on NVIDIA GPUs from Ampere on; on a CPU it would silently mean fp32).
+    """
+
+    def __init__(self, name: str, device: str | torch.device = "cpu"):
+        if name not in ANALYSIS_DTYPES:
+            raise HardwareError(f"analysis dtype must be one of {', '.join(ANALYSIS_DTYPES)}, got {name!r}")
+        if name == "tf32" and torch.device(device).type != "cuda":
+            raise HardwareError(f"dtype 'tf32' needs a CUDA device (TF32 is a GPU matmul mode); "
+                                f"device is {str(device)!r}: use fp32 or bf16")
+        self.name = name
+
+    def __enter__(self) -> "analysis_precision":
+        self._saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+        on = self.name == "tf32"
+        torch.backends.cuda.matmul.allow_tf32 = on
+        torch.backends.cudnn.allow_tf32 = on
+        return self
+
+    def __exit__(self, *exc) -> None:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = self._saved

@@ -228,3 +228,84 @@ def set_threads(value: int | str | None = None) -> int:
     n = resolve_threads(value)
     torch.set_num_threads(n)
     return n
+
+
+def gpu_utilisation_reader(device: str | torch.device = "cuda"):
+    """A function returning the current utilisation (%, 0–100) of the CUDA ``device``, or ``None``
+    when there is none to read: a CPU device, or neither NVML (``torch.cuda.utilization``, needs
+    the ``nvidia-ml-py`` package) nor ``nvidia-smi`` answers."""
+    import subprocess
+
+    dev = torch.device(device)
+    if dev.type != "cuda" or not torch.cuda.is_available():
+        return None
+    idx = dev.index if dev.index is not None else torch.cuda.current_device()
+    try:
+        torch.cuda.utilization(idx)
+        return lambda: float(torch.cuda.utilization(idx))
+    except Exception:  # no pynvml: ask nvidia-smi (its index is the same unless CUDA_VISIBLE_DEVICES remaps)
+        pass
+    vis = os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")
+    smi_idx = vis[idx].strip() if idx < len(vis) and vis[idx].strip() else str(idx)
+    cmd = ["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits", "-i", smi_idx]
+
+    def smi() -> float:
+        return float(subprocess.run(cmd, capture_output=True, text=True, timeout=5, check=True).stdout.split()[0])
+
+    try:
+        smi()
+    except Exception:
+        return None
+    return smi
+
+
+class GpuMonitor:
+    """Context: samples GPU utilisation every ``interval_s`` in a background thread and records
+    the peak CUDA memory allocated by this process, for one step of a run.
+
+    ``summary()`` gives ``{"util_mean_pct", "util_max_pct", "samples", "interval_s", "peak_mib"}``
+    (utilisation: the driver's "percent of time a kernel was running" over its last sample period),
+    or ``None`` on a CPU device. ``read`` replaces the reader (tests).
+    """
+
+    def __init__(self, device: str | torch.device = "cuda", interval_s: float = 0.5, read=None):
+        import threading
+
+        self.device = torch.device(device)
+        self.interval_s = float(interval_s)
+        self.read = read if read is not None else gpu_utilisation_reader(self.device)
+        self.samples: list[float] = []
+        self._stop = threading.Event()
+        self._thread = None
+        self._cuda = self.device.type == "cuda" and torch.cuda.is_available()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                self.samples.append(float(self.read()))
+            except Exception:  # a failed read is a missing sample, never a failed step
+                pass
+
+    def __enter__(self) -> "GpuMonitor":
+        import threading
+
+        if self._cuda:
+            torch.cuda.reset_peak_memory_stats(self.device)
+        if self.read is not None:
+            self._thread = threading.Thread(target=self._loop, daemon=True, name="interp-gpu-monitor")
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+        self.peak_mib = round(torch.cuda.max_memory_allocated(self.device) / 2**20) if self._cuda else None
+
+    def summary(self) -> dict[str, Any] | None:
+        if self.read is None and not self._cuda:
+            return None
+        s = self.samples
+        return {"util_mean_pct": round(sum(s) / len(s), 1) if s else None,
+                "util_max_pct": max(s) if s else None, "samples": len(s), "interval_s": self.interval_s,
+                "peak_mib": getattr(self, "peak_mib", None)}

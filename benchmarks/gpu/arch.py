@@ -22,6 +22,9 @@ SHAPES = {
     "qwen2.5-0.5b-shape": dict(arch="qwen2", hidden_size=896, num_hidden_layers=24, num_attention_heads=14,
                                num_key_value_heads=2, intermediate_size=4864, vocab_size=151936,
                                tie_word_embeddings=True),
+    "qwen2.5-1.5b-shape": dict(arch="qwen2", hidden_size=1536, num_hidden_layers=28, num_attention_heads=12,
+                               num_key_value_heads=2, intermediate_size=8960, vocab_size=151936,
+                               tie_word_embeddings=True),
     "llama-3.2-1b-shape": dict(arch="llama", hidden_size=2048, num_hidden_layers=16, num_attention_heads=32,
                                num_key_value_heads=8, intermediate_size=8192, vocab_size=128256,
                                tie_word_embeddings=True),
@@ -93,6 +96,30 @@ def register(name: str, device: str | torch.device = "cpu", seed: int = 0, n_lay
     key = name if n_layers is None else f"{name}-L{n_layers}"
     REGISTRY[key] = ModelSpec(key, f"random-init {name} (benchmark only)", "?",
                               lambda: build(name, device, seed, n_layers, dtype), lambda: True, "random-init")
+    return key
+
+
+def register_text(name: str, device: str | torch.device = "cpu", seed: int = 0, n_layers: int | None = None) -> str:
+    """Register shape ``name`` with interp's byte-level tokenizer instead of the word-level one,
+    so the study's English prompts tokenise (ids < 311 of the real vocabulary; the embedding and
+    unembedding keep the real shape). Each load is a fresh seeded float32 build made directly on
+    ``device`` (identical weights every time; no host-to-device copy, so load times are lower
+    than a checkpoint read from disk). Returns the key (``NAME-text``)."""
+    from interp.models import REGISTRY, ModelSpec, byte_tokenizer, use_eager_attention
+
+    def build_text():
+        from transformers import AutoModelForCausalLM
+
+        cfg = use_eager_attention(config(name, n_layers))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            with torch.device(device):
+                hf = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+        return hf.eval(), byte_tokenizer()
+
+    key = f"{name}-text" if n_layers is None else f"{name}-L{n_layers}-text"
+    REGISTRY[key] = ModelSpec(key, f"random-init {name}, byte tokenizer (benchmark only)", "?",
+                              build_text, lambda: True, "random-init")
     return key
 
 

@@ -291,19 +291,23 @@ def load_hooked(model: Any, adapters: dict[str, str | os.PathLike], combine: str
         merged = task_arithmetic(experts, w[0]) if combine == "task_arithmetic" else weighted_average(experts, w)
         info.update(deltas=merged, faithfulness=faithfulness_report(merged, experts, w))
     elif combine in ("ties", "dare", "svd"):
+        # dense float64 ΔW per module, its TIES/DARE and its exact re-factoring (an SVD) computed on
+        # the model's device: a 1536 × 8960 SVD costs seconds on a CPU (same results to float64
+        # rounding; DARE's masks are still drawn on the CPU, so they are identical)
+        dev_experts = [_on(e, dev) for e in experts]
         if combine == "ties":
             tw = [float(x) for x in weights] if weights is not None else [1.0] * n
-            merged = ties(experts, float(options.get("density", 0.2)), tw,
+            merged = ties(dev_experts, float(options.get("density", 0.2)), tw,
                           majority_sign_method=options.get("majority_sign_method", "total"))
         elif combine == "dare":
             tw = [float(x) for x in weights] if weights is not None else [1.0] * n
-            merged = dare(experts, float(options.get("density", 0.5)), int(options.get("seed", 0)),
+            merged = dare(dev_experts, float(options.get("density", 0.5)), int(options.get("seed", 0)),
                           bool(options.get("rescale", True)), tw)
         else:
             tw = w
             # default k: the largest LoRA rank in the files (a rebuilt DoRA/PiSSA expert's ΔW is dense)
             k = options.get("rank") or max(d.rank for a in names for d in (lib.factors or lib.deltas)[a].values())
-            merged, energy = svd_merge(experts, w, int(k))
+            merged, energy = svd_merge(dev_experts, w, int(k))
             info["svd_energy"] = energy
         _attach_deltas(pm, combine, merged)
         pm.set_adapter(combine)

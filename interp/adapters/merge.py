@@ -296,7 +296,7 @@ def ties_dense(task_tensors: torch.Tensor, weights: Sequence[float], density: fl
     votes = trimmed.sign().sum(0) if majority_sign_method == "frequency" else trimmed.sum(0)
     gamma = torch.where(votes >= 0, 1.0, -1.0).to(flat.dtype)
     agree = torch.sign(trimmed) == gamma
-    w = torch.tensor(list(weights), dtype=flat.dtype).view(n, 1)
+    w = torch.tensor(list(weights), dtype=flat.dtype, device=flat.device).view(n, 1)
     merged = (trimmed * w * agree).sum(0) / agree.sum(0).clamp(min=1)
     return merged.reshape(task_tensors.shape[1:])
 
@@ -331,12 +331,13 @@ def dare_dense(task_tensors: torch.Tensor, weights: Sequence[float], density: fl
     ``τ = Σᵢ wᵢ τ̃ᵢ``.
     """
     _check_density(density)
-    keep = torch.rand(task_tensors.shape, generator=generator, dtype=torch.float64) < density
-    dropped = task_tensors * keep
+    # masks drawn on the generator's device (the CPU: the same masks wherever the tensors live)
+    keep = torch.rand(task_tensors.shape, generator=generator, dtype=torch.float64, device=generator.device) < density
+    dropped = task_tensors * keep.to(task_tensors.device)
     if rescale:
         dropped = dropped / density
-    w = torch.tensor(list(weights), dtype=task_tensors.dtype).view(-1, *([1] * (task_tensors.dim() - 1)))
-    return (dropped * w).sum(0)
+    w = torch.tensor(list(weights), dtype=task_tensors.dtype, device=task_tensors.device)
+    return (dropped * w.view(-1, *([1] * (task_tensors.dim() - 1)))).sum(0)
 
 
 def dare(deltas_list: Sequence[Adapter], density: float = 0.5, seed: int = 0, rescale: bool = True,

@@ -14,6 +14,7 @@ assembles the tables), any other step on rank 0 alone; only rank 0 writes tables
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import gc
 import hashlib
@@ -83,6 +84,7 @@ class Step:
     run: Callable[["Run"], None]
     deps: tuple[str, ...] = ()
     sharded: bool = False
+    analysis: bool = False  # runs its models in ``evaluation.dtype`` (TF32 matmuls on for "tf32")
 
 
 @dataclass
@@ -94,6 +96,7 @@ class Run:
     timings: dict[str, float]
     machine: dict[str, Any] | None = None  # threads and precision chosen, and why (run.json)
     dist: World = World()  # this process's rank among those of a torchrun launch (one by default)
+    gpu: dict[str, Any] | None = None  # per step: GPU utilisation and peak memory (CUDA runs only)
     _base: Any = None
 
     @property
@@ -115,12 +118,23 @@ class Run:
         so cache keys are the same as a one-process run's."""
         return self.dist.device(self.cfg.study.device)
 
-    def base(self):
-        """The base model as a HookedModel (loaded once)."""
-        if self._base is None:
+    @property
+    def dtype(self):
+        """The torch dtype of the models in evaluation and every analysis (``evaluation.dtype``)."""
+        from interp.devices import ANALYSIS_DTYPES
+
+        return ANALYSIS_DTYPES[self.cfg.evaluation.dtype]
+
+    def base(self, dtype=None):
+        """The base model as a HookedModel in ``dtype`` (default :attr:`dtype`), loaded once; asking
+        for another dtype (the world step's familiarity checks run in float32) replaces it."""
+        dt = dtype or self.dtype
+        if self._base is None or next(self._base.hf_model.parameters()).dtype != dt:
             from interp.models import load_model
 
-            self._base = load_model(self.model, device=self.device)
+            self._base = None
+            gc.collect()
+            self._base = load_model(self.model, device=self.device, dtype=dt)
         return self._base
 
     def release(self, hm: Any) -> None:
@@ -173,7 +187,7 @@ class Run:
 
         # on the study's device, like the base: every step's model lives on this rank's device
         return load_hooked(self.model, self.variant_adapters(variant), combine=v.load_combine,
-                           device=self.device, **v.options(self.cfg.methods))
+                           device=self.device, dtype=self.dtype, **v.options(self.cfg.methods))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -267,6 +281,8 @@ def run_pipeline(pipeline: Sequence[Step], cfg: Config, out: str | Path,
         except json.JSONDecodeError:
             prev = {}
     timings = dict(prev.get("timings", {}))
+    if torch_device_type(cfg.study.device) == "cuda":
+        run.gpu = dict(prev.get("gpu") or {})
     keys: dict[str, str] = {}
     t_all = time.perf_counter()
     for i, step in enumerate(pipeline):
@@ -285,7 +301,8 @@ def run_pipeline(pipeline: Sequence[Step], cfg: Config, out: str | Path,
                 run.base()  # a registered model is converted into its cache once, not by every rank at once
             world.barrier()
         if step.sharded or world.is_main:
-            step.run(run)
+            with _step_context(run, step):
+                step.run(run)
         world.barrier()  # every shard written, and rank 0's tables, before anyone reads them
         dt = time.perf_counter() - t0
         timings[step.name] = round(dt, 2)
@@ -301,6 +318,30 @@ def run_pipeline(pipeline: Sequence[Step], cfg: Config, out: str | Path,
     report = out / "report.html"
     console.print(f"[bold green]done[/bold green]: {report if report.is_file() else out}")
     return out
+
+
+def torch_device_type(device: str) -> str:
+    """``"cuda"`` or ``"cpu"``: the kind of a (validated) device string."""
+    return "cuda" if str(device).startswith("cuda") else "cpu"
+
+
+@contextlib.contextmanager
+def _step_context(run: Run, step: Step):
+    """Around one step: the analysis precision (``evaluation.dtype``) for steps marked
+    ``analysis``, and on CUDA a sample of GPU utilisation and the peak memory, kept in
+    ``run.gpu[step]`` (``run.json``; absent on a CPU run)."""
+    from interp.devices import analysis_precision
+    from interp.hardware import GpuMonitor
+
+    prec = (analysis_precision(run.cfg.evaluation.dtype, run.device) if step.analysis
+            else contextlib.nullcontext())
+    if run.gpu is None:
+        with prec:
+            yield
+        return
+    with prec, GpuMonitor(run.device) as mon:
+        yield
+    run.gpu[step.name] = mon.summary()
 
 
 def _resolve_machine(cfg: Config, world: World = World()) -> dict[str, Any]:
@@ -346,6 +387,8 @@ def _write_runjson(run: Run, keys: dict[str, str], timings: dict[str, float]) ->
     data = {"config": cfg.to_dict(), "seeds": {"study": cfg.study.seed, "world": cfg.world.seed,
                                                "training": cfg.training.seed},
             "step_keys": keys, "timings": timings, "machine": run.machine, "versions": versions()}
+    if run.gpu is not None:
+        data["gpu"] = run.gpu
     atomic_write_text(run.out / "run.json", json.dumps(data, indent=1))
 
 

@@ -18,9 +18,9 @@ from interp.study.steps import evaluate, experts, figures, mechanisms, report, s
 PIPELINE: tuple[Step, ...] = (
     Step("world", world.run, ("study", "world")),
     Step("experts", experts.run, ("training",), sharded=True),
-    Step("evaluate", evaluate.run, ("methods", "evaluation"), sharded=True),
-    Step("mechanisms", mechanisms.run, ("mechanisms",), sharded=True),
-    Step("subspace", subspace.run, sharded=True),
+    Step("evaluate", evaluate.run, ("methods", "evaluation"), sharded=True, analysis=True),
+    Step("mechanisms", mechanisms.run, ("mechanisms",), sharded=True, analysis=True),
+    Step("subspace", subspace.run, sharded=True, analysis=True),
     Step("figures", figures.run),
     Step("report", report.run),
 )

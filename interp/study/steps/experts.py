@@ -12,6 +12,8 @@ def run(run) -> None:
     Training itself resumes mid-way (``train_expert`` checkpoints). Sharded: in a distributed
     run each rank trains its experts (one directory each) on its own device, and rank 0 then
     reads every expert's metadata back (``train_expert`` returns a finished expert's as is)."""
+    import torch
+
     from interp.adapters.train import train_expert
 
     tc = run.cfg.training  # the [training] section is a TrainConfig (precision resolved by the runner)
@@ -20,7 +22,7 @@ def run(run) -> None:
 
     def train(name: str) -> dict:
         pairs = [p for split in EXPERT_DATA[name] for p in world.train_pairs(split)]
-        run.base()  # make sure a registered model exists (and is converted) before training
+        run.base(torch.float32)  # make sure a registered model exists (and is converted) before training
         # the seed is the config's: an expert's weights do not depend on which rank trains it
         return train_expert(run.model, pairs, run.expert_dir(name), tc, progress=True, device=run.device)
 

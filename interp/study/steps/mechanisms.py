@@ -143,7 +143,10 @@ def mechanism_key(run, variant: str) -> str:
     mech = dict(run.cfg.to_dict()["mechanisms"])
     mech["patching"] = variant in mech.pop("patching_variants")
     mech.pop("variants")
-    return unit_key({"up": run.cfg.section_hash("study", "world", "training", "methods"), "mech": mech})
+    inputs = {"up": run.cfg.section_hash("study", "world", "training", "methods"), "mech": mech}
+    if run.cfg.evaluation.dtype != "fp32":  # (fp32 runs cached before the switch keep their keys)
+        inputs["dtype"] = run.cfg.evaluation.dtype
+    return unit_key(inputs)
 
 
 def spread_pairs(pairs: list, n_per_tier: int, tiers: list[str]) -> list:

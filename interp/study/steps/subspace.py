@@ -18,14 +18,17 @@ def merged_deltas(run, lib: dict) -> dict[str, dict]:
     merges: dict[str, dict] = {}
     if len(lib) != len(LIBRARY):
         return merges
-    pair = [lib[e] for e in LIBRARY]
+    dev = run.device
+    # the merges themselves (TIES: dense ΔW and an SVD per module) on the study's device; the
+    # geometry below is small float64 algebra on the CPU
+    pair = [{m: d.to(dev) for m, d in lib[e].items()} for e in LIBRARY]
     for v in VARIANTS.values():
         if v.merge_deltas is not None:
-            merges[v.name] = v.merge_deltas(pair, run.cfg.methods)
+            merges[v.name] = {m: d.to("cpu") for m, d in v.merge_deltas(pair, run.cfg.methods).items()}
         elif v.deltas_from_model and v.name in run.cfg.methods.variants:
             hm = run.load_variant(v.name)
             # factor geometry is small float64 algebra done on the CPU beside the experts read
-            # from their files; the model itself ran on cfg.study.device
+            # from their files; the model itself ran on this rank's device
             merges[v.name] = {m: d.to("cpu") for m, d in hm.info["deltas"].items()}
             run.release(hm)
     return merges

@@ -7,8 +7,12 @@ def run(run) -> None:
     """Write ``world.json``, ``dataset_summary``, ``familiarity`` (and ``familiarity_names``)."""
     from interp.tasks.two_hop import make_world
 
+    import torch
+
     w = run.cfg.world
-    base = run.base() if w.verify_familiarity else None
+    # familiarity is measured in float32 whatever evaluation.dtype says (the world's cache key
+    # does not depend on it)
+    base = run.base(torch.float32) if w.verify_familiarity else None
     # Without verification (random-init models) names are not checked against a tokenizer:
     # first-answer-token uniqueness is then not enforced (tiny tokenizers have few first tokens).
     world = make_world(seed=w.seed, n_chains_per_tier=w.n_chains_per_tier, base=base,

@@ -1,0 +1,147 @@
+"""The precision switch of evaluation and the analyses (``[evaluation] dtype``, ``--dtype``), the
+per-step GPU record in ``run.json``, and TIES/DARE/SVD merges on the factors' device."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import torch
+
+from interp.config import ConfigError, load_config
+from interp.devices import ANALYSIS_DTYPES, HardwareError, analysis_precision
+from interp.hardware import GpuMonitor
+
+
+def test_dtype_key_default_choices_and_refusals():
+    assert load_config(None).evaluation.dtype == "fp32"
+    assert load_config(None, {"evaluation.dtype": "bf16"}).evaluation.dtype == "bf16"
+    with pytest.raises(ConfigError, match="evaluation.dtype must be one of fp32, tf32, bf16"):
+        load_config(None, {"evaluation.dtype": "fp16"})
+    with pytest.raises(ConfigError, match="'tf32' needs study.device cuda"):
+        load_config(None, {"evaluation.dtype": "tf32"})
+
+
+def test_dtype_enters_cache_keys_only_off_its_default():
+    """fp32 runs cached before the key existed keep their keys; bf16 gets its own."""
+    import hashlib
+
+    fp32, bf16 = load_config(None), load_config(None, {"evaluation.dtype": "bf16"})
+    d = fp32.to_dict()["evaluation"]
+    d.pop("dtype")
+    old = hashlib.sha256(json.dumps({"evaluation": d}, sort_keys=True).encode()).hexdigest()[:16]
+    assert fp32.section_hash("evaluation") == old
+    assert bf16.section_hash("evaluation") != old
+    assert fp32.section_hash("study", "world") == bf16.section_hash("study", "world")  # experts not retrained
+
+
+def test_analysis_precision_sets_and_restores_tf32_flags():
+    saved = torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        with analysis_precision("tf32", "cuda"):  # a device name: the flags exist without a GPU
+            assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+        assert torch.backends.cuda.matmul.allow_tf32 is False
+        torch.backends.cuda.matmul.allow_tf32 = True
+        with analysis_precision("fp32", "cuda"):
+            assert torch.backends.cuda.matmul.allow_tf32 is False
+        assert torch.backends.cuda.matmul.allow_tf32 is True
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved
+    with pytest.raises(HardwareError, match="needs a CUDA device"):
+        analysis_precision("tf32", "cpu")
+    with pytest.raises(HardwareError, match="analysis dtype must be one of"):
+        analysis_precision("fp8")
+    assert ANALYSIS_DTYPES["bf16"] is torch.bfloat16 and ANALYSIS_DTYPES["tf32"] is torch.float32
+
+
+def test_run_loads_models_in_the_analysis_dtype(tmp_path):
+    """evaluation.dtype = bf16: the base and every variant in bf16; a float32 request (the world
+    step's familiarity checks) replaces the base; a bf16 variant agrees with fp32 to bf16 rounding."""
+    from interp.adapters import make_random_adapter
+    from interp.study.runner import Run, resolve_config
+
+    for name, seed in (("ab", 1), ("bc", 2)):
+        make_random_adapter("tiny-llama", tmp_path / "adapters" / name, r=4, seed=seed)
+    runs = {dt: Run(resolve_config("experiments/tiny.toml", {"evaluation.dtype": dt}), tmp_path, timings={})
+            for dt in ("fp32", "bf16")}
+    run = runs["bf16"]
+    assert {p.dtype for p in run.base().hf_model.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in run.base(torch.float32).hf_model.parameters()} == {torch.float32}
+    assert {p.dtype for p in run.base().hf_model.parameters()} == {torch.bfloat16}
+    hm16, hm32 = run.load_variant("uniform"), runs["fp32"].load_variant("uniform")
+    assert {p.dtype for n, p in hm16.hf_model.named_parameters() if "lora_" not in n} == {torch.bfloat16}
+    toks, _ = hm32.tokenize(["The spouse of Vaelin Ostrov works in"])
+    with torch.no_grad():
+        l32, l16 = hm32.logits(toks), hm16.logits(toks).float()
+    assert not torch.equal(l32, l16)
+    assert (l32 - l16).abs().max() <= 0.05 * l32.abs().max()  # bf16: 8 mantissa bits
+
+
+def test_gpu_monitor_samples_and_summarises():
+    with GpuMonitor("cpu", interval_s=0.01, read=lambda: 40.0) as mon:
+        time.sleep(0.2)
+    s = mon.summary()
+    assert s["samples"] >= 3 and s["util_mean_pct"] == 40.0 and s["util_max_pct"] == 40.0
+    assert s["peak_mib"] is None  # no CUDA memory on a CPU device
+    with GpuMonitor("cpu") as mon:  # no reader on a CPU: nothing to record
+        pass
+    assert mon.read is None and mon.summary() is None
+
+
+def test_runjson_records_gpu_per_step_on_cuda_only(monkeypatch, tmp_path):
+    import interp.hardware as hw
+    import interp.study.runner as runner
+    from interp.study.runner import Step, resolve_config, run_pipeline
+
+    cfg = resolve_config("experiments/tiny.toml", {})
+    pipeline = (Step("a", lambda run: time.sleep(0.15)), Step("b", lambda run: None, analysis=True))
+    run_pipeline(pipeline, cfg, tmp_path / "cpu")
+    assert "gpu" not in json.loads((tmp_path / "cpu" / "run.json").read_text())
+
+    class FakeMonitor(hw.GpuMonitor):
+        def __init__(self, device, interval_s=0.5, read=None):
+            super().__init__("cpu", interval_s=0.01, read=lambda: 75.0)
+
+    monkeypatch.setattr(runner, "torch_device_type", lambda device: "cuda")  # a CUDA run, on this CPU
+    monkeypatch.setattr(hw, "GpuMonitor", FakeMonitor)
+    run_pipeline(pipeline, resolve_config("experiments/tiny.toml", {}), tmp_path / "gpu")
+    gpu = json.loads((tmp_path / "gpu" / "run.json").read_text())["gpu"]
+    assert set(gpu) == {"a", "b"} and gpu["a"]["util_mean_pct"] == 75.0 and gpu["a"]["samples"] >= 3
+
+
+def _experts(shapes, seed=0):
+    from interp.adapters.factors import LoraDelta
+
+    g = torch.Generator().manual_seed(seed)
+    return [{m: LoraDelta(torch.randn(3, i, generator=g, dtype=torch.float64),
+                          torch.randn(o, 3, generator=g, dtype=torch.float64), 2.0) for m, (o, i) in shapes.items()}
+            for _ in range(2)]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_merges_on_the_gpu_equal_the_cpu_merges():
+    from interp.adapters.merge import dare, svd_merge, ties
+
+    cpu = _experts({"q": (24, 16), "down": (16, 40)})
+    gpu = [{m: d.to("cuda") for m, d in e.items()} for e in cpu]
+    for fn in (lambda ex: ties(ex, 0.5, [1.0, 1.0]), lambda ex: dare(ex, 0.5, 3),
+               lambda ex: svd_merge(ex, [0.5, 0.5], 3)[0]):
+        mc, mg = fn(cpu), fn(gpu)
+        for m in mc:
+            assert mg[m].A.device.type == "cuda"
+            torch.testing.assert_close(mg[m].to("cpu").dense(), mc[m].dense(), rtol=1e-6, atol=1e-8)
+
+
+def test_merges_keep_the_factors_device_and_dare_masks_from_the_generator():
+    """On the CPU (the only device here): the merged factors stay where the experts were, and the
+    DARE masks come from the CPU generator whatever the tensors' device (the same draws)."""
+    from interp.adapters.merge import dare_dense, ties_dense
+
+    t = torch.randn(2, 5, 7, dtype=torch.float64)
+    g1, g2 = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)
+    keep = torch.rand(t.shape, generator=g2, dtype=torch.float64) < 0.5
+    torch.testing.assert_close(dare_dense(t, [1.0, 2.0], 0.5, g1), (t * keep / 0.5 * torch.tensor([1.0, 2.0],
+                               dtype=torch.float64).view(2, 1, 1)).sum(0))
+    assert ties_dense(t, [1.0, 1.0], 0.5).device == t.device
