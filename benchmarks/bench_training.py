@@ -26,7 +26,6 @@ Runs are alternated (plain, ours, plain, ours, …, ``--repeats`` each) and the 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import shutil
 import statistics
@@ -42,7 +41,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
 from gpu import arch  # noqa: E402
-from gpu.measure import Peak, device_name, sync  # noqa: E402
+from gpu.measure import Peak, device_name, save_json, sync  # noqa: E402
 
 NAMES = ["Alice", "Bob", "Carol", "David", "Emma", "Frank", "Grace", "Henry", "Irene", "Jack", "Karen",
          "Louis", "Maria", "Nancy", "Oscar", "Peter", "Rachel", "Steve", "Tina", "Victor", "Wendy",
@@ -220,10 +219,7 @@ def main(argv=None) -> dict:
               f"ckpt extra {row['ours_ckpt_step_extra_s']}", flush=True)
     res = {"benchmark": "bench_training", "device": a.device, "torch": torch.__version__,
            "threads": torch.get_num_threads(), "rows": rows}
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(res, indent=1))
-    print(f"wrote {a.out}")
-    return res
+    return save_json(res, a.out)
 
 
 if __name__ == "__main__":

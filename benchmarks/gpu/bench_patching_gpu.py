@@ -38,7 +38,7 @@ sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE.parent.parent))
 
 from gpu import arch  # noqa: E402
-from gpu.measure import Peak, device_name, sync  # noqa: E402
+from gpu.measure import Peak, device_name, save_json, sync  # noqa: E402
 
 
 def sweep(hm, clean, corr, ca, xa, max_batch: int | None = None, prompt_chunk: int | None = None,
@@ -240,10 +240,7 @@ def main(argv=None) -> dict:
         res["chunk_memory"] = chunk_memory(scale_shape, a.device, L, T2, B2, [chunk, B2])
         u = res["chunk_memory"][-1]
         res["unchunked_largest"] = {k: u[k] for k in ("layers", "positions", "prompts", "seconds", "peak_mib")}
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(res, indent=1))
-    print(f"wrote {a.out}")
-    return res
+    return save_json(res, a.out)
 
 
 if __name__ == "__main__":
