@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from interp.errors import ModelLoadError
-from interp.files import (MANIFEST, atomic_directory, cache_dir, smollm2_gguf_path, verify_manifest,
+from interp.files import (MANIFEST, atomic_directory, cache_dir, sha256_file, smollm2_gguf_path, verify_manifest,
                           write_manifest)
 from interp.surgery import use_eager_attention
 
