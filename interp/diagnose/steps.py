@@ -162,8 +162,10 @@ def keys(run: Any) -> None:
 def variants(run: Any) -> None:
     """Every variant (:func:`~interp.diagnose.variants.plan_variants`) loaded once; writes
     ``faithfulness``, ``energy_kept``, ``scores``, ``accuracy`` (Wilson 95%), ``contributions``,
-    ``router``, ``lens`` and ``patching`` — each only where the inputs carry what it needs."""
-    from interp.diagnose.variants import ROUTED, TABLE_NAMES, cached_variant, patch_pairs, plan_variants
+    ``router``, ``lens``, ``patching``, ``patchscope``, ``backpatch`` and ``knockout`` — each only
+    where the inputs carry what it needs."""
+    from interp.diagnose.variants import (CACHE_VERSION, ROUTED, TABLE_NAMES, cached_variant, patch_pairs,
+                                         plan_variants)
     from interp.evaluate import accuracy_table
 
     qs = queries(run)
@@ -172,7 +174,7 @@ def variants(run: Any) -> None:
     if not qs:  # geometry only: just the merges, for what each keeps (routers have no merged ΔW)
         plan = [v for v in plan if v.role == "combine" and v.combine not in ROUTED]
     pairs = patch_pairs(run.base(), qs) if qs else []
-    key = run.cfg.section_hash("study", "diagnose")
+    key = f"{run.cfg.section_hash('study', 'diagnose')}v{CACHE_VERSION}"
     tgt = dg.get("target")
     target = library(run, {tgt[0]: tgt[1]}).deltas[tgt[0]] if tgt else None
     got: dict[str, list[pd.DataFrame]] = {n: [] for n in TABLE_NAMES}
