@@ -206,9 +206,14 @@ def findings(t: dict[str, pd.DataFrame | None]) -> list[dict[str, str]]:
     ko = t.get("knockout")
     if ko is not None and len(ko):
         sm = knockout_summary(ko)
+        hurt, safe = sm[sm["delta"] < 0], sm[sm["delta"] >= 0]
         text = ("Blocking the final token's attention to the subject hurts the answer most around "
-                + ", ".join(f"layer {r.layer} in {r.variant} ({r.delta:+.2f} nats)" for r in sm.itertuples())
-                + ": where the subject's information is moved to the final position (Geva et al. 2023).")
+                + ", ".join(f"layer {r.layer} in {r.variant} ({r.delta:+.2f} nats)" for r in hurt.itertuples())
+                + ": where the subject's information is moved to the final position (Geva et al. 2023)"
+                if len(hurt) else "Blocking the final token's attention to the subject in no window lowers "
+                "the answer's mean log-probability")
+        text += ("; in " + ", ".join(safe["variant"]) + " no window lowers it." if len(safe) and len(hurt)
+                 else "; in " + ", ".join(safe["variant"]) + "." if len(safe) else ".")
         out.append(dict(text=text, evidence="window ℓ " + ", ".join(
             f"{r.variant} {r.first_layer}–{r.last_layer}" for r in sm.itertuples())
             + f"; mean Δ log p(answer) over {int(sm['n'].max())} prompts", csv="knockout"))

@@ -307,6 +307,10 @@ def open_run(out: str | Path) -> Run:
 
     >>> run = open_run("runs/demo"); acc = run.read_csv("accuracy"); hm = run.load_variant("uniform")
 
+    A directory written by ``interp diagnose`` opens as a
+    :class:`~interp.diagnose.steps.DiagnoseRun` (same ``read_csv`` / ``table``; its
+    ``load_variant`` knows the diagnosis's variants: ``base``, ``expert_<name>``, each combine).
+
     Raises:
         StudyError: ``out`` has no ``run.json``.
     """
@@ -315,5 +319,9 @@ def open_run(out: str | Path) -> Run:
     if not p.is_file():
         raise StudyError(f"{out} is not a study run directory (no run.json)")
     data = json.loads(p.read_text())
+    if "diagnose" in data["config"]:  # an `interp diagnose` run: its own config and variants
+        from interp.diagnose.steps import DiagnoseRun
+
+        return DiagnoseRun.from_runjson(out, data)
     cfg = load_config(None, _flatten(data["config"]))
     return Run(cfg, out, timings=data.get("timings", {}))
