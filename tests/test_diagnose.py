@@ -296,14 +296,23 @@ def test_backpatch_and_knockout_tables_equal_hooked_forwards(llama_run, tiny_lla
     assert "Patchscope reads the bridge" in html and "Back-patching" in html and "skip oracle" in html
 
 
-def test_open_run_reloads_a_diagnosis(llama_run):
-    """``interp.study.open_run`` on a diagnose directory: its CSVs, its prompts, and each variant
-    reloaded hooked exactly as diagnosed (the ties merge's faithfulness equals the table's)."""
+def test_open_diagnosis_reloads_a_diagnosis(llama_run, tmp_path):
+    """``interp.diagnose.open_diagnosis``: its CSVs, its prompts, and each variant reloaded hooked
+    exactly as diagnosed (the ties merge's faithfulness equals the table's); ``open_run`` names it."""
+    from interp.diagnose import open_diagnosis
     from interp.diagnose.inputs import DiagnoseError
+    from interp.errors import InterpError
     from interp.study import open_run
 
     run, _, prompts = llama_run
-    r = open_run(run)
+    with pytest.raises(InterpError, match="open_diagnosis"):
+        open_run(run)
+    with pytest.raises(DiagnoseError, match="no run.json"):
+        open_diagnosis(tmp_path)
+    (tmp_path / "run.json").write_text(json.dumps({"config": {"study": {"model": "tiny-llama"}}}))
+    with pytest.raises(DiagnoseError, match="open_run"):
+        open_diagnosis(tmp_path)
+    r = open_diagnosis(run)
     assert r.variant_names == ["base", "expert_ab", "expert_bc", "uniform", "ties", "arrow", "oracle"]
     assert r.read_csv("backpatch").equals(_csv(run, "backpatch"))
     assert [q.prompt for q in r.queries()] == [q.prompt for q in read_prompts(prompts)]
@@ -485,3 +494,27 @@ def test_one_adapter_without_prompts_and_help(tmp_path):
     assert "one adapter: no combine" in html and "No prompts given" in html
     res = CliRunner().invoke(app, ["diagnose", "--help"], env={"COLUMNS": "200"})
     assert res.exit_code == 0 and "--adapter" in res.output and "--prompts" in res.output
+
+
+def test_worked_example_script_runs_end_to_end_on_a_tiny_model(tmp_path):
+    """experiments/diagnose_example.py (the README's worked example) on tiny-llama, 2 steps: its
+    files are valid diagnose inputs, the corrupted prompts align, and it prints findings."""
+    import importlib.util
+    from pathlib import Path
+
+    from interp.diagnose import check_tokens
+    from interp.models import load_hf
+
+    path = Path(__file__).resolve().parents[1] / "experiments" / "diagnose_example.py"
+    spec = importlib.util.spec_from_file_location("diagnose_example", path)
+    ex = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ex)
+    s = ex.main(["--model", "tiny-llama", "--chains", "4", "--steps", "2", "--out", str(tmp_path / "ex")])
+    qs = read_prompts(tmp_path / "ex" / "queries.jsonl", ["ab", "bc"])
+    assert len(qs) == 4 and all(q.subject and q.bridge and q.hop1_prompt for q in qs)
+    check_tokens(qs, load_hf("tiny-llama")[1])  # equal-length corrupted prompts, nothing empty
+    assert any(q.corrupt_prompt for q in qs)
+    assert s["experts"]["ab"]["steps"] == 2 and s["findings"]
+    assert any("Back-patching" in f for f in s["findings"])
+    res = {p.stem for p in (tmp_path / "ex" / "diagnosis" / "results").iterdir()}
+    assert {"patchscope", "backpatch", "knockout", "accuracy", "lens"} <= res

@@ -65,10 +65,9 @@ class DiagnoseConfig:
 
 @dataclasses.dataclass
 class DiagnoseRun(Run):
-    """A diagnosis run directory opened for analysis (:func:`interp.study.open_run` returns one
-    for a directory whose ``run.json`` has a ``diagnose`` section).
+    """A diagnosis run directory opened for analysis (:func:`interp.diagnose.open_diagnosis`).
 
-    >>> run = open_run("runs/diagnose"); bp = run.read_csv("backpatch"); hm = run.load_variant("ties")
+    >>> run = open_diagnosis("runs/diagnose"); bp = run.read_csv("backpatch"); hm = run.load_variant("ties")
     """
 
     @classmethod
