@@ -96,7 +96,8 @@ def _figures(t: dict[str, pd.DataFrame | None]) -> dict[str, tuple[Any, str]]:
                               "into the token-identity prompt at layer ℓ; rank of the bridge's first token there."))
     bp = t.get("backpatch")
     if bp is not None and len(bp):
-        out["bridge"].append((F.heatmap_figure(bp, "delta", facet="variant", x="source_layer", y="target_layer",
+        d = bp.groupby(["variant", "source_layer", "target_layer"], sort=False)["delta"].mean().reset_index()
+        out["bridge"].append((F.heatmap_figure(d, "delta", facet="variant", x="source_layer", y="target_layer",
                               title="Back-patching: final-position resid_pre[ℓs] → resid_pre[ℓt ≤ ℓs]",
                               x_title="source layer ℓs", y_title="target layer ℓt",
                               value_title="Δ log p (nats)"),
