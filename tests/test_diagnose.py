@@ -195,6 +195,138 @@ def test_contributions_equal_delta_w_times_module_inputs(llama_run):
         assert c.loc[layer] == pytest.approx(float(torch.sqrt(n2).mean()), rel=1e-4)
 
 
+def test_patchscope_table_equals_the_engine_and_a_hooked_forward(llama_run):
+    """Patchscope rows = :func:`interp.mechanisms.patchscope` on the same variant run on all
+    prompts at once (the run chunks them by its batch size of 4), and one cell = a full forward
+    of the identity prompt with the source state written in by ``run_with_hooks``."""
+    from interp import load_hooked
+    from interp.mechanisms import patchscope
+    from interp.mechanisms.lens import offsets_token_spans
+    from interp.mechanisms.patchscope import IDENTITY_PROMPT
+
+    run, ad, prompts = llama_run
+    qs = read_prompts(prompts)
+    ps = _csv(run, "patchscope")
+    assert set(ps["variant"]) == {"base", "expert_ab", "expert_bc", "uniform", "ties", "arrow"}  # not oracle
+    hm = load_hooked("tiny-llama", {"ab": str(ad["ab"]), "bc": str(ad["bc"])}, combine="uniform")
+    spans = [offsets_token_spans(q, hm) for q in qs]
+    ref = patchscope(hm, qs, "e1_last", "identity", targets=("e2",), spans=spans, progress=False)
+    ref["line"] = [qs[i].line for i in ref["example_id"]]
+    mine = ps[ps["variant"] == "uniform"].set_index(["line", "source_layer"]).sort_index()
+    ref = ref.set_index(["line", "source_layer"]).sort_index()
+    assert len(mine) == len(qs) * hm.n_layers and mine.index.equals(ref.index)
+    assert mine["logprob"].to_numpy() == pytest.approx(ref["logprob"].to_numpy(), abs=1e-4)
+    assert (mine["rank"].to_numpy() == ref["rank"].to_numpy()).all()
+    # one cell by hand, on the arrow router (per-token routing inside the patched forward)
+    hm = load_hooked("tiny-llama", {"ab": str(ad["ab"]), "bc": str(ad["bc"])}, combine="arrow")
+    q, layer = qs[1], 2
+    name = f"blocks.{layer}.hook_resid_pre"
+    with torch.no_grad():
+        _, cache = hm.bridge.run_with_cache(torch.tensor([hm.encode(q.prompt)]))
+        h = cache[name][0, offsets_token_spans(q, hm)["e1"][1] - 1]
+        tt = torch.tensor([hm.encode(IDENTITY_PROMPT)])
+
+        def put(x, hook):
+            x = x.clone()
+            x[0, -1] = h
+            return x
+        lp = torch.log_softmax(hm.bridge.run_with_hooks(tt, fwd_hooks=[(name, put)])[0, -1].float(), -1)
+    row = ps[(ps["variant"] == "arrow") & (ps["line"] == q.line) & (ps["source_layer"] == layer)].iloc[0]
+    assert row["logprob"] == pytest.approx(float(lp[hm.encode(" " + q.bridge)[0]]), abs=1e-4)
+
+
+def test_backpatch_and_knockout_tables_equal_hooked_forwards(llama_run, tiny_llama):
+    """A back-patching cell of the ties merge = a full forward with the later final-position state
+    written into the earlier layer (``run_with_hooks``); the diagonal reproduces the unpatched
+    run; a knockout row of the base = a forward whose attention pattern row to the subject is
+    zeroed and renormalised (``hook_pattern``), as in the knockout engine's own test."""
+    from interp import load_hooked
+    from interp.diagnose.bridge import KNOCKOUT_WINDOW
+    from interp.mechanisms.lens import offsets_token_spans
+
+    run, ad, prompts = llama_run
+    qs = read_prompts(prompts)
+    bp = _csv(run, "backpatch")
+    L = tiny_llama.n_layers
+    assert set(bp["variant"]) == {"base", "expert_ab", "expert_bc", "uniform", "ties", "arrow"}
+    assert (bp.groupby("variant").size() == len(qs) * L * (L + 1) // 2).all()
+    diag = bp[bp["source_layer"] == bp["target_layer"]]
+    assert diag["delta"].abs().max() < 1e-4 and not diag["fixed"].any()
+    assert (bp["delta"] - (bp["logprob"] - bp["base_logprob"])).abs().max() < 1e-4  # 6 significant digits
+    hm = load_hooked("tiny-llama", {"ab": str(ad["ab"]), "bc": str(ad["bc"])}, combine="ties", density=0.5)
+    q, ls, lt = qs[4], 3, 1
+    toks = torch.tensor([hm.encode(q.prompt)])
+    with torch.no_grad():
+        logits, cache = hm.bridge.run_with_cache(toks)
+        src = cache[f"blocks.{ls}.hook_resid_pre"][0, -1].clone()
+
+        def put(x, hook):
+            x = x.clone()
+            x[0, -1] = src
+            return x
+        patched = hm.bridge.run_with_hooks(toks, fwd_hooks=[(f"blocks.{lt}.hook_resid_pre", put)])
+    a = hm.encode(q.answer)[0]
+    row = bp[(bp["variant"] == "ties") & (bp["line"] == q.line) & (bp["source_layer"] == ls)
+             & (bp["target_layer"] == lt)].iloc[0]
+    assert row["logprob"] == pytest.approx(torch.log_softmax(patched[0, -1].float(), -1)[a].item(), abs=1e-4)
+    assert row["base_logprob"] == pytest.approx(torch.log_softmax(logits[0, -1].float(), -1)[a].item(), abs=1e-4)
+    ko = _csv(run, "knockout")
+    assert set(ko["variant"]) == set(bp["variant"]) and (ko.groupby("variant").size() == len(qs) * L).all()
+    hm = tiny_llama
+    q, c = qs[2], 1
+    row = ko[(ko["variant"] == "base") & (ko["line"] == q.line) & (ko["layer"] == c)].iloc[0]
+    lo, hi = max(0, c - (KNOCKOUT_WINDOW - 1) // 2), min(L - 1, c + KNOCKOUT_WINDOW // 2)
+    assert (row["first_layer"], row["last_layer"]) == (lo, hi)
+    s, e = offsets_token_spans(q, hm)["e1"]
+    toks = torch.tensor([hm.encode(q.prompt)])
+
+    def renorm(p, hook):
+        p = p.clone()
+        p[0, :, -1, s:e] = 0
+        p[0, :, -1] = p[0, :, -1] / p[0, :, -1].sum(-1, keepdim=True)
+        return p
+    with torch.no_grad():
+        out = hm.bridge.run_with_hooks(toks, fwd_hooks=[(f"blocks.{l}.attn.hook_pattern", renorm)
+                                                        for l in range(lo, hi + 1)])
+    assert row["logprob"] == pytest.approx(torch.log_softmax(out[0, -1].float(), -1)[hm.encode(q.answer)[0]].item(),
+                                           abs=1e-4)
+    html = (run / "report.html").read_text()
+    for name in ("patchscope", "backpatch", "knockout"):
+        assert f"results/{name}.csv" in html
+    assert "Patchscope reads the bridge" in html and "Back-patching" in html and "skip oracle" in html
+
+
+def test_open_diagnosis_reloads_a_diagnosis(llama_run, tmp_path):
+    """``interp.diagnose.open_diagnosis``: its CSVs, its prompts, and each variant reloaded hooked
+    exactly as diagnosed (the ties merge's faithfulness equals the table's); ``open_run`` names it."""
+    from interp.diagnose import open_diagnosis
+    from interp.diagnose.inputs import DiagnoseError
+    from interp.errors import InterpError
+    from interp.study import open_run
+
+    run, _, prompts = llama_run
+    with pytest.raises(InterpError, match="open_diagnosis"):
+        open_run(run)
+    with pytest.raises(DiagnoseError, match="no run.json"):
+        open_diagnosis(tmp_path)
+    (tmp_path / "run.json").write_text(json.dumps({"config": {"study": {"model": "tiny-llama"}}}))
+    with pytest.raises(DiagnoseError, match="open_run"):
+        open_diagnosis(tmp_path)
+    r = open_diagnosis(run)
+    assert r.variant_names == ["base", "expert_ab", "expert_bc", "uniform", "ties", "arrow", "oracle"]
+    assert r.read_csv("backpatch").equals(_csv(run, "backpatch"))
+    assert [q.prompt for q in r.queries()] == [q.prompt for q in read_prompts(prompts)]
+    hm = r.load_variant("ties")
+    assert any(n.endswith("hook_delta") for n in hm.bridge.hook_dict)
+    f = _csv(run, "faithfulness")
+    want = f[f["variant"] == "ties"].set_index("module")["rel_error"]
+    got = hm.info["faithfulness"].set_index("module")["rel_error"].reindex(want.index)
+    assert got.to_numpy() == pytest.approx(want.to_numpy(), rel=1e-4, abs=1e-8)  # density 0.5 restored
+    assert r.load_variant("base").n_layers == hm.n_layers
+    with pytest.raises(DiagnoseError, match="unknown variant"):
+        r.load_variant("dare")
+
+
 def test_rerun_is_cached_and_identical(llama_run, tmp_path):
     run, ad, prompts = llama_run
     before = {p.name: p.read_bytes() for p in (run / "results").iterdir()}
@@ -206,7 +338,8 @@ def test_rerun_is_cached_and_identical(llama_run, tmp_path):
     diagnose("tiny-llama", {"ab": str(ad["ab"]), "bc": str(ad["bc"])}, combines=["uniform", "ties", "arrow", "oracle"],
              prompts=prompts, target=("tgt", str(ad["tgt"])), out=copy, batch_size=4, steps=["variants"],
              options={"ties": {"density": 0.5}})
-    for name in ("scores", "accuracy", "lens", "patching", "router", "contributions", "faithfulness"):
+    for name in ("scores", "accuracy", "lens", "patching", "router", "contributions", "faithfulness", "patchscope",
+                 "backpatch", "knockout"):
         assert (copy / "results" / f"{name}.csv").read_bytes() == before[f"{name}.csv"], name
 
 
@@ -345,3 +478,27 @@ def test_one_adapter_without_prompts_and_help(tmp_path):
     assert "one adapter: no combine" in html and "No prompts given" in html
     res = CliRunner().invoke(app, ["diagnose", "--help"], env={"COLUMNS": "200"})
     assert res.exit_code == 0 and "--adapter" in res.output and "--prompts" in res.output
+
+
+def test_worked_example_script_runs_end_to_end_on_a_tiny_model(tmp_path):
+    """experiments/diagnose_example.py (the README's worked example) on tiny-llama, 2 steps: its
+    files are valid diagnose inputs, the corrupted prompts align, and it prints findings."""
+    import importlib.util
+    from pathlib import Path
+
+    from interp.diagnose import check_tokens
+    from interp.models import load_hf
+
+    path = Path(__file__).resolve().parents[1] / "experiments" / "diagnose_example.py"
+    spec = importlib.util.spec_from_file_location("diagnose_example", path)
+    ex = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ex)
+    s = ex.main(["--model", "tiny-llama", "--chains", "4", "--steps", "2", "--out", str(tmp_path / "ex")])
+    qs = read_prompts(tmp_path / "ex" / "queries.jsonl", ["ab", "bc"])
+    assert len(qs) == 4 and all(q.subject and q.bridge and q.hop1_prompt for q in qs)
+    check_tokens(qs, load_hf("tiny-llama")[1])  # equal-length corrupted prompts, nothing empty
+    assert any(q.corrupt_prompt for q in qs)
+    assert s["experts"]["ab"]["steps"] == 2 and s["findings"]
+    assert any("Back-patching" in f for f in s["findings"])
+    res = {p.stem for p in (tmp_path / "ex" / "diagnosis" / "results").iterdir()}
+    assert {"patchscope", "backpatch", "knockout", "accuracy", "lens"} <= res

@@ -20,7 +20,7 @@ from interp.diagnose.inputs import (DiagnoseError, PromptFileError, Query, check
 #: combines tried when none are named; those the adapters' features rule out are dropped (noted)
 DEFAULT_COMBINES = ("uniform", "ties", "arrow")
 
-__all__ = ["diagnose", "preflight", "DiagnoseError", "PromptFileError", "Query", "read_prompts",
+__all__ = ["diagnose", "open_diagnosis", "preflight", "DiagnoseError", "PromptFileError", "Query", "read_prompts",
            "parse_adapter_args", "parse_option_args", "DEFAULT_COMBINES"]
 
 
@@ -170,3 +170,30 @@ def diagnose(model: str, adapters: dict[str, str], combines: Sequence[str] | Non
 
     cfg = preflight(model, adapters, combines, prompts, target, device, batch_size, options)
     return run_pipeline(PIPELINE, cfg, out, steps)
+
+
+def open_diagnosis(out: str | Path):
+    """Open a diagnosis run directory for analysis: its CSVs (``read_csv``, ``table``), its
+    prompts (``queries()``), its variants (``variant_names``) and each variant reloaded hooked
+    exactly as diagnosed (``load_variant``), like :func:`interp.study.open_run` for a study.
+
+    >>> run = open_diagnosis("runs/diagnose"); bp = run.read_csv("backpatch"); hm = run.load_variant("ties")
+
+    Returns:
+        :class:`~interp.diagnose.steps.DiagnoseRun`.
+
+    Raises:
+        DiagnoseError: ``out`` has no ``run.json`` or is not a diagnosis (a study run: use
+            ``interp.study.open_run``).
+    """
+    import json
+
+    from interp.diagnose.steps import DiagnoseRun
+
+    p = Path(out) / "run.json"
+    if not p.is_file():
+        raise DiagnoseError(f"{out} is not a diagnosis run directory (no run.json)")
+    data = json.loads(p.read_text())
+    if "diagnose" not in data.get("config", {}):
+        raise DiagnoseError(f"{out} is a study run, not a diagnosis: open it with interp.study.open_run")
+    return DiagnoseRun.from_runjson(Path(out), data)

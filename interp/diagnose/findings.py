@@ -30,6 +30,50 @@ def _acc_text(r: Any) -> str:
     return f"{k}/{int(r['n'])} ({_pct(r['accuracy'])}, 95% CI {_pct(r['ci_low'])}–{_pct(r['ci_high'])})"
 
 
+def patchscope_summary(ps: pd.DataFrame) -> pd.DataFrame:
+    """Per variant: ``first_layer`` — the first source layer at which the bridge's median
+    Patchscope rank is ≤ :data:`DECODABLE_RANK` (NaN: never), ``best_rank`` and ``best_layer``
+    (lowest median rank and where), ``n`` prompts."""
+    rows = []
+    for v, g in ps.groupby("variant", sort=False):
+        med = g.groupby("source_layer")["rank"].median().sort_index()
+        ok = med[med <= DECODABLE_RANK]
+        rows.append(dict(variant=v, first_layer=float(ok.index[0]) if len(ok) else math.nan,
+                         best_rank=float(med.min()), best_layer=int(med.idxmin()), n=g["line"].nunique()))
+    return pd.DataFrame(rows)
+
+
+def backpatch_summary(bp: pd.DataFrame) -> pd.DataFrame:
+    """Per variant: ``n`` prompts, ``wrong`` (answer not top-1 unpatched), ``fixed`` (of those,
+    made top-1 by at least one cell ℓs > ℓt), ``best_source``/``best_target``/``best_delta`` (the
+    cell with the highest mean Δ log p, nats)."""
+    rows = []
+    for v, g in bp.groupby("variant", sort=False):
+        off = g[g["source_layer"] > g["target_layer"]]
+        per = g.drop_duplicates("line")
+        wrong = per[~per["was_correct"].astype(bool)]["line"]
+        fixed = off[off["fixed"].astype(bool)]["line"].nunique()
+        cell = off.groupby(["source_layer", "target_layer"])["delta"].mean()
+        best = cell.idxmax() if len(cell) else (math.nan, math.nan)
+        rows.append(dict(variant=v, n=len(per), wrong=len(wrong), fixed=fixed, best_source=best[0],
+                         best_target=best[1], best_delta=float(cell.max()) if len(cell) else math.nan))
+    return pd.DataFrame(rows)
+
+
+def knockout_summary(ko: pd.DataFrame) -> pd.DataFrame:
+    """Per variant: ``layer`` (the centre whose window, blocked, lowers the answer's mean
+    log-probability most), ``first_layer``/``last_layer`` of that window, ``delta`` (mean Δ log p
+    there, nats), ``n`` prompts."""
+    rows = []
+    for v, g in ko.groupby("variant", sort=False):
+        m = g.groupby("layer")["delta"].mean()
+        c = int(m.idxmin())
+        w = g[g["layer"] == c].iloc[0]
+        rows.append(dict(variant=v, layer=c, first_layer=int(w["first_layer"]), last_layer=int(w["last_layer"]),
+                         delta=float(m.min()), n=g["line"].nunique()))
+    return pd.DataFrame(rows)
+
+
 def findings(t: dict[str, pd.DataFrame | None]) -> list[dict[str, str]]:
     """Sentences from the run's tables ``t`` (name → DataFrame or ``None``)."""
     out: list[dict[str, str]] = []
@@ -133,4 +177,44 @@ def findings(t: dict[str, pd.DataFrame | None]) -> list[dict[str, str]]:
         out.append(dict(text=text, evidence="best median rank (layer): " + ", ".join(
             f"{v} {r:.0f} (ℓ{l})" for v, (r, l) in best.items()) + f"; EntRec over {fin['example_id'].nunique()} prompts",
             csv="lens"))
+    ps = t.get("patchscope")
+    if ps is not None and len(ps):
+        sm = patchscope_summary(ps)
+        yes = sm[sm["first_layer"].notna()]
+        no = sm[sm["first_layer"].isna()]
+        text = ("Patchscope reads the bridge out of the subject's last token (median rank ≤ "
+                f"{DECODABLE_RANK} in the token-identity prompt) " + (", ".join(
+                    f"in {r.variant} from layer {int(r.first_layer)}" for r in yes.itertuples()) or "in no variant")
+                + ("; never in " + ", ".join(no["variant"]) if len(no) and len(yes) else "") + ".")
+        out.append(dict(text=text, evidence="best median rank (layer): " + ", ".join(
+            f"{r.variant} {r.best_rank:.0f} (ℓ{r.best_layer})" for r in sm.itertuples())
+            + f"; {int(sm['n'].max())} prompts", csv="patchscope"))
+    bp = t.get("backpatch")
+    if bp is not None and len(bp):
+        sm = backpatch_summary(bp)
+        parts = [f"{r.variant} {r.fixed}/{r.wrong}" for r in sm.itertuples() if r.wrong]
+        if parts:
+            text = ("Back-patching a later layer's final-position state into an earlier layer makes the wrong "
+                    "answers right in " + ", ".join(parts) + " of the prompts each variant gets wrong: "
+                    "where this is high the later layers hold what the answer needs, but too late to use it "
+                    "(Biran et al. 2024).")
+        else:
+            text = "Every variant answers every two-hop prompt correctly: back-patching has nothing to fix."
+        out.append(dict(text=text, evidence="best cell ℓs→ℓt (mean Δ log p): " + ", ".join(
+            f"{r.variant} {r.best_source:.0f}→{r.best_target:.0f} ({r.best_delta:+.2f} nats)" for r in sm.itertuples()),
+            csv="backpatch"))
+    ko = t.get("knockout")
+    if ko is not None and len(ko):
+        sm = knockout_summary(ko)
+        hurt, safe = sm[sm["delta"] < 0], sm[sm["delta"] >= 0]
+        text = ("Blocking the final token's attention to the subject hurts the answer most around "
+                + ", ".join(f"layer {r.layer} in {r.variant} ({r.delta:+.2f} nats)" for r in hurt.itertuples())
+                + ": where the subject's information is moved to the final position (Geva et al. 2023)"
+                if len(hurt) else "Blocking the final token's attention to the subject in no window lowers "
+                "the answer's mean log-probability")
+        text += ("; in " + ", ".join(safe["variant"]) + " no window lowers it." if len(safe) and len(hurt)
+                 else "; in " + ", ".join(safe["variant"]) + "." if len(safe) else ".")
+        out.append(dict(text=text, evidence="window ℓ " + ", ".join(
+            f"{r.variant} {r.first_layer}–{r.last_layer}" for r in sm.itertuples())
+            + f"; mean Δ log p(answer) over {int(sm['n'].max())} prompts", csv="knockout"))
     return out

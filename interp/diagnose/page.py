@@ -14,11 +14,14 @@ from typing import Any
 
 import pandas as pd
 
-from interp.diagnose.findings import findings
+from interp.diagnose.bridge import KNOCKOUT_WINDOW
+from interp.diagnose.findings import (DECODABLE_RANK, backpatch_summary, findings, knockout_summary,
+                                      patchscope_summary)
 from interp.report import CSS, RENDER_CHECK, table_html
 
 TABLES = ("inventory", "adapters", "spectra", "overlap", "layer_energy", "span_deficit", "faithfulness",
-          "energy_kept", "scores", "accuracy", "contributions", "router", "key_overlap", "lens", "patching")
+          "energy_kept", "scores", "accuracy", "contributions", "router", "key_overlap", "lens", "patching",
+          "patchscope", "backpatch", "knockout")
 
 
 def _link(name: str) -> str:
@@ -82,6 +85,32 @@ def _figures(t: dict[str, pd.DataFrame | None]) -> dict[str, tuple[Any, str]]:
         out["bridge"].append((F.heatmap_figure(pt, "value", facet="variant", title="Activation patching "
                               "(resid_pre), normalised"), "(patched − corrupted)/(clean − corrupted) of the "
                               "logit difference; 1 = the clean answer fully restored."))
+    ps = t.get("patchscope")
+    if ps is not None and len(ps):
+        d = ps.assign(decodable=ps["rank"] <= DECODABLE_RANK).groupby(["variant", "source_layer"], sort=False)[
+            "decodable"].mean().reset_index()
+        out["bridge"].append((F.line_figure(d, "source_layer", "decodable", "variant", "Patchscope: is the bridge "
+                              "readable at the subject's last token?", x_title="source layer ℓ (resid_pre)",
+                              y_title=f"fraction of prompts, bridge rank ≤ {DECODABLE_RANK}", y_range=(-0.02, 1.02)),
+                              "Ghandeharioun et al. 2024: the residual entering layer ℓ at e₁'s last token, written "
+                              "into the token-identity prompt at layer ℓ; rank of the bridge's first token there."))
+    bp = t.get("backpatch")
+    if bp is not None and len(bp):
+        d = bp.groupby(["variant", "source_layer", "target_layer"], sort=False)["delta"].mean().reset_index()
+        out["bridge"].append((F.heatmap_figure(d, "delta", facet="variant", x="source_layer", y="target_layer",
+                              title="Back-patching: final-position resid_pre[ℓs] → resid_pre[ℓt ≤ ℓs]",
+                              x_title="source layer ℓs", y_title="target layer ℓt",
+                              value_title="Δ log p (nats)"),
+                              "Biran et al. 2024 §5: change of the answer's first-token log-probability, mean over "
+                              "the two-hop prompts; > 0: the later state, re-read by earlier layers, helps."))
+    ko = t.get("knockout")
+    if ko is not None and len(ko):
+        d = ko.groupby(["variant", "layer"], sort=False)["delta"].mean().reset_index()
+        out["bridge"].append((F.line_figure(d, "layer", "delta", "variant", "Attention knockout: final token "
+                              "blocked from the subject", x_title="centre layer of the blocked window",
+                              y_title="Δ log p(answer) (nats)"),
+                              f"Geva et al. 2023 §5: attention from the final token to e₁'s tokens set to 0 in a "
+                              f"window of {KNOCKOUT_WINDOW} layers around the centre; mean change of the answer's first-token log-probability."))
     return out
 
 
@@ -156,6 +185,17 @@ def build_diagnose_report(run: Any) -> Path:
                              "vs single-hop prompts (mean over sites; ratio < 1: the query triggers the adapter less)",
                              k.groupby(["adapter", "layer"], sort=False)[["kappa_composed", "kappa_native", "kappa_ratio",
                                                                          "trigger_ratio"]].mean().reset_index(), "key_overlap"))
+    for name, summ, cap in (("patchscope", patchscope_summary, "Patchscope of the bridge per variant: first "
+                             f"source layer with median rank ≤ {DECODABLE_RANK}, best median rank"),
+                            ("backpatch", backpatch_summary, "Back-patching per variant: prompts wrong unpatched, "
+                             "fixed by some cell ℓs > ℓt, best cell by mean Δ log p (nats)"),
+                            ("knockout", knockout_summary, "Attention knockout per variant: the window whose "
+                             "blocking lowers the answer's log-probability most")):
+        if t[name] is not None:
+            bridge.append(_table(cap, summ(t[name]), name))
+    if "oracle" in dg["combines"] and any(t[n] is not None for n in ("patchscope", "backpatch", "knockout")):
+        bridge.append('<p class="cap">Patchscope, back-patching and knockout skip oracle: its routing is per '
+                      "prompt, the engines batch copies of prompts.</p>")
     section("The bridge", "bridge", bridge)
     if dg.get("prompts") is None:
         body.append('<p class="cap">No prompts given: behaviour and bridge sections need --prompts.</p>')

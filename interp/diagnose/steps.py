@@ -17,7 +17,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from interp.diagnose.inputs import Query, read_prompts
-from interp.study.runner import Step, csv_text
+from interp.study.runner import Run, Step, csv_text
 
 
 @dataclasses.dataclass
@@ -61,6 +61,48 @@ class DiagnoseConfig:
         d = self.to_dict()
         blob = json.dumps({s: d[s] for s in sections}, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+@dataclasses.dataclass
+class DiagnoseRun(Run):
+    """A diagnosis run directory opened for analysis (:func:`interp.diagnose.open_diagnosis`).
+
+    >>> run = open_diagnosis("runs/diagnose"); bp = run.read_csv("backpatch"); hm = run.load_variant("ties")
+    """
+
+    @classmethod
+    def from_runjson(cls, out: Path, data: dict[str, Any]) -> "DiagnoseRun":
+        c = data["config"]
+        cfg = DiagnoseConfig(study=_StudySection(**c["study"]), diagnose=c["diagnose"],
+                             training=_TrainingSection(**c.get("training", {})),
+                             world=_WorldSection(**c.get("world", {})))
+        return cls(cfg, Path(out), timings=data.get("timings", {}))
+
+    @property
+    def variant_names(self) -> list[str]:
+        """``base``, ``expert_<name>`` per adapter, then each combine (report order)."""
+        from interp.diagnose.variants import plan_variants
+
+        return [v.name for v in plan_variants(list(self.cfg.diagnose["adapters"]), self.cfg.diagnose["combines"])]
+
+    def load_variant(self, variant: str):
+        """The variant's ``HookedModel`` (hook points included), loaded exactly as the diagnosis
+        loaded it (:func:`interp.diagnose.variants.load_variant`: same adapters, combine, options).
+
+        Raises:
+            DiagnoseError: ``variant`` is not one of :attr:`variant_names`.
+        """
+        from interp.diagnose.inputs import DiagnoseError
+        from interp.diagnose.variants import load_variant, plan_variants
+
+        plan = {v.name: v for v in plan_variants(list(self.cfg.diagnose["adapters"]), self.cfg.diagnose["combines"])}
+        if variant not in plan:
+            raise DiagnoseError(f"unknown variant {variant!r}; this diagnosis has {', '.join(plan)}")
+        return load_variant(self, plan[variant])
+
+    def queries(self) -> list[Query]:
+        """The prompts the diagnosis read ([] without a prompts file)."""
+        return queries(self)
 
 
 def write_table(run: Any, df: pd.DataFrame, name: str) -> Path:
@@ -162,8 +204,10 @@ def keys(run: Any) -> None:
 def variants(run: Any) -> None:
     """Every variant (:func:`~interp.diagnose.variants.plan_variants`) loaded once; writes
     ``faithfulness``, ``energy_kept``, ``scores``, ``accuracy`` (Wilson 95%), ``contributions``,
-    ``router``, ``lens`` and ``patching`` — each only where the inputs carry what it needs."""
-    from interp.diagnose.variants import ROUTED, TABLE_NAMES, cached_variant, patch_pairs, plan_variants
+    ``router``, ``lens``, ``patching``, ``patchscope``, ``backpatch`` and ``knockout`` — each only
+    where the inputs carry what it needs."""
+    from interp.diagnose.variants import (CACHE_VERSION, ROUTED, TABLE_NAMES, cached_variant, patch_pairs,
+                                         plan_variants)
     from interp.evaluate import accuracy_table
 
     qs = queries(run)
@@ -172,7 +216,7 @@ def variants(run: Any) -> None:
     if not qs:  # geometry only: just the merges, for what each keeps (routers have no merged ΔW)
         plan = [v for v in plan if v.role == "combine" and v.combine not in ROUTED]
     pairs = patch_pairs(run.base(), qs) if qs else []
-    key = run.cfg.section_hash("study", "diagnose")
+    key = f"{run.cfg.section_hash('study', 'diagnose')}v{CACHE_VERSION}"
     tgt = dg.get("target")
     target = library(run, {tgt[0]: tgt[1]}).deltas[tgt[0]] if tgt else None
     got: dict[str, list[pd.DataFrame]] = {n: [] for n in TABLE_NAMES}

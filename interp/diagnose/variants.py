@@ -208,7 +208,8 @@ def variant_tables(run: Any, v: DVariant, queries: Sequence[Query], pairs: list,
     with ``target`` = ``{module: LoraDelta}`` also rows ``expert = "target"``: the fraction of the
     target's energy inside the merge's spans, the merge's own complement of the span deficit),
     ``scores``, ``contrib``, ``router``, ``lens`` (queries with a ``bridge``), ``patching`` (given
-    pairs; base and combines). Empty frames for what does not apply."""
+    pairs; base and combines), ``patchscope``, ``backpatch``, ``knockout`` (every variant but
+    ``oracle``; :mod:`interp.diagnose.bridge`). Empty frames for what does not apply."""
     from interp.subspace import energy_kept
 
     hm = load_variant(run, v)
@@ -256,6 +257,14 @@ def variant_tables(run: Any, v: DVariant, queries: Sequence[Query], pairs: list,
 
             out["patching"] = activation_patching(hm, pairs, hooks=("resid_pre",), progress=False
                                                   ).assign(variant=v.name)
+        if v.combine != "oracle":  # per-prompt routing; the engines batch copies of prompts
+            from interp.diagnose.bridge import backpatch_table, knockout_table, patchscope_table
+
+            for n, fn in (("patchscope", patchscope_table), ("backpatch", backpatch_table),
+                          ("knockout", knockout_table)):
+                df = fn(hm, queries, bs)
+                if len(df):
+                    out[n] = df.assign(variant=v.name)[["variant", *df.columns]]
     run.release(hm)
     return out
 
@@ -266,7 +275,10 @@ def _spans(q: Query, hm: Any) -> dict:
     return offsets_token_spans(q, hm)
 
 
-TABLE_NAMES = ("faithfulness", "energy_kept", "scores", "contrib", "router", "lens", "patching")
+TABLE_NAMES = ("faithfulness", "energy_kept", "scores", "contrib", "router", "lens", "patching", "patchscope",
+               "backpatch", "knockout")
+#: part of every variant's cache key: bumped when a variant gains tables, so older caches recompute
+CACHE_VERSION = 2
 
 
 def cached_variant(run: Any, v: DVariant, queries: Sequence[Query], pairs: list, key: str,

@@ -397,13 +397,19 @@ def open_run(out: str | Path) -> Run:
 
     >>> run = open_run("runs/demo"); acc = run.read_csv("accuracy"); hm = run.load_variant("uniform")
 
+    A directory written by ``interp diagnose`` opens with
+    :func:`interp.diagnose.open_diagnosis` (a :class:`Run` whose ``load_variant`` knows the
+    diagnosis's variants).
+
     Raises:
-        StudyError: ``out`` has no ``run.json``.
+        StudyError: ``out`` has no ``run.json``, or is a diagnosis (use ``open_diagnosis``).
     """
     out = Path(out)
     p = out / "run.json"
     if not p.is_file():
         raise StudyError(f"{out} is not a study run directory (no run.json)")
     data = json.loads(p.read_text())
+    if "diagnose" in data["config"]:  # its config and variants are interp.diagnose's (no import cycle)
+        raise StudyError(f"{out} is an `interp diagnose` run: open it with interp.diagnose.open_diagnosis")
     cfg = load_config(None, _flatten(data["config"]))
     return Run(cfg, out, timings=data.get("timings", {}))
