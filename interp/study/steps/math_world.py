@@ -6,7 +6,7 @@ from __future__ import annotations
 def run(run) -> None:
     """Write each condition's ``world.json`` and ``dataset_summary``, gathered into
     ``DIR/results/dataset_summary.csv`` (``condition`` column)."""
-    from interp.study.math import condition_run, gather
+    from interp.study.conditions import condition_run, gather
     from interp.tasks.math_skills import make_math_world
 
     m = run.cfg.math
