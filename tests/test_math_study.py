@@ -235,7 +235,10 @@ def test_math_study_end_to_end(math_run, capsys):
     assert (con["norm"] > 0).all()
     world = json.loads((math_run / "shared" / "world.json").read_text())
     assert world["condition"] == "shared"
-    assert (math_run / "report.html").stat().st_size > 100_000
+    page = (math_run / "report.html").read_text()
+    assert len(page) > 100_000 and "Shared vs separate solution templates" in page
+    for fig in ("fig-acc-composed", "fig-acc-skill_a", "fig-acc-skill_b", "fig-lens-y"):
+        assert f'id="{fig}"' in page, fig
     run = json.loads((math_run / "run.json").read_text())
     assert set(STEPS) <= set(run["timings"]) and run["config"]["math"]["n_test"] == 8
     capsys.readouterr()

@@ -14,6 +14,7 @@ from typing import Any
 
 import pandas as pd
 
+from interp import figures as F
 from interp.report import build_report
 from interp.study.runner import versions
 from interp.study.variants import reuse_variants
@@ -95,7 +96,14 @@ def run(run) -> None:
         run.write_csv(summary, "math_summary")
         found = findings(summary, conds)
         cols = ["method", "library", "condition"] + [c for c in ("composed", "skill_a", "skill_b") if c in summary]
-        sections.append({"title": "Composed and one-skill accuracy, side by side",
+        figs = []
+        for hop in ("composed", "skill_a", "skill_b"):
+            if (acc["hop"] == hop).any():
+                f = F.accuracy_figure(acc, metric="exact", hop=hop)
+                f.update_xaxes(categoryorder="array", categoryarray=list(dict.fromkeys(summary["method"])))
+                figs.append((f"fig-acc-{hop}", f.to_json(), f"{hop}: exact-match accuracy per method, the two "
+                             "conditions side by side (test set = condition), Wilson 95% intervals."))
+        sections.append({"title": "Composed and one-skill accuracy, side by side", "figures": figs,
                          "text": "Exact match (the whole answer, equal to greedy decoding), Wilson 95% intervals. "
                                  "<code>composed</code> = dax(zib(x)); <code>skill_a</code> = zib(x) and "
                                  "<code>skill_b</code> = dax(y) on the same test chains, in each expert's own format. "
@@ -110,7 +118,16 @@ def run(run) -> None:
     if lens is not None:
         best = lens.groupby(["condition", "method", "position", "target", "layer"], as_index=False)["rank"].median()
         top = best.sort_values("rank").groupby(["condition", "method", "position", "target"], as_index=False).first()
+        curve = lens[lens["target"] == "y"].groupby(["condition", "method", "position", "layer"],
+                                                     as_index=False)["logprob"].mean()
+        curve["line"] = curve["method"] + " · " + curve["position"]
+        f = F.line_figure(curve, x="layer", y="logprob", color="line", facet="condition",
+                          title="Logit lens of the intermediate y = zib(x) (first token), by layer",
+                          y_title="log-prob of y (nats)")
         sections.append({"title": "Where the intermediate result is decodable (logit lens)",
+                         "figures": [("fig-lens-y", f.to_json(), "Mean logit-lens log-probability of the "
+                                      "intermediate's first token at each position that predicts a number, per "
+                                      "layer (0 = embeddings); one panel per condition.")],
                          "text": "For each position that predicts a number of the solution, the earliest layer with "
                                  "the lowest median rank of the target's first token (y = the intermediate zib(x), "
                                  "z = the result). Full per-layer curves: <code>results/math_lens.csv</code>.",
