@@ -103,7 +103,8 @@ def run_cmd(
                               "or bf16 (config evaluation.dtype; errors in the README's precision policy)"),
 ) -> None:
     """Run the two-hop reuse study end to end (world -> experts -> merges/routes -> evaluation ->
-    mechanisms -> subspace -> figures -> report). Re-running resumes from cached steps."""
+    mechanisms -> subspace -> figures -> report), or with a config holding a [math] table
+    (experiments/math.toml) the shared-template study. Re-running resumes from cached steps."""
 
     def body() -> None:
         from interp.config import ConfigError, load_config

@@ -81,6 +81,18 @@ class MechanismsSection:
 
 
 @dataclasses.dataclass
+class MathSection:
+    """The shared-template study (``interp.tasks.math_skills``); its presence selects that study."""
+
+    conditions: list[str] = dataclasses.field(default_factory=lambda: ["separate", "shared"])
+    n_train: int = 96             # problems per skill (d1, d2)
+    n_test: int = 48              # composed test problems (and as many one-skill eval problems)
+    n_composed_train: int = 48    # composed problems of d_ac (the ac expert, joint_all)
+    n_patching_pairs: int = 8     # clean/corrupted composed pairs per condition and variant
+    seed: int = 0
+
+
+@dataclasses.dataclass
 class Config:
     study: StudySection = dataclasses.field(default_factory=StudySection)
     world: WorldSection = dataclasses.field(default_factory=WorldSection)
@@ -88,6 +100,14 @@ class Config:
     methods: MethodsSection = dataclasses.field(default_factory=MethodsSection)
     evaluation: EvaluationSection = dataclasses.field(default_factory=EvaluationSection)
     mechanisms: MechanismsSection = dataclasses.field(default_factory=MechanismsSection)
+    # a [math] table makes the run the shared-template study (interp.study.math) instead of two-hop;
+    # None keeps every two-hop cache key unchanged (section hashes never include it)
+    math: MathSection | None = None
+
+    @property
+    def study_kind(self) -> str:
+        """``"math"`` when a ``[math]`` table is present, else ``"two_hop"``."""
+        return "math" if self.math is not None else "two_hop"
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -145,6 +165,11 @@ def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
     for name, value in data.items():
         tp = hints[name]
         key = prefix + name
+        optional = [a for a in typing.get_args(tp) if dataclasses.is_dataclass(a)]
+        if optional and value is None:  # an absent optional table, as run.json writes it
+            kwargs[name] = None
+            continue
+        tp = optional[0] if optional else tp
         if dataclasses.is_dataclass(tp):
             if not isinstance(value, dict):
                 raise ConfigError(f"config key {key!r} must be a table [{key}]")
@@ -185,6 +210,19 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"mechanisms.probe_layer_stride must be >= 1, got {cfg.mechanisms.probe_layer_stride}")
     if not 0 < cfg.methods.ties_density <= 1:
         raise ConfigError("methods.ties_density must be in (0, 1]")
+    if cfg.math is not None:
+        from interp.tasks.math_skills import CONDITIONS
+
+        bad = [c for c in cfg.math.conditions if c not in CONDITIONS]
+        if bad or not cfg.math.conditions or len(set(cfg.math.conditions)) != len(cfg.math.conditions):
+            raise ConfigError(f"math.conditions must be distinct names from {', '.join(CONDITIONS)} "
+                              f"(got {cfg.math.conditions})")
+        for k in ("n_train", "n_test"):
+            if getattr(cfg.math, k) < 2:
+                raise ConfigError(f"math.{k} must be >= 2, got {getattr(cfg.math, k)}")
+        if cfg.math.n_composed_train < 1 or cfg.math.n_patching_pairs < 0:
+            raise ConfigError("math.n_composed_train must be >= 1 (the ac expert) and "
+                              "math.n_patching_pairs >= 0")
     if cfg.study.device not in ("cpu", "cuda") and not cfg.study.device.startswith("cuda:"):
         raise ConfigError(f"study.device must be cpu or cuda[:N], got {cfg.study.device!r}")
     from interp.devices import ANALYSIS_DTYPES

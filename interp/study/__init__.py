@@ -9,7 +9,8 @@ Layout, in pipeline order:
 * :mod:`~interp.study.tables` — the results tables and their columns;
 * :mod:`~interp.study.steps` — one module per step (world, experts, evaluate, mechanisms,
   subspace, figures, report); :mod:`~interp.study.two_hop` — the two-hop study's step list
-  and :func:`run_study`;
+  and :func:`run_study`; :mod:`~interp.study.math` — the shared-template study's step list (a
+  config with a ``[math]`` table), over :mod:`~interp.study.conditions` (one sub-run per condition);
 * :mod:`~interp.study.figures` and :mod:`~interp.study.findings` — what the report shows.
 
 Names are re-exported lazily (PEP 562) so that ``interp.config`` can read the variant registry
@@ -25,6 +26,7 @@ _EXPORTS = {
     "runner": ("Run", "Step", "cached_csv", "console", "csv_text", "open_run", "run_pipeline",
                "unit_key", "versions"),
     "two_hop": ("PIPELINE", "STEPS", "STEP_DEPS", "run_study"),
+    "conditions": ("ConditionRun", "condition_run"),
     "variants": ("EXPERT_DATA", "VARIANTS", "Variant", "needed_experts"),
     "oracle": ("oracle_scores",),
     "tables": ("TABLES",),

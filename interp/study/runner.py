@@ -241,7 +241,7 @@ def _check_writable(out: Path) -> None:
 
 
 def _flatten(d: dict[str, Any]) -> dict[str, Any]:
-    return {f"{s}.{k}": v for s, sec in d.items() for k, v in sec.items()}
+    return {f"{s}.{k}": v for s, sec in d.items() if sec is not None for k, v in sec.items()}
 
 
 def resolve_config(config: str | Path | Config | None, overrides: dict[str, Any]) -> Config:

@@ -39,6 +39,13 @@ TABLES: dict[str, Table] = {t.name: t for t in [
     Table("knockout", "mechanisms", _ID + ("layer", "delta")),
     Table("patchscope", "mechanisms", _ID + ("source_layer", "target", "top1")),
     Table("probes", "mechanisms", ("method", "layer", "position", "accuracy", "selectivity")),
+    # the shared-template study (interp.study.math): per condition, gathered with a condition column
+    Table("math_lens", "mechanisms", ("method", "example_id", "tier", "position", "layer", "target",
+                                      "logprob", "rank")),
+    Table("math_patching", "mechanisms", ("method", "example_id", "hook", "layer", "position",
+                                          "position_label", "region", "value")),
+    Table("math_contributions", "mechanisms", ("method", "layer", "adapter", "segment", "norm")),
+    Table("math_summary", "report", ("method", "library", "condition")),
     Table("subspace_adapters", "subspace", ("adapter", "module", "layer", "rank")),
     Table("subspace_spectra", "subspace", ("adapter", "module", "index", "sigma")),
     Table("subspace_overlap", "subspace", ("adapter_1", "adapter_2", "module", "phi_col", "phi_row",

@@ -31,7 +31,8 @@ STEP_DEPS = {s.name: s.deps for s in PIPELINE}
 def run_study(config: str | Path | Config | None = None, out: str | Path = "runs/demo",
               model: str | None = None, steps: list[str] | None = None, device: str | None = None,
               overrides: dict[str, Any] | None = None) -> Path:
-    """Run (or resume) the two-hop reuse study into ``out``.
+    """Run (or resume) the study a config describes into ``out``: the two-hop reuse study, or
+    with a ``[math]`` table the shared-template study (:mod:`interp.study.math`).
 
     Args:
         config: TOML path, a :class:`Config`, or ``None`` for the defaults. A missing default
@@ -61,4 +62,8 @@ def run_study(config: str | Path | Config | None = None, out: str | Path = "runs
         from interp.adapters.train import check_training_targets
 
         check_training_targets(cfg.study.model, cfg.training.target_modules)
+    if cfg.study_kind == "math":  # a [math] table: the shared-template study
+        from interp.study.math import PIPELINE as MATH_PIPELINE
+
+        return run_pipeline(MATH_PIPELINE, cfg, out, steps)
     return run_pipeline(PIPELINE, cfg, out, steps)

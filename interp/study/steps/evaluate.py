@@ -42,7 +42,6 @@ def score_variant(run, variant: str, sets: dict[str, list]) -> pd.DataFrame:
     """One variant's scores on every set, plus explicit chaining (its own greedy hop-1 answer
     fed into the hop-2 template, ``hop = "chain"``)."""
     from interp.evaluate import greedy_answers, score_examples
-    from interp.tasks.two_hop import chaining_prompts
 
     hm = run.load_variant(variant)
     bs = run.cfg.evaluation.batch_size
@@ -54,6 +53,8 @@ def score_variant(run, variant: str, sets: dict[str, list]) -> pd.DataFrame:
             df["hop"] = hop
             frames.append(df)
         if hop1:
+            from interp.tasks.two_hop import chaining_prompts
+
             # decode steps read every weight for one token per row: wide batches amortise that
             preds = greedy_answers(hm, hop1, max_new_tokens=5, batch_size=max(bs, 256))
             df = score_examples(hm, chaining_prompts(hop1, preds), batch_size=bs)
@@ -74,7 +75,8 @@ def run(run) -> None:
     from interp.evaluate import accuracy_table
 
     world = run.world()
-    sets = eval_sets(run, world)
+    # a task's world may bring its own query sets (math skills: composed, skill_a, skill_b)
+    sets = world.eval_sets(run.cfg) if hasattr(world, "eval_sets") else eval_sets(run, world)
     variants = list(run.cfg.methods.variants)
     scored_dir = run.cache / "scores"
     key = run.cfg.section_hash("study", "world", "training", "methods", "evaluation")

@@ -65,7 +65,8 @@ def run(run) -> None:
     if "bc" in experts:
         # key overlap of the second hop's expert: its own training prompts (D₂) vs composed queries
         world = run.world()
-        composed = [e.prompt for e in world.get(split="test", kind="two_hop") if e.template_id == 0]
+        kind = getattr(world, "composed_kind", "two_hop")  # math skills: "composed"
+        composed = [e.prompt for e in world.get(split="test", kind=kind) if e.template_id == 0]
         native = [p for p, _ in world.train_pairs("d2")]
         hm = run.base()
         run.write_csv(S.key_overlap_table(hm, experts["bc"], composed[:64], native[:64]), "subspace_key_overlap")

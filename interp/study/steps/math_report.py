@@ -1,0 +1,166 @@
+"""Step ``report`` of the shared-template study: success and failure side by side.
+
+``DIR/report.html`` and ``DIR/results/math_summary.csv``: per condition, the composed-test and
+one-skill accuracies (exact match, Wilson 95%) of every variant; findings on whether merges and
+routers of the two skill experts succeed with a shared solution template where they fail with
+separate templates; the mechanism and subspace tables summarised per condition.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+from typing import Any
+
+import pandas as pd
+
+from interp import figures as F
+from interp.report import build_report
+from interp.study.runner import versions
+from interp.study.variants import reuse_variants
+
+LEARNED = 0.8   # an expert below this exact-match accuracy on its own skill did not learn it
+SUCCEEDS = 0.5  # a reuse variant at or above this composed accuracy "works"
+
+
+def accuracy_summary(acc: pd.DataFrame) -> pd.DataFrame:
+    """Exact-match accuracy per ``method × condition`` with one column per query set
+    (``composed``, ``skill_a``, ``skill_b``), formatted ``acc [lo, hi]``; plus numeric
+    ``composed`` / ``skill_a`` / ``skill_b`` columns suffixed ``_acc``."""
+    d = acc[acc["metric"] == "exact"].copy()
+    d["cell"] = [f"{a:.0%} [{lo:.0%}, {hi:.0%}]" for a, lo, hi in zip(d["accuracy"], d["ci_low"], d["ci_high"])]
+    order = list(dict.fromkeys(d["method"]))
+    wide = d.pivot_table(index=["method", "library", "test_set"], columns="hop", values="cell", aggfunc="first")
+    num = d.pivot_table(index=["method", "library", "test_set"], columns="hop", values="accuracy", aggfunc="first")
+    num.columns = [f"{c}_acc" for c in num.columns]
+    out = wide.join(num).reset_index().rename(columns={"test_set": "condition"})
+    out["method"] = pd.Categorical(out["method"], order, ordered=True)
+    return out.sort_values(["method", "condition"]).reset_index(drop=True).assign(method=lambda x: x["method"].astype(str))
+
+
+def findings(summary: pd.DataFrame, conditions: list[str]) -> list[dict[str, str]]:
+    """Rules (exact match): (1) each skill expert learned its skill: expert_ab on ``skill_a`` and
+    expert_bc on ``skill_b`` ≥ 80% in every condition; (2) reuse works with a shared template:
+    supported if the best reuse variant (merges and routers of {ab, bc}) reaches ≥ 50% on the
+    composed test in ``shared`` while the best in ``separate`` is below 50% and at least 20 points
+    lower; not supported if ``shared`` is below 50%; else mixed."""
+    out = []
+
+    def val(method: str, cond: str, col: str) -> float | None:
+        r = summary[(summary["method"] == method) & (summary["condition"] == cond)]
+        return None if r.empty or col not in r or pd.isna(r[col].iloc[0]) else float(r[col].iloc[0])
+
+    ev = []
+    learned = True
+    for cond in conditions:
+        for m, col in (("expert_ab", "skill_a_acc"), ("expert_bc", "skill_b_acc")):
+            a = val(m, cond, col)
+            if a is not None:
+                ev.append(f"{m} on {col[:-4]} ({cond}): {a:.0%}")
+                learned &= a >= LEARNED
+    if ev:
+        out.append({"claim": "Each expert learned its own skill (held-out problems of the test chains)",
+                    "verdict": "yes" if learned else "no", "evidence": html.escape("; ".join(ev))})
+    reuse = reuse_variants(list(summary["method"]))
+    best = {}
+    for cond in conditions:
+        vals = [(val(m, cond, "composed_acc"), m) for m in reuse]
+        vals = [(a, m) for a, m in vals if a is not None]
+        if vals:
+            best[cond] = max(vals)
+    if "shared" in best and "separate" in best:
+        (s, sm), (p, pm) = best["shared"], best["separate"]
+        verdict = "yes" if s >= SUCCEEDS and p < SUCCEEDS and s - p >= 0.2 else "no" if s < SUCCEEDS else "mixed"
+        out.append({"claim": "Reuse of separately trained skill experts composes the skills when their data "
+                             "share a solution template, and fails when they do not (Chen et al., TMLR 2026)",
+                    "verdict": verdict,
+                    "evidence": html.escape(f"best merge/router on the composed test: shared {sm} {s:.0%}, "
+                                            f"separate {pm} {p:.0%} (exact match)")})
+    return out
+
+
+def _mean_by(df: pd.DataFrame | None, by: list[str], value: str) -> pd.DataFrame | None:
+    if df is None or not len(df):
+        return None
+    return df.groupby(by, as_index=False)[value].mean()
+
+
+def run(run) -> None:
+    """Write ``results/math_summary.csv`` and ``report.html``."""
+    conds = list(run.cfg.math.conditions)
+    acc = run.table("accuracy")
+    sections: list[dict[str, Any]] = []
+    found: list[dict[str, str]] = []
+    if acc is not None:
+        summary = accuracy_summary(acc)
+        run.write_csv(summary, "math_summary")
+        found = findings(summary, conds)
+        cols = ["method", "library", "condition"] + [c for c in ("composed", "skill_a", "skill_b") if c in summary]
+        figs = []
+        for hop in ("composed", "skill_a", "skill_b"):
+            if (acc["hop"] == hop).any():
+                f = F.accuracy_figure(acc, metric="exact", hop=hop)
+                f.update_xaxes(categoryorder="array", categoryarray=list(dict.fromkeys(summary["method"])))
+                figs.append((f"fig-acc-{hop}", f.to_json(), f"{hop}: exact-match accuracy per method, the two "
+                             "conditions side by side (test set = condition), Wilson 95% intervals."))
+        sections.append({"title": "Composed and one-skill accuracy, side by side", "figures": figs,
+                         "text": "Exact match (the whole answer, equal to greedy decoding), Wilson 95% intervals. "
+                                 "<code>composed</code> = dax(zib(x)); <code>skill_a</code> = zib(x) and "
+                                 "<code>skill_b</code> = dax(y) on the same test chains, in each expert's own format. "
+                                 "Experts: ab = skill A (zib), bc = skill B (dax), ac = composed problems.",
+                         "tables": [("Accuracy per method and condition", summary[cols]),
+                                    ("All accuracies", acc)]})
+    ex = run.table("experts")
+    if ex is not None:
+        sections.append({"title": "Experts", "text": "Training data, steps, loss and training accuracy per condition.",
+                         "tables": [("Experts", ex)]})
+    lens = run.table("math_lens")
+    if lens is not None:
+        best = lens.groupby(["condition", "method", "position", "target", "layer"], as_index=False)["rank"].median()
+        top = best.sort_values("rank").groupby(["condition", "method", "position", "target"], as_index=False).first()
+        curve = lens[lens["target"] == "y"].groupby(["condition", "method", "position", "layer"],
+                                                     as_index=False)["logprob"].mean()
+        curve["line"] = curve["method"] + " · " + curve["position"]
+        f = F.line_figure(curve, x="layer", y="logprob", color="line", facet="condition",
+                          title="Logit lens of the intermediate y = zib(x) (first token), by layer",
+                          y_title="log-prob of y (nats)")
+        sections.append({"title": "Where the intermediate result is decodable (logit lens)",
+                         "figures": [("fig-lens-y", f.to_json(), "Mean logit-lens log-probability of the "
+                                      "intermediate's first token at each position that predicts a number, per "
+                                      "layer (0 = embeddings); one panel per condition.")],
+                         "text": "For each position that predicts a number of the solution, the earliest layer with "
+                                 "the lowest median rank of the target's first token (y = the intermediate zib(x), "
+                                 "z = the result). Full per-layer curves: <code>results/math_lens.csv</code>.",
+                         "tables": [("Best lens layer per position and target", top)]})
+    pat = _mean_by(run.table("math_patching"), ["condition", "method", "region", "layer"], "value")
+    if pat is not None:
+        peak = pat.groupby(["condition", "method", "region"], as_index=False)["value"].max()
+        sections.append({"title": "Which step's tokens carry the result (activation patching)",
+                         "text": "Peak over layers of the mean normalised patching effect of resid_pre per region "
+                                 "(1 = patching that region from the corrupted problem moves the answer fully).",
+                         "tables": [("Peak patching effect per region", peak)]})
+    con = _mean_by(run.table("math_contributions"), ["condition", "method", "segment", "adapter"], "norm")
+    if con is not None:
+        sections.append({"title": "Per-adapter contributions per solution step",
+                         "text": "Mean over layers of each adapter's contribution norm, per segment of the sequence.",
+                         "tables": [("Contribution norm per segment and adapter", con)]})
+    sub = []
+    ov = run.table("subspace_overlap")
+    if ov is not None and len(ov):
+        pair = ov[ov["adapter_1"].isin(["expert_ab", "expert_bc"]) & ov["adapter_2"].isin(["expert_ab", "expert_bc"])]
+        cols = [c for c in ("phi_row", "phi_col", "min_angle_row", "min_angle_col", "grassmann_row", "cosine") if c in pair]
+        sub.append(("Skill experts' overlap (mean over modules)", pair.groupby("condition", as_index=False)[cols].mean()))
+    sd = run.table("subspace_span_deficit")
+    if sd is not None and len(sd):
+        sub.append(("Span deficit of the composed-task experts against {ab, bc}",
+                    sd.groupby(["condition", "oracle"], as_index=False)["span_deficit"].mean()))
+    if sub:
+        sections.append({"title": "Subspace view", "text": "Do the two skill experts' update subspaces overlap "
+                         "(φ: 0 orthogonal, 1 the same), and how much of a composed-task update lies outside "
+                         "their spans?", "tables": sub})
+    runjson = json.loads((run.out / "run.json").read_text()) if (run.out / "run.json").is_file() else {}
+    from interp.study.steps.report import evidence_warnings
+
+    build_report(run.out, f"When does LoRA reuse work? Shared vs separate solution templates — {run.model}",
+                 found, sections, runjson.get("config", run.cfg.to_dict()), runjson.get("versions", versions()),
+                 runjson.get("timings", {}), warnings=[w for w in evidence_warnings(run) if "amiliarity" not in w])
