@@ -53,3 +53,16 @@ def smollm2():
     from interp.models import load_model
 
     return load_model("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def smol_tok():
+    """SmolLM2's tokenizer alone (no model load), for tokenisation tests."""
+    from transformers import AutoTokenizer
+
+    from interp.models import smollm2_dir
+
+    try:
+        return AutoTokenizer.from_pretrained(str(smollm2_dir()))
+    except Exception as e:  # pragma: no cover - only without the SmolLM2 cache
+        pytest.skip(f"SmolLM2 tokenizer unavailable: {e}")

@@ -95,18 +95,6 @@ def test_generator_errors():
     assert apply_ops(["zib", "dax"], 365) == [365, 476, 674]
 
 
-@pytest.fixture(scope="module")
-def smol_tok():
-    from transformers import AutoTokenizer
-
-    from interp.models import smollm2_dir
-
-    try:
-        return AutoTokenizer.from_pretrained(str(smollm2_dir()))
-    except Exception as e:  # pragma: no cover - only without the SmolLM2 cache
-        pytest.skip(f"SmolLM2 tokenizer unavailable: {e}")
-
-
 def _check_spans(tok, w):
     for e in w.examples:
         p = tok(e.prompt, add_special_tokens=False)["input_ids"]

@@ -16,18 +16,6 @@ def world():
     return make_world(seed=3, n_chains_per_tier=8, n_dac_chains_per_tier=4)
 
 
-@pytest.fixture(scope="module")
-def smol_tok():
-    from transformers import AutoTokenizer
-
-    from interp.models import smollm2_dir
-
-    try:
-        return AutoTokenizer.from_pretrained(str(smollm2_dir()))
-    except Exception as e:  # pragma: no cover - only without the SmolLM2 cache
-        pytest.skip(f"SmolLM2 tokenizer unavailable: {e}")
-
-
 def test_world_deterministic_per_seed():
     a = make_world(seed=1, n_chains_per_tier=6, n_dac_chains_per_tier=2)
     b = make_world(seed=1, n_chains_per_tier=6, n_dac_chains_per_tier=2)

@@ -20,8 +20,8 @@ class ConditionRun(Run):
     parent: Run | None = None
     condition: str = ""
 
-    def base(self):
-        return self.parent.base()
+    def base(self, dtype=None):
+        return self.parent.base(dtype)
 
     def world(self):
         """This condition's :class:`~interp.tasks.math_skills.MathWorld`."""
@@ -36,6 +36,8 @@ class ConditionRun(Run):
 
 def condition_run(run: Run, condition: str) -> ConditionRun:
     """The :class:`ConditionRun` of ``condition`` inside ``run``'s directory."""
+    # dist stays the one-process default: the math steps are not sharded, so they run on rank 0
+    # alone and must not split their units with ranks that are not running them
     return ConditionRun(cfg=run.cfg, out=run.out / condition, timings=run.timings, machine=run.machine,
                         parent=run, condition=condition)
 

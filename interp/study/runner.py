@@ -68,6 +68,25 @@ def cached_csv(path: Path, compute: Callable[[], pd.DataFrame]) -> pd.DataFrame:
     return pd.read_csv(path)
 
 
+def write_unit_tables(cache: Path, unit: str, key: str, parts: dict[str, pd.DataFrame]) -> None:
+    """Cache the tables one unit (a variant) produced: each as ``{unit}.{name}.{key}.csv`` with a
+    leading ``method`` column, then the marker ``{unit}.{key}.json`` listing them (written last, so
+    a unit is either complete or recomputed on resume)."""
+    for name, df in parts.items():
+        df = df.copy()
+        df.insert(0, "method", unit)
+        cached_csv(cache / f"{unit}.{name}.{key}.csv", lambda df=df: df)
+    atomic_write_text(cache / f"{unit}.{key}.json", json.dumps(sorted(parts)))
+
+
+def read_unit_tables(cache: Path, unit: str, key: str) -> dict[str, pd.DataFrame] | None:
+    """The tables :func:`write_unit_tables` cached for ``unit``, or None if it has not finished."""
+    done = cache / f"{unit}.{key}.json"
+    if not done.is_file():
+        return None
+    return {name: pd.read_csv(cache / f"{unit}.{name}.{key}.csv") for name in json.loads(done.read_text())}
+
+
 def unit_key(inputs: Any) -> str:
     """16-hex cache key of one unit of work (a variant's tables): a hash of its JSON inputs."""
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
@@ -120,10 +139,11 @@ class Run:
 
     @property
     def dtype(self):
-        """The torch dtype of the models in evaluation and every analysis (``evaluation.dtype``)."""
+        """The torch dtype of the models in evaluation and every analysis (``evaluation.dtype``;
+        float32 for pipelines whose config has no such section, e.g. ``interp diagnose``)."""
         from interp.devices import ANALYSIS_DTYPES
 
-        return ANALYSIS_DTYPES[self.cfg.evaluation.dtype]
+        return ANALYSIS_DTYPES[getattr(getattr(self.cfg, "evaluation", None), "dtype", "fp32")]
 
     def base(self, dtype=None):
         """The base model as a HookedModel in ``dtype`` (default :attr:`dtype`), loaded once; asking

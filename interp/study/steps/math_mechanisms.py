@@ -25,8 +25,6 @@ Three tables, per variant of ``mechanisms.variants`` (cached per variant), on th
 
 from __future__ import annotations
 
-import contextlib
-import json
 import random
 
 import pandas as pd
@@ -34,8 +32,7 @@ import torch
 from tqdm.auto import tqdm
 
 from interp.adapters.hooks import fold_static_update
-from interp.models import atomic_write_text
-from interp.study.runner import cached_csv, console, unit_key
+from interp.study.runner import console, read_unit_tables, unit_key, write_unit_tables
 from interp.study.variants import VARIANTS
 
 TABLES = ("math_lens", "math_patching", "math_contributions")
@@ -203,18 +200,12 @@ def run(run) -> None:
     for v in tqdm(m.variants, desc=f"mechanisms {world.condition}"):
         if VARIANTS[v].scored_from:
             continue  # the oracle has no forward of its own
-        done = cache / f"{v}.{key}.json"
-        if not done.is_file():
+        if read_unit_tables(cache, v, key) is None:
             hm = run.load_variant(v)
-            parts = variant_tables(run, v, hm, exs)
-            for name, df in parts.items():
-                df = df.copy()
-                df.insert(0, "method", v)
-                cached_csv(cache / f"{v}.{name}.{key}.csv", lambda df=df: df)
-            atomic_write_text(done, json.dumps(sorted(parts)))
+            write_unit_tables(cache, v, key, variant_tables(run, v, hm, exs))
             run.release(hm)
-        for name in json.loads(done.read_text()):
-            tables[name].append(pd.read_csv(cache / f"{v}.{name}.{key}.csv"))
+        for name, df in read_unit_tables(cache, v, key).items():
+            tables[name].append(df)
     for name, dfs in tables.items():
         if dfs:
             run.write_csv(pd.concat(dfs, ignore_index=True), name)

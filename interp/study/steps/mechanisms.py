@@ -3,15 +3,13 @@ attention knockout and probes, per variant (cached per variant)."""
 
 from __future__ import annotations
 
-import json
 
 import pandas as pd
 from tqdm.auto import tqdm
 
 from interp.adapters.hooks import fold_static_update
 from interp.errors import MechanismError
-from interp.models import atomic_write_text
-from interp.study.runner import cached_csv, console, unit_key
+from interp.study.runner import console, read_unit_tables, unit_key, write_unit_tables
 
 TABLES = ("lens", "patching", "backpatch", "probes", "patchscope", "knockout")
 PATCHING_COST = 4  # relative work of a patching variant's unit over a lens-only one, for sharding
@@ -40,27 +38,20 @@ def run(run) -> None:
     cost = lambda v: 1 + PATCHING_COST * (v in m.patching_variants)  # noqa: E731
     for v in tqdm(run.dist.shard(m.variants, cost=cost), desc="mechanisms"):
         key = mechanism_key(run, v)
-        done = cache / f"{v}.{key}.json"
-        if not done.is_file():
+        if read_unit_tables(cache, v, key) is None:
             hm = run.load_variant(v)
             # every analysis here reads the residual stream, none an adapter's own hook: a static
             # update (merges, single experts) is folded into the weights and runs at base cost
             with fold_static_update(hm):
-                parts = mechanism_parts(run, v, hm, exs, world)
-            for name, df in parts.items():
-                df = df.copy()
-                df.insert(0, "method", v)
-                cached_csv(cache / f"{v}.{name}.{key}.csv", lambda df=df: df)
-            atomic_write_text(done, json.dumps(sorted(parts)))
+                write_unit_tables(cache, v, key, mechanism_parts(run, v, hm, exs, world))
             run.release(hm)
     run.dist.barrier()
     if not run.dist.is_main:
         return
     tables: dict[str, list[pd.DataFrame]] = {k: [] for k in TABLES}
     for v in m.variants:
-        key = mechanism_key(run, v)
-        for name in json.loads((cache / f"{v}.{key}.json").read_text()):
-            tables[name].append(pd.read_csv(cache / f"{v}.{name}.{key}.csv"))
+        for name, df in read_unit_tables(cache, v, mechanism_key(run, v)).items():
+            tables[name].append(df)
     for name, dfs in tables.items():
         if dfs:
             run.write_csv(pd.concat(dfs, ignore_index=True), name)
