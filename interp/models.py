@@ -36,7 +36,7 @@ from interp.builders import (BYTE_VOCAB, build_tiny, byte_tokenizer, load_hf_dir
                              smollm2_dir, tiny_config)
 from interp.files import SMOLLM2_GGUF, SMOLLM2_PACKAGE, smollm2_gguf_path  # noqa: F401
 from interp.registry import REGISTRY, ModelSpec, list_models  # noqa: F401
-from interp.surgery import use_eager_attention
+from interp.surgery import use_eager_attention  # noqa: F401  (re-exported; benchmarks/gpu/arch.py)
 
 
 # Projections that a TransformerBridge re-implements from a *copy* of the weight at boot, so that a

@@ -9,9 +9,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable
 
-from interp.errors import ModelLoadError  # noqa: F401  (raised by smollm2_gguf_path)
+from interp.errors import ModelLoadError
 from interp.files import MANIFEST, cache_dir, smollm2_gguf_path
-
 
 
 def _lazy(builder: str, *args: Any) -> Callable[[], tuple[Any, Any]]:
@@ -58,7 +57,7 @@ REGISTRY: dict[str, ModelSpec] = {
         _lazy("tiny_config", "qwen2")),
     "tiny-gpt2": ModelSpec(
         "tiny-gpt2", "random-init GPT-2 with fused c_attn (2 layers, d_model 96): for the fused-"
-        "projection guard", "0.3M", _lazy("build_tiny", "gpt2"), lambda: True, "random-init",
+        "projection split", "0.3M", _lazy("build_tiny", "gpt2"), lambda: True, "random-init",
         _lazy("tiny_config", "gpt2")),
 }
 

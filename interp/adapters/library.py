@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from interp.adapters.factors import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, PICKLE_WEIGHTS, AdapterFormatError,
+from interp.adapters.factors import (ADAPTER_WEIGHTS, PICKLE_WEIGHTS, AdapterFormatError,
                                      LoraDelta, adapter_dir_problem, read_adapter, read_adapter_config)
 from interp.adapters.hooks import check_adapter_name
 from interp.errors import AdapterError
