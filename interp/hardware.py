@@ -223,13 +223,6 @@ def oversubscription(threads: int, cores: int | None = None) -> str | None:
             f"slow every step; use --threads {cores} or auto")
 
 
-def set_threads(value: int | str | None = None) -> int:
-    """Set torch's intra-op thread count to :func:`resolve_threads` ``(value)``; returns it."""
-    n = resolve_threads(value)
-    torch.set_num_threads(n)
-    return n
-
-
 def gpu_utilisation_reader(device: str | torch.device = "cuda"):
     """A function returning the current utilisation (%, 0–100) of the CUDA ``device``, or ``None``
     when there is none to read: a CPU device, or neither NVML (``torch.cuda.utilization``, needs
