@@ -77,6 +77,16 @@ def _route_ctx(route: Callable | None, batch: Sequence[Any]):
     return route(list(batch)) if route is not None else contextlib.nullcontext()
 
 
+def _by_length(lengths: Sequence[int], route: Callable | None) -> list[int]:
+    """The order in which to batch examples: by token length (stable), so each batch pads to
+    nearly its own length (~10% fewer tokens on the study's query sets); input order under a
+    ``route``, whose context is entered per batch of the caller's own grouping (oracle routing).
+    Each row's result does not depend on its batch mates (causal attention, right padding)."""
+    if route is not None:
+        return list(range(len(lengths)))
+    return sorted(range(len(lengths)), key=lambda i: lengths[i])
+
+
 @torch.no_grad()
 def logits_at(hm: Any, tokens: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
     """fp32 logits at chosen positions, ``[n, d_vocab]`` for ``n`` (row, col) pairs.
@@ -108,7 +118,8 @@ def score_examples(hm: Any, examples: Sequence[Any], batch_size: int = 16,
         hm: a ``HookedModel`` (adapters attached or not).
         examples: objects with ``prompt`` and ``answer`` (``tasks.two_hop.Example``,
             ``tasks.math_word`` problems); other known fields are copied to the output.
-        batch_size: examples per forward; each forward is ``[batch, max(len(p)+len(a))]``.
+        batch_size: examples per forward; each forward is ``[batch, max(len(p)+len(a))]``,
+            batches formed in order of token length unless ``route`` is given.
         route: optional ``route(batch_examples) -> context manager`` entered around that batch's
             forward (oracle routing: activate the right adapter per batch).
         progress: show a tqdm bar.
@@ -129,14 +140,18 @@ def score_examples(hm: Any, examples: Sequence[Any], batch_size: int = 16,
         raise EvaluationError(f"batch_size must be >= 1, got {batch_size}")
     n_ctx = int(getattr(hm.bridge.cfg, "n_ctx", 0) or 0)
     rows: list[dict] = []
+    enc_p = [_encode(hm, e.prompt, "prompt") for e in examples]
+    enc_a = [_encode(hm, e.answer, "answer") for e in examples]
+    order = _by_length([len(p) + len(a) for p, a in zip(enc_p, enc_a)], route)
     starts = range(0, len(examples), batch_size)
     if progress:
         from tqdm.auto import tqdm
         starts = tqdm(starts, desc="score", unit="batch")
     for b in starts:
-        batch = examples[b:b + batch_size]
-        ps = [_encode(hm, e.prompt, "prompt") for e in batch]
-        ans = [_encode(hm, e.answer, "answer") for e in batch]
+        ids = order[b:b + batch_size]
+        batch = [examples[j] for j in ids]
+        ps = [enc_p[j] for j in ids]
+        ans = [enc_a[j] for j in ids]
         width = max(len(p) + len(a) for p, a in zip(ps, ans))
         if n_ctx and width > n_ctx:
             raise EvaluationError(f"a prompt+answer has {width} tokens, more than the context {n_ctx}")
@@ -156,7 +171,7 @@ def score_examples(hm: Any, examples: Sequence[Any], batch_size: int = 16,
             start += len(a)
             gold = torch.tensor(a, device=read.device)
             pred = read[sl].argmax(-1)
-            row = {"idx": b + i}
+            row = {"idx": ids[i]}
             for f in _EXAMPLE_FIELDS:
                 if hasattr(e, f):
                     row[f] = getattr(e, f)
@@ -167,7 +182,7 @@ def score_examples(hm: Any, examples: Sequence[Any], batch_size: int = 16,
                        pred_first_token=hm.tokenizer.decode([int(pred[0])]),
                        gold_first_token=hm.tokenizer.decode([a[0]]))
             rows.append(row)
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows).sort_values("idx", ignore_index=True)
 
 
 def accuracy_table(scored: pd.DataFrame, by: Sequence[str] = ("method", "library", "test_set", "hop"),
@@ -234,7 +249,7 @@ def greedy_answers(hm: Any, examples: Sequence[Any], max_new_tokens: int = 8,
         hm: a ``HookedModel``.
         examples: objects with ``prompt`` (or plain strings).
         max_new_tokens: tokens generated per prompt (≥ 1).
-        batch_size: prompts per forward.
+        batch_size: prompts per forward (batched in order of length unless ``route`` is given).
         route: optional ``route(batch_examples) -> context manager`` around each batch.
         stop_at_eos: stop a row at the tokenizer's EOS (not included in the text).
 
@@ -250,10 +265,13 @@ def greedy_answers(hm: Any, examples: Sequence[Any], max_new_tokens: int = 8,
         raise EvaluationError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     eos = hm.tokenizer.eos_token_id
     dev = hm.device
-    out: list[str] = []
+    enc = [_encode(hm, e if isinstance(e, str) else e.prompt, "prompt") for e in examples]
+    order = _by_length([len(r) for r in enc], route)
+    out: list[str] = [""] * len(examples)
     for b in range(0, len(examples), batch_size):
-        batch = examples[b:b + batch_size]
-        ids = [_encode(hm, e if isinstance(e, str) else e.prompt, "prompt") for e in batch]
+        rows = order[b:b + batch_size]
+        batch = [examples[j] for j in rows]
+        ids = [enc[j] for j in rows]
         width = max(len(r) for r in ids)
         toks = torch.full((len(ids), width), hm.pad_token_id, dtype=torch.long)
         mask = torch.zeros((len(ids), width), dtype=torch.long)
@@ -283,5 +301,6 @@ def greedy_answers(hm: Any, examples: Sequence[Any], max_new_tokens: int = 8,
                 pos = pos[:, -1:] + 1
                 res = hm.hf_model(input_ids=nxt[:, None].to(dev), attention_mask=mask, position_ids=pos,
                                   past_key_values=res.past_key_values, use_cache=True, logits_to_keep=1)
-        out.extend(hm.tokenizer.decode(r) for r in new)
+        for j, r in zip(rows, new):
+            out[j] = hm.tokenizer.decode(r)
     return out

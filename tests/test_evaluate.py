@@ -4,6 +4,7 @@ import contextlib
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -161,3 +162,14 @@ def test_accuracy_table_columns_and_values():
                            by=("method", "library", "test_set", "hop", "tier"))
     assert list(extra.columns) == TABLE_COLUMNS[:4] + ["tier"] + TABLE_COLUMNS[4:]
     assert not math.isnan(extra["ci_low"].sum())
+
+
+def test_length_sorted_batches_score_each_example_as_alone(tiny_llama):
+    # batches are formed by token length; every row must equal scoring that example alone, in input order
+    exs = [Ex("A much longer prompt about several things here", " yes"), Ex("ab", " c"),
+           Ex("The city of Kel is in", " Vexmoor"), Ex("x", " y z"), Ex("Hello there", " w")]
+    got = score_examples(tiny_llama, exs, batch_size=2)
+    assert list(got["idx"]) == list(range(len(exs))) and list(got["prompt"]) == [e.prompt for e in exs]
+    alone = pd.concat([score_examples(tiny_llama, [e]) for e in exs], ignore_index=True)
+    assert np.allclose(got["answer_logprob"], alone["answer_logprob"], atol=1e-5)
+    assert list(got["exact_match"]) == list(alone["exact_match"])
