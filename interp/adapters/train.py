@@ -113,8 +113,10 @@ def answer_accuracy(model: Any, encoded: list[tuple[list[int], list[int]]], pad:
     split = decoder_and_head(base)
     dev = next(model.parameters()).device
     first, exact = 0, 0
+    # batched by length: each row is independent of its batch mates (causal, right padding)
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][0]) + len(encoded[i][1]))
     for s in range(0, len(encoded), batch_size):
-        idx = list(range(s, min(len(encoded), s + batch_size)))
+        idx = order[s:s + batch_size]
         ids, mask, labels = _batch(encoded, idx, pad)
         ids, mask = ids.to(dev), mask.to(dev)
         if split is None:
