@@ -148,10 +148,10 @@ def score_examples(hm: Any, examples: Sequence[Any], batch_size: int = 16,
         from tqdm.auto import tqdm
         starts = tqdm(starts, desc="score", unit="batch")
     for b in starts:
-        ids = order[b:b + batch_size]
-        batch = [examples[j] for j in ids]
-        ps = [enc_p[j] for j in ids]
-        ans = [enc_a[j] for j in ids]
+        picked = order[b:b + batch_size]  # example indices of this batch
+        batch = [examples[j] for j in picked]
+        ps = [enc_p[j] for j in picked]
+        ans = [enc_a[j] for j in picked]
         width = max(len(p) + len(a) for p, a in zip(ps, ans))
         if n_ctx and width > n_ctx:
             raise EvaluationError(f"a prompt+answer has {width} tokens, more than the context {n_ctx}")
@@ -171,7 +171,7 @@ def score_examples(hm: Any, examples: Sequence[Any], batch_size: int = 16,
             start += len(a)
             gold = torch.tensor(a, device=read.device)
             pred = read[sl].argmax(-1)
-            row = {"idx": ids[i]}
+            row = {"idx": picked[i]}
             for f in _EXAMPLE_FIELDS:
                 if hasattr(e, f):
                     row[f] = getattr(e, f)
