@@ -205,3 +205,135 @@ def test_separation_table():
     assert r.auc == pytest.approx(auc(sub.score, lab.loc[sub.chain_id]))
     with pytest.raises(SeparationError, match="no label"):
         separation_table(df.assign(chain_id=df.chain_id + 100), lab)
+
+
+# --------------------------------------------------------------------------------------------
+# Swap patching and probe scores
+# --------------------------------------------------------------------------------------------
+
+
+def _ex(prompt, e1, e3, cid, e2="x"):
+    from tests.stand_ins import example
+
+    i = prompt.index(e1)
+    return example(prompt, " " + e3, e1=e1, e2=e2, e3=e3, char_spans={"e1": (i, i + len(e1))},
+                   chain_id=cid)
+
+
+def test_swap_equals_patch_layer_pos_on_aligned_prompts(tiny_llama):
+    """Same token length and position: the swap is activation patching with clean = donor."""
+    import torch
+
+    from interp.mechanisms import patch_layer_pos, swap_patching
+
+    hm = tiny_llama
+    tg = [_ex("The capital of Abcd is", "Abcd", "Paris", 0), _ex("The capital of Wxyz is", "Wxyz", "Oslo", 1)]
+    dn = [_ex("The capital of Qrst is", "Qrst", "Lima", 2), _ex("The capital of Mnop is", "Mnop", "Rome", 3)]
+    df = swap_patching(hm, tg, dn, layers=[0, 2, 3], progress=False)
+    p = hm.encode(tg[0].prompt).__len__()
+    pos = len(hm.encode("The capital of Abcd")) - 1
+    ct, _ = hm.tokenize([d.prompt for d in dn])
+    xt, lengths = hm.tokenize([t.prompt for t in tg])
+    first = lambda e: hm.encode(" " + e)[1] if not hm.tokenizer.decode(hm.encode(" " + e)[:1]).strip() else hm.encode(" " + e)[0]
+    ca = torch.tensor([first(d.e3) for d in dn])
+    xa = torch.tensor([first(t.e3) for t in tg])
+    grid = patch_layer_pos(hm, ct, xt, ca, xa, lengths, "resid_pre", [0, 2, 3], [pos], progress=False)
+    got = df.pivot(index="layer", columns="example_id", values="logit_diff").to_numpy()
+    assert np.allclose(got, grid.logit_diff[:, 0].cpu().numpy(), atol=1e-4)
+    assert np.allclose(df.groupby("example_id")["base_logit_diff"].first(), grid.corrupted.cpu(), atol=1e-4)
+    assert np.allclose(df.groupby("example_id")["donor_logit_diff"].first(), grid.clean.cpu(), atol=1e-4)
+    assert (df["token_index"] == pos).all() and p > pos
+
+
+def test_swap_with_itself_changes_nothing_and_refuses_same_answer(tiny_llama):
+    from interp.errors import PatchingError
+    from interp.mechanisms import swap_patching
+
+    a = _ex("Where Abcd stands the capital is", "Abcd", "Paris", 0)
+    b = _ex("Where Abcd stands the capital is", "Abcd", "Oslo", 1)   # same prompt, other answer
+    df = swap_patching(tiny_llama, [a], [b], layers=[1, 2], progress=False)
+    assert np.allclose(df["shift"], 0, atol=1e-5)
+    with pytest.raises(PatchingError, match="first token"):
+        swap_patching(tiny_llama, [a], [_ex("The capital of Qrst is", "Qrst", "Pisa", 2)])
+
+
+def test_probe_scores_are_held_out_and_grouped():
+    from interp.mechanisms import probe_scores
+
+    rng = np.random.default_rng(0)
+    n, d = 60, 8
+    y = np.r_[np.ones(30, bool), np.zeros(30, bool)]
+    X = rng.normal(size=(n, d)) + 2.0 * y[:, None]           # separable: held-out scores high
+    feats = {"final": X[None].astype(np.float32)}
+    groups = np.repeat(np.arange(20), 3)
+    df = probe_scores(feats, y, [5], groups, positive=True, progress=False)
+    assert list(df.columns) == ["example_id", "layer", "position", "score", "n_classes"]
+    assert auc(df["score"], y) > 0.9 and (df["layer"] == 5).all()
+    noise = {"final": rng.normal(size=(1, n, d)).astype(np.float32)}
+    s = probe_scores(noise, y, None, groups, positive=True, progress=False)["score"]
+    assert 0.2 < auc(s, y) < 0.8                                # no signal: near chance
+    # own-label scoring drops classes smaller than n_splits
+    lab = ["a"] * 25 + ["b"] * 25 + ["c"] * 10
+    s = probe_scores(feats, lab, None, None, n_splits=5, progress=False)["score"]
+    assert s.notna().all() and ((s >= 0) & (s <= 1)).all()
+    lab2 = ["a"] * 28 + ["b"] * 28 + ["c"] * 4
+    s2 = probe_scores(feats, lab2, None, None, progress=False)["score"]
+    assert s2.isna().sum() == 4
+    from interp.errors import ProbeError
+
+    with pytest.raises(ProbeError, match="positive class"):
+        probe_scores(feats, y, None, None, positive="maybe", progress=False)
+
+
+# --------------------------------------------------------------------------------------------
+# The study end to end (tiny model, stub verification)
+# --------------------------------------------------------------------------------------------
+
+
+def test_study_end_to_end_on_tiny_model(tiny_llama, tmp_path):
+    from interp.study.real_chains import run_real_chains
+
+    # 6 bridges (countries) x 7 cities: every e₂ has >= 5 chains for the bridge probe, and two
+    # continents (first letters A, E) give every chain a donor with another answer
+    chains = []
+    for country in ("France", "Germany", "Italy", "China", "Japan", "India"):
+        chains += [c for c in make_chains() if c.pair == "city_country+country_continent"
+                   and c.e2 == country][:7]
+    rng = np.random.default_rng(0)
+    two_hop = rng.random(len(chains)) < 0.5
+
+    def stub(hm, examples):
+        if examples[0].kind == "two_hop":
+            return list(two_hop)
+        return [True] * len(examples)
+
+    res = run_real_chains(tiny_llama, tmp_path, layer_step=2, chains=chains, verifier=stub,
+                          n_boot=50, progress=False)
+    ch = pd.read_csv(tmp_path / "chains.csv")
+    assert len(ch) == len(chains) >= 30 and ch["known"].all()
+    assert (ch["outcome"] == "composed").tolist() == list(two_hop)
+    sep = pd.read_csv(tmp_path / "separation.csv")
+    assert {"entrec", "patchscope", "probe_bridge", "probe_outcome", "swap"} <= set(sep["measurement"])
+    assert set(sep.columns) >= {"measurement", "layer", "position", "n_pos", "n_neg", "auc", "lo", "hi"}
+    assert (sep["n_pos"] + sep["n_neg"] <= len(chains)).all()
+    assert sep["auc"].between(0, 1).all()
+    assert set(sep[sep.measurement == "patchscope"]["layer"].astype(str)) == {"0", "2", "3", "max"}
+    assert set(sep[sep.measurement == "entrec"]["layer"].astype(str)) >= {str(l) for l in range(5)}
+    # scores agree with the separation table (recomputed independently with sklearn)
+    from sklearn.metrics import roc_auc_score
+
+    sc = res["scores"]
+    s = sc[(sc.measurement == "entrec") & (sc.position == "final") & (sc.layer == "4")]
+    lab = ch.set_index("chain_id").loc[s["chain_id"], "outcome"] == "composed"
+    row = sep[(sep.measurement == "entrec") & (sep.position == "final") & (sep.layer.astype(str) == "4")]
+    assert row["auc"].iloc[0] == pytest.approx(roc_auc_score(lab, s["score"]))
+    for f in ("separation_auc.html", "entrec_by_outcome_final.html", "swap.csv", "scores.csv"):
+        assert (tmp_path / f).is_file()
+    # a second call resumes from the files; another configuration is refused
+    run_real_chains(tiny_llama, tmp_path, layer_step=2, chains=chains, verifier=stub, n_boot=50,
+                    progress=False)
+    from interp.errors import StudyError
+
+    with pytest.raises(StudyError, match="another configuration"):
+        run_real_chains(tiny_llama, tmp_path, layer_step=1, chains=chains, verifier=stub,
+                        progress=False)
