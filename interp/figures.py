@@ -229,6 +229,36 @@ def matrix_figure(mat: pd.DataFrame, title: str, value_name: str, zmin: float = 
     return fig
 
 
+def separation_figure(sep: pd.DataFrame, title: str = "AUC by layer (95% CI)",
+                      y_title: str = "AUC (95% CI)") -> go.Figure:
+    """AUC by layer with its interval, one line per measurement × position; dashed 0.5 = no
+    separation.
+
+    Args:
+        sep: :func:`interp.mechanisms.separation.separation_table` rows (measurement, layer,
+            position, auc, lo, hi); rows whose layer is not an integer (``"max"``) are left out.
+    """
+    _require(sep, ["measurement", "layer", "position", "auc", "lo", "hi"], "separation_figure")
+    d = sep[pd.to_numeric(sep["layer"], errors="coerce").notna()].copy()
+    if d.empty:
+        raise FigureError("separation_figure: no per-layer rows")
+    d["layer"] = d["layer"].astype(int)
+    fig = go.Figure()
+    for k, ((m, p), g) in enumerate(d.groupby(["measurement", "position"], sort=False)):
+        g = g.sort_values("layer")
+        fig.add_trace(go.Scatter(
+            x=g["layer"], y=g["auc"], mode="lines+markers", name=f"{m} @ {p}",
+            line=dict(color=PALETTE[k % len(PALETTE)]),
+            error_y=dict(type="data", array=g["hi"] - g["auc"], arrayminus=g["auc"] - g["lo"],
+                         thickness=1, width=2)))
+    fig.add_hline(y=0.5, line_dash="dash", line_color="#888")
+    fig.update_yaxes(title_text=y_title, range=[0, 1])
+    fig.update_xaxes(title_text="layer")
+    _integer_ticks(fig, "x", d["layer"])
+    fig.update_layout(title=title, height=560)
+    return fig
+
+
 def save_figures(figs: dict[str, go.Figure], out_dir: str | os.PathLike, png: bool = True,
                  scale: float = 2.0) -> dict[str, list[str]]:
     """Write each figure as ``NAME.html`` (interactive; ``plotly.min.js`` written once beside it) and

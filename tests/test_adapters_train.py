@@ -1,5 +1,7 @@
 """train_expert: answer-only labels, learning, determinism, resume after a crash, cache, guards."""
 
+import dataclasses
+import hashlib
 import json
 import warnings
 
@@ -166,3 +168,62 @@ def test_answer_accuracy_equals_full_logits_argmax(tmp_path):
     first, exact = answer_accuracy(pm, forced, pad=0, batch_size=3)
     assert (first, exact) == (first_ref / len(EX), exact_ref / len(EX))
     assert 0 < first < 1
+
+
+def test_expert_init_seed_is_the_truncated_sha256_of_seed_and_name():
+    from interp.adapters.recipe import expert_init_seed
+
+    # independent formulation: the first 16 hex digits of the digest, top bit cleared
+    ref = int(hashlib.sha256(b"3:ab").hexdigest()[:16], 16) % 2 ** 63
+    assert expert_init_seed(3, "ab") == ref and 0 <= ref < 2 ** 63
+    assert expert_init_seed(3, "ab") != expert_init_seed(3, "bc") != expert_init_seed(4, "bc")
+    torch.manual_seed(expert_init_seed(0, "joint_all"))  # a seed torch accepts
+    assert TrainConfig(seed=3).init_seed("ab") == ref
+    assert TrainConfig(seed=3, init="shared").init_seed("ab") == 3 and TrainConfig(seed=3).init_seed(None) == 3
+    assert "init='random'" in TrainConfig(init="random").problems()[0]
+
+
+def _initial_A(seed: int) -> dict[str, torch.Tensor]:
+    """A of every LoRA module right after peft's init under ``torch.manual_seed(seed)`` (the
+    training code is not used: this is what the old shared init drew)."""
+    from peft import LoraConfig, get_peft_model
+
+    from interp.models import load_hf
+
+    hf, _ = load_hf("tiny-llama")
+    torch.manual_seed(seed)
+    pm = get_peft_model(hf, LoraConfig(r=INIT_CFG.r, lora_alpha=INIT_CFG.lora_alpha,
+                                       target_modules=list(INIT_CFG.target_modules), bias="none",
+                                       task_type="CAUSAL_LM"))
+    return {n.split("base_model.model.")[1].rsplit(".lora_A", 1)[0]: p.detach().clone()
+            for n, p in pm.named_parameters() if ".lora_A." in n}
+
+
+# one step: B = 0 at init, so A's gradient is exactly 0 and the saved A is the init itself
+INIT_CFG = dataclasses.replace(CFG, max_steps=1, checkpoint_every=0, seed=2)
+
+
+def test_per_expert_init_differs_by_name_and_shared_reproduces_the_old_init(tmp_path):
+    from interp.adapters.recipe import expert_init_seed
+
+    def trained_A(name, cfg, expert):
+        meta = train_expert("tiny-llama", EX, tmp_path / name, cfg, progress=False, expert=expert)
+        return meta, {m: d.A for m, d in read_adapter(tmp_path / name).items()}
+
+    meta_ab, ab = trained_A("ab", INIT_CFG, "ab")
+    _, ab2 = trained_A("ab_again", INIT_CFG, "ab")
+    meta_bc, bc = trained_A("bc", INIT_CFG, "bc")
+    assert meta_ab["init_seed"] == expert_init_seed(2, "ab") and meta_ab["seed"] == 2
+    assert all(torch.equal(ab[m], ab2[m]) for m in ab)              # same name: same A
+    assert all(not torch.allclose(ab[m], bc[m]) for m in ab)        # another name: another A
+    ref_ab = _initial_A(expert_init_seed(2, "ab"))
+    assert set(ref_ab) == set(ab) and all(torch.equal(ab[m], ref_ab[m].to(ab[m].dtype)) for m in ab)
+    shared = dataclasses.replace(INIT_CFG, init="shared")
+    meta_s, s_ab = trained_A("s_ab", shared, "ab")
+    _, s_bc = trained_A("s_bc", shared, "bc")
+    old = _initial_A(2)  # what every expert started from before per-expert inits
+    assert meta_s["init_seed"] == 2
+    assert all(torch.equal(s_ab[m], old[m]) and torch.equal(s_bc[m], old[m]) for m in old)
+    # a finished expert is reused only under the same init: another name retrains
+    again = train_expert("tiny-llama", EX, tmp_path / "ab", INIT_CFG, progress=False, expert="bc")
+    assert again["init_seed"] == meta_bc["init_seed"]

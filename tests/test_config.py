@@ -20,6 +20,7 @@ def test_defaults_and_shipped_configs_load():
     ("[methods]\nvariants = ['uniform', 'magic']\n", "magic"),
     ("[world]\ntiers = ['F', 'X']\n", "world.tiers"),
     ("[training]\nbatch_size = 0\n", "training.batch_size"),
+    ("[training]\ninit = 'random'\n", "training.init='random' .per_expert.shared"),
     ("[study]\ndevice = 'tpu'\n", "study.device"),
     ("[mechanisms]\nprobe_estimator = 'mlp'\n", "mechanisms.probe_estimator"),
     ("[mechanisms]\nprobe_layer_stride = 0\n", "mechanisms.probe_layer_stride"),

@@ -9,11 +9,31 @@ cheap.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 
 # the seven linear projections of a Llama-style block
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 PRECISIONS = ("auto", "fp32", "bf16")
 SCHEDULES = ("linear", "constant")
+INITS = ("per_expert", "shared")
+
+
+def expert_init_seed(seed: int, name: str) -> int:
+    """The LoRA-init seed of expert ``name`` under training seed ``seed``.
+
+    ``int(sha256(f"{seed}:{name}"))`` truncated to its low 63 bits (a non-negative int64 that
+    ``torch.manual_seed`` takes). Experts of one study then start from independent A matrices
+    (peft draws A Kaiming-uniform, B = 0), so the principal angles and φ between their trained
+    updates measure what they learned, not a shared random start; the same (seed, name) always
+    gives the same init.
+
+    Raises:
+        TypeError: ``name`` is not a string.
+    """
+    if not isinstance(name, str):
+        raise TypeError(f"expert name must be a string, got {type(name).__name__}")
+    digest = hashlib.sha256(f"{int(seed)}:{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") & ((1 << 63) - 1)
 
 
 @dataclasses.dataclass
@@ -32,8 +52,13 @@ class TrainConfig:
         min_steps: floor on the steps that ``epochs`` gives (a small dataset still gets enough
             updates; ignored with max_steps). The 96-example D_AC set gets 60 steps, not 30.
         batch_size: examples per step.
-        seed: seed of init and order. weight_decay: AdamW decay. checkpoint_every: steps between
-            resume checkpoints (0: none). add_eos: append the tokenizer's EOS after each answer.
+        seed: seed of the batch order, and of the LoRA init under ``init="shared"``.
+        init: ``"per_expert"`` (default): each expert's LoRA init is seeded by
+            :func:`expert_init_seed` ``(seed, expert name)``, so experts of one study do not share
+            their A matrices; ``"shared"``: every expert's init is seeded by ``seed`` itself (the
+            behaviour before per-expert inits: identical A at step 0 across experts).
+        weight_decay: AdamW decay. checkpoint_every: steps between resume checkpoints (0: none).
+            add_eos: append the tokenizer's EOS after each answer.
         lora_dropout: dropout on the LoRA input. max_grad_norm: global gradient-norm clip
             (0: none; 1.0 as transformers' Trainer), which keeps memorisation runs from spiking.
         loraplus_lr_ratio: 0 for plain AdamW; else LoRA+ (Hayou et al., ICML 2024): B matrices
@@ -57,6 +82,7 @@ class TrainConfig:
     min_steps: int = 60
     batch_size: int = 16
     seed: int = 0
+    init: str = "per_expert"
     weight_decay: float = 0.0
     checkpoint_every: int = 20
     add_eos: bool = False
@@ -81,6 +107,8 @@ class TrainConfig:
             bad.append(f"schedule={self.schedule!r} ({'|'.join(SCHEDULES)})")
         if not 0 <= self.warmup_ratio < 1:
             bad.append(f"warmup_ratio={self.warmup_ratio} (in [0, 1))")
+        if self.init not in INITS:
+            bad.append(f"init={self.init!r} ({'|'.join(INITS)})")
         if self.precision not in PRECISIONS:
             bad.append(f"precision={self.precision!r} ({'|'.join(PRECISIONS)})")
         if self.max_steps is not None and self.max_steps < 0:
@@ -95,6 +123,13 @@ class TrainConfig:
         d = dataclasses.asdict(self)
         d["target_modules"] = list(self.target_modules)
         return d
+
+    def init_seed(self, expert: str | None) -> int:
+        """The seed of ``torch.manual_seed`` before the LoRA init of ``expert``: :attr:`seed`
+        under ``init="shared"`` or without a name, else :func:`expert_init_seed`."""
+        if self.init == "shared" or expert is None:
+            return int(self.seed)
+        return expert_init_seed(self.seed, expert)
 
     def identity(self) -> dict:
         """The fields that determine the trained weights (checkpoint cadence excluded)."""

@@ -6,8 +6,11 @@ labels are −100), batches right-padded to their own longest sequence, AdamW (o
 with linear warm-up and decay, and gradient-norm clipping. The result is a standard PEFT directory (``adapter_config.json`` + ``adapter_model.safetensors``) plus ``interp_meta.json``
 and ``manifest.json``, written atomically.
 
-Determinism and resume: the LoRA init uses ``torch.manual_seed(seed)``; the batches of epoch ``e``
-come from a generator seeded ``seed·1_000_003 + e`` (:func:`epoch_batches`) and the learning rate
+Determinism and resume: the LoRA init uses ``torch.manual_seed(config.init_seed(expert))`` —
+by default a seed derived from the training seed and the expert's name
+(:func:`interp.adapters.recipe.expert_init_seed`), so the experts of one study start from
+different A matrices; ``init="shared"`` or no name: the training seed itself. The batches of
+epoch ``e`` come from a generator seeded ``seed·1_000_003 + e`` (:func:`epoch_batches`) and the learning rate
 of step ``t`` from :func:`lr_scale`, so step ``t``'s batch and rate are pure functions of
 ``(seed, t)``. Every ``checkpoint_every`` steps the adapter weights
 (safetensors), AdamW state (``torch.save``, re-read with ``weights_only=True``), torch RNG state
@@ -231,7 +234,7 @@ def check_training_targets(model: str, target_modules: Sequence[str]) -> None:
 def train_expert(base: str | os.PathLike, examples: Sequence[tuple[str, str]], out_dir: str | os.PathLike,
                  config: TrainConfig = TrainConfig(), progress: bool = True,
                  callback: Callable[[int, float], None] | None = None,
-                 device: str | torch.device = "cpu") -> dict:
+                 device: str | torch.device = "cpu", expert: str | None = None) -> dict:
     """Train a LoRA expert on ``(prompt, answer)`` pairs and save it as a PEFT directory.
 
     Input text per example is ``prompt + answer`` (answers carry their own leading space, e.g.
@@ -249,10 +252,14 @@ def train_expert(base: str | os.PathLike, examples: Sequence[tuple[str, str]], o
         device: torch device to train on (``"cpu"``, ``"cuda"``, ``"cuda:N"``; checked by
             :func:`interp.hardware.check_device`); the frozen base is fp32, or bf16 with
             ``precision="bf16"``; LoRA factors and optimiser state stay fp32 (peft's default).
+        expert: the expert's name. With ``config.init == "per_expert"`` the LoRA init is seeded
+            by ``expert_init_seed(config.seed, expert)`` (the batch order keeps ``config.seed``);
+            ``None`` (or ``init="shared"``): seeded by ``config.seed``, as every expert was
+            before per-expert inits.
 
     Returns:
         The metadata written to ``interp_meta.json``: ``base_model, data_sha256, n_examples,
-        config, seed, steps, final_loss, losses, train_first_token_acc, train_exact_match,
+        config, seed, init_seed, steps, final_loss, losses, train_first_token_acc, train_exact_match,
         wall_time_s, steps_per_s, resumed_from_step``. If ``out_dir`` is already complete (manifest
         verifies) with the same data hash and config, that metadata is returned without training.
 
@@ -276,10 +283,12 @@ def train_expert(base: str | os.PathLike, examples: Sequence[tuple[str, str]], o
         config = dataclasses.replace(config, precision=choice.precision)
     out = Path(out_dir)
     data_sha = _data_sha256(examples)
-    ident = {"base_model": str(base), "data_sha256": data_sha, "config": config.identity()}
+    init_seed = config.init_seed(expert)
+    ident = {"base_model": str(base), "data_sha256": data_sha, "config": config.identity(), "init_seed": init_seed}
     if (out / META).is_file() and verify_manifest(out)[0]:
         meta = json.loads((out / META).read_text())
-        if {k: meta.get(k) for k in ("base_model", "data_sha256")} == {k: ident[k] for k in ("base_model", "data_sha256")} \
+        if {k: meta.get(k) for k in ("base_model", "data_sha256", "init_seed")} == \
+                {k: ident[k] for k in ("base_model", "data_sha256", "init_seed")} \
                 and meta.get("config_identity") == ident["config"]:
             return meta
     t0 = time.perf_counter()
@@ -290,7 +299,7 @@ def train_expert(base: str | os.PathLike, examples: Sequence[tuple[str, str]], o
     check_target_modules(hf, config.target_modules, str(base))
     encoded = _encode(tok, examples, config.add_eos)
     pad = next(c for c in (tok.pad_token_id, tok.eos_token_id, 0) if c is not None)
-    torch.manual_seed(config.seed)
+    torch.manual_seed(init_seed)  # draws the LoRA init (A Kaiming-uniform, B = 0), then any dropout
     lcfg = LoraConfig(r=config.r, lora_alpha=config.lora_alpha, target_modules=list(config.target_modules),
                       lora_dropout=config.lora_dropout, bias="none", task_type="CAUSAL_LM")
     pm = get_peft_model(hf, lcfg)
@@ -356,7 +365,7 @@ def train_expert(base: str | os.PathLike, examples: Sequence[tuple[str, str]], o
         pm.eval()
     first, exact = answer_accuracy(pm, encoded, pad)
     meta = {"base_model": str(base), "data_sha256": data_sha, "n_examples": n, "config": config.to_json(),
-            "config_identity": ident["config"], "seed": config.seed, "steps": step,
+            "config_identity": ident["config"], "seed": config.seed, "init_seed": init_seed, "steps": step,
             "final_loss": losses[-1] if losses else None, "losses": losses,
             "train_first_token_acc": first, "train_exact_match": exact,
             "wall_time_s": time.perf_counter() - t0,

@@ -175,6 +175,76 @@ def probe_features(features: dict[str, np.ndarray], labels: Sequence[Any],
     return pd.DataFrame(rows)
 
 
+def probe_scores(features: dict[str, np.ndarray], labels: Sequence[Any],
+                 layers: Sequence[int] | None = None, groups: Sequence[Any] | None = None,
+                 positive: Any = None, n_splits: int = 5, seed: int = 0, C: float = 1.0,
+                 progress: bool = True) -> pd.DataFrame:
+    """Held-out probe probability per example: each example is scored by a logistic probe
+    (standardised features, ``LogisticRegression(C)``) fitted on the other folds only.
+
+    Folds are ``StratifiedGroupKFold`` when ``groups`` is given (no group in both the fitting
+    and the scored fold), else ``StratifiedKFold``; ``sklearn.model_selection.cross_val_predict``
+    with ``method="predict_proba"``. Classes with fewer than ``n_splits`` members are dropped
+    (their examples get NaN), as in :func:`probe_features`.
+
+    Args:
+        features: position name → ``[n_layers, n_examples, d]`` array (:func:`collect_features`).
+        labels: one label per example.
+        layers: layer numbers of the features' first axis (default ``0..n-1``).
+        groups: one group per example (e.g. e₁), or ``None``.
+        positive: score the probability of this class (e.g. ``True`` for a binary outcome
+            probe); ``None`` scores each example's own label (e.g. its bridge entity).
+        n_splits, seed, C, progress: folds, their seed, inverse L2 regularisation, tqdm bar.
+
+    Returns:
+        DataFrame: example_id, layer, position, score (held-out probability, NaN for dropped
+        examples), n_classes.
+
+    Raises:
+        ProbeError: mismatched lengths, fewer than two classes with ``n_splits`` members, too few
+            groups, or ``positive`` not among the kept classes.
+    """
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold, cross_val_predict
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    y = np.asarray([str(v) for v in labels])
+    if n_splits < 2:
+        raise ProbeError(f"n_splits must be >= 2, got {n_splits}")
+    if groups is not None and len(groups) != len(y):
+        raise ProbeError(f"{len(groups)} groups for {len(y)} labels")
+    classes, counts = np.unique(y, return_counts=True)
+    keep = np.isin(y, classes[counts >= n_splits])
+    kept = sorted(set(y[keep]))
+    if len(kept) < 2:
+        raise ProbeError(f"need two classes with >= {n_splits} examples each (class sizes "
+                         f"{sorted(counts.tolist())})")
+    if positive is not None and str(positive) not in kept:
+        raise ProbeError(f"positive class {positive!r} is not among the probed classes")
+    g = None if groups is None else np.asarray([str(v) for v in groups])[keep]
+    if g is not None and len(set(g)) < n_splits:
+        raise ProbeError(f"grouped folds need >= n_splits={n_splits} distinct groups, got {len(set(g))}")
+    cv = (StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed) if g is not None
+          else StratifiedKFold(n_splits=n_splits, shuffle=True, random_state=seed))
+    yk = y[keep]
+    col = np.searchsorted(kept, yk) if positive is None else np.full(len(yk), kept.index(str(positive)))
+    rows = []
+    for pos, F in features.items():
+        if F.ndim != 3 or F.shape[1] != len(y):
+            raise ProbeError(f"features for {pos!r} have shape {tuple(F.shape)}; expected [n_layers, "
+                             f"{len(y)}, d]")
+        lay = list(range(F.shape[0])) if layers is None else list(layers)
+        for k in tqdm(range(F.shape[0]), desc=f"probe scores {pos}", leave=False, disable=not progress):
+            clf = make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=2000))
+            proba = cross_val_predict(clf, F[k][keep], yk, cv=cv, groups=g, method="predict_proba")
+            score = np.full(len(y), np.nan)
+            score[keep] = proba[np.arange(len(yk)), col]
+            rows += [{"example_id": i, "layer": lay[k], "position": pos, "score": float(v),
+                      "n_classes": len(kept)} for i, v in enumerate(score)]
+    return pd.DataFrame(rows)
+
+
 def probe_bridge_entity(hm: Any, examples: Sequence[Any],
                         positions: Sequence[str] = ("e1_last", "final"),
                         layers: Sequence[int] | None = None, label: str = "e2",

@@ -3,7 +3,7 @@
 Modules: ``pairs`` (clean/corrupted pairs) · ``engine`` (resumed and packed forwards, the metric,
 batch sizes) · ``plan`` (the typed plan of packed forwards and their execution) · ``sweep``
 (:func:`patch_layer_pos`, :func:`activation_patching`) · ``backpatch`` · ``knockout`` ·
-``tables``. Every public name is re-exported here.
+``tables`` · ``swap`` (a bridge representation from another prompt). Every public name is re-exported here.
 
 **Activation patching** (Meng et al. 2022; TransformerLens ``patching``; notation of Heimersheim &
 Nanda 2024): run a clean prompt (answer a) and a corrupted prompt (e₁ swapped, answer a'), write
@@ -69,6 +69,7 @@ from interp.mechanisms.patching.engine import (
 from interp.mechanisms.patching.knockout import attention_knockout
 from interp.mechanisms.patching.pairs import PatchPair, make_corrupted_pairs
 from interp.mechanisms.patching.plan import Forward, PlanArrays, Span
+from interp.mechanisms.patching.swap import pick_donors, swap_patching
 from interp.mechanisms.patching.sweep import PatchGrid, activation_patching, patch_layer_pos
 from interp.mechanisms.patching.tables import difference, summarise
 
@@ -76,6 +77,6 @@ __all__ = [
     "SHORT_HOOKS", "Forward", "PatchGrid", "PatchPair", "PlanArrays", "Span", "activation_patching",
     "answer_logit_diff", "attention_knockout", "auto_prompt_chunk", "back_patching",
     "default_max_batch", "difference", "final_states", "forward_from", "forward_packed",
-    "make_corrupted_pairs", "patch_layer_pos", "skip_blocks", "stacked_ok", "summarise",
-    "supported_hooks",
+    "make_corrupted_pairs", "patch_layer_pos", "pick_donors", "skip_blocks", "stacked_ok",
+    "summarise", "supported_hooks", "swap_patching",
 ]

@@ -23,8 +23,9 @@ def run(run) -> None:
     def train(name: str) -> dict:
         pairs = [p for split in EXPERT_DATA[name] for p in world.train_pairs(split)]
         run.base(torch.float32)  # make sure a registered model exists (and is converted) before training
-        # the seed is the config's: an expert's weights do not depend on which rank trains it
-        return train_expert(run.model, pairs, run.expert_dir(name), tc, progress=True, device=run.device)
+        # seeds from the config and the expert's name: its weights do not depend on which rank trains it
+        return train_expert(run.model, pairs, run.expert_dir(name), tc, progress=True, device=run.device,
+                            expert=name)
 
     # cost: training examples (steps scale with them at a fixed number of epochs)
     n_pairs = {n: sum(len(world.train_pairs(s)) for s in EXPERT_DATA[n]) for n in names}
@@ -36,7 +37,7 @@ def run(run) -> None:
     for name in names:
         meta = metas[name] if name in metas else train(name)
         rows.append({"expert": name, "data": "+".join(EXPERT_DATA[name]), "n_examples": meta["n_examples"],
-                     "steps": meta["steps"], "final_loss": meta["final_loss"],
+                     "init_seed": meta["init_seed"], "steps": meta["steps"], "final_loss": meta["final_loss"],
                      "train_first_token_acc": meta["train_first_token_acc"],
                      "train_exact_match": meta["train_exact_match"], "wall_time_s": meta["wall_time_s"],
                      "steps_per_s": meta.get("steps_per_s")})
