@@ -227,3 +227,34 @@ def test_per_expert_init_differs_by_name_and_shared_reproduces_the_old_init(tmp_
     # a finished expert is reused only under the same init: another name retrains
     again = train_expert("tiny-llama", EX, tmp_path / "ab", INIT_CFG, progress=False, expert="bc")
     assert again["init_seed"] == meta_bc["init_seed"]
+
+
+def test_answer_positions_select_what_the_boolean_mask_selects():
+    from interp.adapters.train import answer_positions
+
+    labels = torch.tensor([[-100, -100, 5, 6], [-100, 7, -100, -100], [-100, -100, -100, 9]])
+    rows, cols, targets = answer_positions(labels)
+    keep = labels[:, 1:] != -100
+    hidden = torch.randn(3, 4, 2)
+    assert torch.equal(hidden[rows, cols], hidden[:, :-1][keep])
+    assert torch.equal(targets, labels[:, 1:][keep])
+
+
+def test_training_with_fewer_host_syncs_equals_the_step_by_step_loop(tmp_path, monkeypatch):
+    """Answer positions by index and losses read in blocks of LOSS_READ_EVERY steps give the very
+    losses and LoRA weights of the old loop: boolean-mask answer positions and a loss read after
+    every step (forced here by ignoring the positions and by a per-step callback)."""
+    import interp.adapters.train as T
+
+    cfg = TrainConfig(r=4, lora_alpha=8, target_modules=("q_proj", "v_proj", "up_proj"), lr=1e-2, max_steps=40,
+                      batch_size=5, checkpoint_every=0, seed=2, loraplus_lr_ratio=4.0, precision="fp32")
+    assert cfg.max_steps > T.LOSS_READ_EVERY  # a block boundary is crossed
+    new = train_expert("tiny-llama", EX, tmp_path / "new", cfg, progress=False)
+    orig = T.answer_loss
+    monkeypatch.setattr(T, "answer_loss", lambda pm, ids, mask, labels, positions=None: orig(pm, ids, mask, labels))
+    seen = []
+    old = train_expert("tiny-llama", EX, tmp_path / "old", cfg, progress=False,
+                       callback=lambda s, loss: seen.append(loss))
+    assert len(new["losses"]) == 40 and new["losses"] == old["losses"] == seen
+    a, b = read_adapter(tmp_path / "new"), read_adapter(tmp_path / "old")
+    assert set(a) == set(b) and all(torch.equal(a[m].A, b[m].A) and torch.equal(a[m].B, b[m].B) for m in a)

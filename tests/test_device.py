@@ -89,7 +89,8 @@ def _independent_uniform(adapters: dict[str, str], dtype) -> torch.nn.Module:
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("combine", ["none", "uniform", "ties", "arrow", "merge_and_unload"])
+@pytest.mark.parametrize("combine", ["none", "uniform", "task_arithmetic", "ties", "dare", "svd", "peft_linear",
+                                     "arrow", "merge_and_unload"])
 def test_load_hooked_places_everything_in_dtype(adapters, combine, dtype):
     hm = load_hooked("tiny-llama", adapters, combine=combine, device="cpu", dtype=dtype)
     cache = _assert_placed(hm, dtype)

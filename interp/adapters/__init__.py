@@ -123,8 +123,9 @@ def _peft_from_deltas(hf: Any, named: dict[str, dict[str, LoraDelta]]) -> Any:
     return pm
 
 
-def _add_to_weights(hf: Any, merged: dict[str, LoraDelta]) -> None:
-    """``W += ΔW``, ``b += Δb`` in place (Conv1D weights transposed; a bias created where needed)."""
+def _add_on_device(hf: Any, merged: dict[str, LoraDelta]) -> None:
+    """``W += ΔW``, ``b += Δb`` in place, each ΔW formed in float64 on its weight's device and
+    cast once (Conv1D weights transposed; a bias created where needed)."""
     mods = dict(hf.named_modules())
     with torch.no_grad():
         for m, d in merged.items():
@@ -256,9 +257,12 @@ def load_hooked(model: Any, adapters: dict[str, str | os.PathLike], combine: str
     label = f"{source}+{combine}"
 
     if combine == "merge_and_unload":
-        merged = weighted_average(experts, w)
-        _add_to_weights(hf, merged)
-        info.update(deltas=_on(merged, dev), expert_deltas={a: _on(e, dev) for a, e in info["expert_deltas"].items()},
+        # the exact sum built from the experts on the model's device and added there: no ΔW is
+        # formed on the host and copied over (README "On a GPU")
+        dev_experts = {a: _on(e, dev) for a, e in info["expert_deltas"].items()}
+        merged = weighted_average(list(dev_experts.values()), w)
+        _add_on_device(hf, merged)
+        info.update(deltas=merged, expert_deltas=dev_experts,
                     faithfulness=faithfulness_report(merged, experts, w))
         bridge = bridge_model(hf, tok, label, dev)
         return HookedModel(name=label, bridge=bridge, hf_model=hf, tokenizer=tok, peft_model=None,

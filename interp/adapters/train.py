@@ -42,6 +42,8 @@ from interp.models import (atomic_directory, atomic_write_text, check_fused_targ
 CKPT_WEIGHTS = "lora_weights.safetensors"
 CKPT_OPTIM = "optimizer.pt"
 CKPT_STATE = "state.json"
+#: training losses are copied to the host in blocks of this many steps (one device sync each)
+LOSS_READ_EVERY = 32
 
 
 def _data_sha256(examples: Sequence[tuple[str, str]]) -> str:
@@ -80,7 +82,21 @@ def _batch(encoded: list[tuple[list[int], list[int]]], idx: Sequence[int], pad: 
     return ids, mask, labels
 
 
-def answer_loss(pm: Any, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def answer_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Where the answer tokens are predicted: ``(rows, cols, targets)``, each ``[n_answer_tokens]``
+    (long), in row-major order, with ``hidden[rows, cols]`` the states that predict ``targets``.
+
+    The same elements, in the same order, as the boolean mask ``labels[:, 1:] != -100`` selects;
+    computed on the host before the batch goes to a GPU, so the step never waits for the device
+    to count the mask (a boolean index is a host sync on CUDA).
+    """
+    target = labels[:, 1:]
+    rows, cols = (target != -100).nonzero(as_tuple=True)
+    return rows, cols, target[rows, cols]
+
+
+def answer_loss(pm: Any, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor,
+                positions: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Mean next-token cross-entropy (nats/token) over answer tokens, as HF's causal-LM loss.
 
     Only the positions that predict an answer token go through the unembedding: with answers of
@@ -91,16 +107,20 @@ def answer_loss(pm: Any, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Te
     Args:
         pm: the PEFT model (LoRA layers active). ids, mask, labels: ``[batch, pos]`` (labels −100
             outside answers).
+        positions: :func:`answer_positions` of ``labels``, on the model's device (default: taken
+            from ``labels`` by a boolean mask: the same values, with a host sync on a GPU).
     """
     split = decoder_and_head(pm.get_base_model())
     if split is None:
         return pm(input_ids=ids, attention_mask=mask, labels=labels, use_cache=False).loss
     decoder, head = split
     hidden = decoder(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
-    target = labels[:, 1:]
-    keep = target != -100
-    logits = head(hidden[:, :-1][keep]).float()
-    return torch.nn.functional.cross_entropy(logits, target[keep])
+    if positions is None:
+        target = labels[:, 1:]
+        keep = target != -100
+        return torch.nn.functional.cross_entropy(head(hidden[:, :-1][keep]).float(), target[keep])
+    rows, cols, targets = positions
+    return torch.nn.functional.cross_entropy(head(hidden[rows, cols]).float(), targets)
 
 
 @torch.no_grad()
@@ -325,30 +345,50 @@ def train_expert(base: str | os.PathLike, examples: Sequence[tuple[str, str]], o
     bar = tqdm(total=total, initial=step, disable=not progress, desc=f"LoRA {out.name}")
     t_train = time.perf_counter()
     batches, batches_epoch = None, -1
+    on_gpu = torch.device(device).type == "cuda"
+    params = list(_trainable(pm).values())
+    # the step's losses stay on the device and are read every LOSS_READ_EVERY steps (and before a
+    # checkpoint or a callback), so the host queues the next steps instead of waiting on each one
+    pending: list[torch.Tensor] = []
+
+    def read_losses() -> None:
+        if pending:
+            losses.extend(torch.stack(pending).float().cpu().tolist())
+            pending.clear()
+            bar.set_postfix(loss=f"{losses[-1]:.3f}")
+
+    def to_device(t: torch.Tensor) -> torch.Tensor:
+        return t.pin_memory().to(device, non_blocking=True) if on_gpu else t.to(device)
+
     while step < total:
         epoch, k = divmod(step, steps_per_epoch)
         if epoch != batches_epoch:
             batches = epoch_batches(n, config.batch_size, config.seed, epoch)
             batches_epoch = epoch
         idx = batches[k]
-        ids, mask, labels = (t.to(device) for t in _batch(encoded, idx, pad))
+        ids, mask, labels = _batch(encoded, idx, pad)
+        positions = tuple(to_device(t) for t in answer_positions(labels))
+        ids, mask, labels = to_device(ids), to_device(mask), to_device(labels)
         for group, lr in zip(opt.param_groups, peak):
             group["lr"] = lr * lr_scale(config, step, total)
         with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=config.precision == "bf16"):
-            loss = answer_loss(pm, ids, mask, labels)
+            loss = answer_loss(pm, ids, mask, labels, positions)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if config.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(list(_trainable(pm).values()), config.max_grad_norm)
+            torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
         opt.step()
         step += 1
-        losses.append(float(loss.detach()))
+        pending.append(loss.detach())
         bar.update(1)
-        bar.set_postfix(loss=f"{losses[-1]:.3f}")
-        if config.checkpoint_every and step % config.checkpoint_every == 0 and step < total:
+        checkpoint = bool(config.checkpoint_every and step % config.checkpoint_every == 0 and step < total)
+        if checkpoint or callback is not None or len(pending) >= LOSS_READ_EVERY or step == total:
+            read_losses()
+        if checkpoint:
             _save_checkpoint(partial, pm, opt, step, losses, ident)
         if callback is not None:
             callback(step, losses[-1])
+    read_losses()
     bar.close()
     train_s = time.perf_counter() - t_train
     pm.eval()
