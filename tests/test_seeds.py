@@ -146,3 +146,24 @@ def test_tiny_two_seed_study_from_the_command_line(tmp_path):
     res = CliRunner().invoke(app, ["run", "--config", str(cfg), "--out", str(out), "--steps", "report"])
     assert res.exit_code == 0, res.output
     assert (out / "results" / "accuracy_seeds.csv").read_text() == before
+
+
+def test_tiny_math_study_over_seeds_keeps_its_conditions(tmp_path):
+    """The shared-template study over two seeds: cells per condition, its own findings."""
+    from interp.study import run_study
+
+    tiny = {"study.model": "tiny-llama", "study.threads": 1, "study.seeds": [0, 1], "math.n_train": 16,
+            "math.n_test": 8, "math.n_composed_train": 8, "training.r": 4, "training.epochs": 1,
+            "training.min_steps": 2, "training.precision": "fp32",
+            "methods.variants": ["base", "expert_ab", "expert_bc", "uniform"]}
+    out = run_study("experiments/math.toml", out=tmp_path / "m", overrides=tiny,
+                    steps=["world", "experts", "evaluate", "report"])
+    over = pd.read_csv(out / "results" / "accuracy_seeds.csv")
+    assert set(over["condition"]) == {"separate", "shared"} and (over["n_seeds"] == 2).all()
+    for s in (0, 1):
+        acc = pd.read_csv(out / seed_dir_name(s) / "results" / "accuracy.csv")
+        m = acc.merge(over, on=["condition", "method", "library", "test_set", "hop", "metric"])
+        assert len(m) == len(acc) and m["accuracy"].tolist() == pytest.approx(m[f"accuracy_seed_{s}"].tolist())
+    fs = pd.read_csv(out / "results" / "findings_seeds.csv")
+    assert fs["claim"].str.contains("skill").any() and set(fs["seed"]) == {0, 1}
+    assert "Shared vs separate" in (out / "report.html").read_text()
