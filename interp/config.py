@@ -30,6 +30,9 @@ class StudySection:
     seed: int = 0
     device: str = "cpu"
     threads: int = 0  # torch intra-op threads; 0: the cores not busy with other work (interp.hardware)
+    # several seeds: one sub-run per seed in DIR/seed-S (its study.seed and training.seed = S), then
+    # tables and findings over seeds (interp.study.seeds); empty or one seed: a single run in DIR
+    seeds: list[int] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass
@@ -125,7 +128,7 @@ class Config:
 
 
 #: (section, key) -> default of keys that enter a cache key only when changed from the default
-HASH_NEW_DEFAULTS: dict[tuple[str, str], Any] = {("evaluation", "dtype"): "fp32"}
+HASH_NEW_DEFAULTS: dict[tuple[str, str], Any] = {("evaluation", "dtype"): "fp32", ("study", "seeds"): []}
 
 
 def _check_type(value: Any, tp: Any, key: str) -> Any:
@@ -199,6 +202,9 @@ def validate(cfg: Config) -> Config:
     bad = cfg.training.problems()
     if bad:
         raise ConfigError(f"training.{bad[0]}")
+    seeds = cfg.study.seeds
+    if any(s < 0 for s in seeds) or len(set(seeds)) != len(seeds):
+        raise ConfigError(f"study.seeds must be distinct non-negative integers, got {seeds}")
     if cfg.study.threads < 0:
         raise ConfigError(f"study.threads must be >= 0 (0: automatic), got {cfg.study.threads}")
     from interp.mechanisms.probes import ESTIMATORS

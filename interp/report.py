@@ -22,7 +22,7 @@ h1{font-size:1.7em;margin-bottom:.2em} h2{margin-top:2em;border-bottom:1px solid
 .sub{color:#666} table{border-collapse:collapse;font-size:.85em;margin:.6em 0}
 th,td{border:1px solid #ddd;padding:3px 7px;text-align:right} th{background:#f5f5f5} td:first-child,th:first-child{text-align:left}
 .finding{background:#f6f9fc;border-left:4px solid #4C72B0;padding:.5em 1em;margin:.6em 0}
-.verdict-yes{color:#2a7d2a;font-weight:600}.verdict-no{color:#b03030;font-weight:600}.verdict-mixed{color:#a07000;font-weight:600}
+.verdict-yes{color:#2a7d2a;font-weight:600}.verdict-no{color:#b03030;font-weight:600}.verdict-mixed{color:#a07000;font-weight:600}.verdict-disagree{color:#7a3aa0;font-weight:600}
 .fig{margin:1em 0 2em} .cap{color:#555;font-size:.9em} pre{background:#f7f7f7;padding:1em;overflow:auto;font-size:.8em}
 details{margin:.5em 0}
 .banner{background:#fff4e5;border:1px solid #e0a040;border-left:6px solid #d08000;padding:.5em 1em;margin:1em 0}
@@ -66,7 +66,8 @@ def build_report(out_dir: str | Path, title: str, findings: list[dict[str, str]]
     Args:
         warnings: HTML sentences on what limits the evidence (random-init model, experts that
             missed their facts), shown in a banner above the findings.
-        findings: ``{"claim", "verdict" ("yes"|"no"|"mixed"), "evidence"}`` items, shown first.
+        findings: ``{"claim", "verdict" ("yes"|"no"|"mixed"|"disagree"), "evidence"}`` items, shown
+            first; ``"disagree"`` (a run over seeds whose seeds' verdicts differ) reads "seeds disagree".
         sections: ``{"title", "text" (HTML), "figures": [(fig_id, plotly JSON str, caption)],
             "tables": [(caption, DataFrame)]}`` in page order.
     """
@@ -84,9 +85,10 @@ def build_report(out_dir: str | Path, title: str, findings: list[dict[str, str]]
     body.append("<h2>Findings</h2>")
     for f in findings:
         v = f.get("verdict", "mixed")
-        label = {"yes": "supported", "no": "not supported", "mixed": "mixed"}.get(v, v)
+        label = {"yes": "supported by our data", "no": "not supported by our data", "mixed": "mixed by our data",
+                 "disagree": "seeds disagree"}.get(v, v)
         body.append(f'<div class="finding"><b>{html.escape(f["claim"])}</b> — '
-                    f'<span class="verdict-{v}">{label} by our data</span><br>{f["evidence"]}</div>')
+                    f'<span class="verdict-{v}">{label}</span><br>{f["evidence"]}</div>')
     for sec in sections:
         body.append(f"<h2>{html.escape(sec['title'])}</h2>")
         if sec.get("text"):

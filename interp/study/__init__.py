@@ -11,7 +11,8 @@ Layout, in pipeline order:
   subspace, figures, report); :mod:`~interp.study.two_hop` — the two-hop study's step list
   and :func:`run_study`; :mod:`~interp.study.math` — the shared-template study's step list (a
   config with a ``[math]`` table), over :mod:`~interp.study.conditions` (one sub-run per condition);
-* :mod:`~interp.study.figures` and :mod:`~interp.study.findings` — what the report shows.
+* :mod:`~interp.study.figures` and :mod:`~interp.study.findings` — what the report shows;
+  :mod:`~interp.study.seeds` — tables and findings over the seeds of ``[study] seeds``.
 
 Names are re-exported lazily (PEP 562) so that ``interp.config`` can read the variant registry
 without importing the runner, which imports the config: no import cycle.

@@ -340,6 +340,24 @@ def run_pipeline(pipeline: Sequence[Step], cfg: Config, out: str | Path,
     return out
 
 
+def run_over_seeds(pipeline: Sequence[Step], cfg: Config, out: str | Path, steps: list[str] | None,
+                   aggregate: Step) -> Path:
+    """Run ``pipeline`` once per seed of ``cfg.study.seeds`` into ``out/seed-S`` (each an ordinary,
+    resumable one-seed run of :func:`interp.study.seeds.seed_config`), then the ``aggregate`` step
+    over them in ``out`` (always re-run: it reads only the seeds' tables).
+
+    Raises:
+        As :func:`run_pipeline`.
+    """
+    from interp.study.seeds import seed_config, seed_dir_name
+
+    out = Path(out)
+    for seed in cfg.study.seeds:
+        console.rule(f"[bold]seed {seed}[/bold] → {out / seed_dir_name(seed)}")
+        run_pipeline(pipeline, seed_config(cfg, seed), out / seed_dir_name(seed), steps)
+    return run_pipeline([aggregate], cfg, out, [aggregate.name])
+
+
 def torch_device_type(device: str) -> str:
     """``"cuda"`` or ``"cpu"``: the kind of a (validated) device string."""
     return "cuda" if str(device).startswith("cuda") else "cpu"

@@ -53,6 +53,9 @@ TABLES: dict[str, Table] = {t.name: t for t in [
     Table("subspace_merges", "subspace", ("merged", "module", "cross_term_energy")),
     Table("subspace_span_deficit", "subspace", ("module", "layer", "span_deficit", "oracle")),
     Table("subspace_layer_energy", "subspace", ("adapter", "layer", "energy_fraction", "bridge_layer")),
+    # a run over several seeds (interp.study.seeds): DIR/results/, from the seeds' own tables
+    Table("accuracy_seeds", "seeds", ("method", "n_seeds", "mean", "std", "min", "max")),
+    Table("findings_seeds", "seeds", ("claim", "seed", "verdict", "agree")),
     Table("subspace_key_overlap", "subspace", ("module", "layer", "kappa_composed", "kappa_native")),
 ]}
 

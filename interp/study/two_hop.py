@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from interp.config import Config
-from interp.study.runner import Step, resolve_config, run_pipeline
-from interp.study.steps import evaluate, experts, figures, mechanisms, report, subspace, world
+from interp.study.runner import Step, resolve_config, run_over_seeds, run_pipeline
+from interp.study.steps import evaluate, experts, figures, mechanisms, report, seeds, subspace, world
 
 PIPELINE: tuple[Step, ...] = (
     Step("world", world.run, ("study", "world")),
@@ -26,13 +26,18 @@ PIPELINE: tuple[Step, ...] = (
 )
 STEPS = [s.name for s in PIPELINE]
 STEP_DEPS = {s.name: s.deps for s in PIPELINE}
+#: the last step of a run over several seeds (``[study] seeds``), in ``DIR`` after every ``DIR/seed-S``
+SEEDS_STEP = Step("seeds", seeds.run, ("study",))
 
 
 def run_study(config: str | Path | Config | None = None, out: str | Path = "runs/demo",
               model: str | None = None, steps: list[str] | None = None, device: str | None = None,
               overrides: dict[str, Any] | None = None) -> Path:
     """Run (or resume) the study a config describes into ``out``: the two-hop reuse study, or
-    with a ``[math]`` table the shared-template study (:mod:`interp.study.math`).
+    with a ``[math]`` table the shared-template study (:mod:`interp.study.math`). With several
+    ``study.seeds``, the study runs once per seed in ``out/seed-S`` and then the ``seeds`` step
+    writes the tables and report over seeds in ``out`` (:mod:`interp.study.seeds`); one seed is
+    a single run in ``out`` with that seed.
 
     Args:
         config: TOML path, a :class:`Config`, or ``None`` for the defaults. A missing default
@@ -40,7 +45,7 @@ def run_study(config: str | Path | Config | None = None, out: str | Path = "runs
         out: run directory; created if absent; re-using it resumes.
         model: overrides ``study.model`` (a registered name or a local model directory).
         steps: run only these steps (upstream results must exist in ``out``); default all, with
-            finished steps whose cache key matches skipped.
+            finished steps whose cache key matches skipped. Over seeds: these steps of every seed.
         device: overrides ``study.device``.
         overrides: dotted config overrides, e.g. ``{"world.n_chains_per_tier": 8}``.
 
@@ -62,8 +67,13 @@ def run_study(config: str | Path | Config | None = None, out: str | Path = "runs
         from interp.adapters.train import check_training_targets
 
         check_training_targets(cfg.study.model, cfg.training.target_modules)
+    pipeline = PIPELINE
     if cfg.study_kind == "math":  # a [math] table: the shared-template study
-        from interp.study.math import PIPELINE as MATH_PIPELINE
+        from interp.study.math import PIPELINE as pipeline
+    if len(cfg.study.seeds) > 1:
+        return run_over_seeds(pipeline, cfg, out, steps, SEEDS_STEP)
+    if cfg.study.seeds:  # one seed: today's single run, with that seed
+        from interp.study.seeds import seed_config
 
-        return run_pipeline(MATH_PIPELINE, cfg, out, steps)
-    return run_pipeline(PIPELINE, cfg, out, steps)
+        cfg = seed_config(cfg, cfg.study.seeds[0])
+    return run_pipeline(pipeline, cfg, out, steps)

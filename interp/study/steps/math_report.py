@@ -79,6 +79,13 @@ def findings(summary: pd.DataFrame, conditions: list[str]) -> list[dict[str, str
     return out
 
 
+def report_findings(run) -> list[dict[str, str]]:
+    """The findings the shared-template report states (:func:`findings` on the run's gathered
+    accuracy table; none before the evaluate step)."""
+    acc = run.table("accuracy")
+    return findings(accuracy_summary(acc), list(run.cfg.math.conditions)) if acc is not None else []
+
+
 def _mean_by(df: pd.DataFrame | None, by: list[str], value: str) -> pd.DataFrame | None:
     if df is None or not len(df):
         return None
@@ -87,14 +94,13 @@ def _mean_by(df: pd.DataFrame | None, by: list[str], value: str) -> pd.DataFrame
 
 def run(run) -> None:
     """Write ``results/math_summary.csv`` and ``report.html``."""
-    conds = list(run.cfg.math.conditions)
     acc = run.table("accuracy")
     sections: list[dict[str, Any]] = []
     found: list[dict[str, str]] = []
     if acc is not None:
         summary = accuracy_summary(acc)
         run.write_csv(summary, "math_summary")
-        found = findings(summary, conds)
+        found = report_findings(run)
         cols = ["method", "library", "condition"] + [c for c in ("composed", "skill_a", "skill_b") if c in summary]
         figs = []
         for hop in ("composed", "skill_a", "skill_b"):

@@ -63,10 +63,17 @@ def build_run_report(run) -> Path:
     sections.append({"title": "LoRA update subspaces against the theory", "text": subspace_finding(run),
                      "figures": figs("spectra", "overlap", "layer_energy", "span_deficit", "key_overlap"),
                      "tables": sub_tables})
-    found = findings(acc, lens) if acc is not None else []
+    found = report_findings(run)
     return build_report(run.out, f"Two-hop LoRA reuse study — {run.model}", found, sections,
                         runjson.get("config", run.cfg.to_dict()), runjson.get("versions", versions()),
                         runjson.get("timings", {}), warnings=evidence_warnings(run))
+
+
+def report_findings(run) -> list[dict[str, str]]:
+    """The findings the two-hop report states (:func:`interp.study.findings.findings` on the run's
+    accuracy and lens tables; none before the evaluate step)."""
+    acc = run.table("accuracy")
+    return findings(acc, run.table("lens")) if acc is not None else []
 
 
 FACTS_LEARNED = 0.9  # an expert below this training accuracy did not learn its facts
