@@ -150,7 +150,7 @@ def measure(hm: Any, examples: Sequence[Any], layers: Sequence[int], out: Path, 
         if len(keep) < len(examples):
             notes.append(f"swap: {len(examples) - len(keep)} chains have no donor")
         if not keep:
-            return pd.DataFrame()
+            return pd.DataFrame(columns=["chain_id", "layer", "shift", "follows"])
         return swap_patching(hm, [examples[i] for i in keep], [examples[donor[i]] for i in keep],
                              layers=layers, position="e1_last", batch_size=batch_size,
                              progress=progress)
@@ -204,7 +204,8 @@ def run_real_chains(hm: Any, out: str | Path, *, layer_step: int = 1, png: bool 
         raise StudyError(f"{out} holds a run of another configuration ({cfg_path}); use another --out")
     atomic_write_text(cfg_path, json.dumps(config, indent=1))
 
-    verified = _csv(out / "verified.csv", lambda: verify_chains(hm, chains, batch_size, verifier))
+    verified = _csv(out / "verified.csv", lambda: verify_chains(hm, chains, batch_size, verifier,
+                                                                      progress))
     known = verified[verified["known"]]
     n_comp, n_fail = int((known["outcome"] == "composed").sum()), int((known["outcome"] == "failed").sum())
     if n_comp < 2 or n_fail < 2:
