@@ -27,12 +27,16 @@ chains? (issue 18, item 2; the history / geography extension of Chen et al., TML
    others. ``layer = "max"`` rows score each chain by its maximum over the measured layers (a
    label-free summary; for ``probe_outcome`` none is made).
 3. **Separation** (:mod:`interp.mechanisms.separation`): AUC of composed (positive) vs failed with
-   DeLong 95% and stratified-bootstrap intervals, per measurement × layer × position.
+   DeLong 95% and stratified-bootstrap intervals, per measurement × layer × position
+   (``comparison = "pooled"``), and the same comparing only chains of one relation pair
+   (``"within_pair"``: the outcome depends strongly on the relation pair, and so may the
+   measurements; the within-pair AUC cannot be made by that confounder).
 
 Outputs in ``DIR``: ``chains.csv`` (every candidate chain, its prompts, base answers, outcome and
 summary scores), ``scores.csv`` (tidy per chain × measurement × layer × position),
 ``swap.csv`` (the causal test's raw rows), ``separation.csv``, ``config.json``, figures
-``separation_auc.html`` and ``entrec_by_outcome.html`` (+ ``.png`` with ``--png``). Steps whose
+``separation_auc_{pooled,within_pair}.html`` and ``entrec_by_outcome_{final,e1_last}.html``
+(+ ``.png`` with ``--png``). Steps whose
 file exists are not recomputed (same config; another config in the same ``DIR`` is refused).
 """
 
@@ -217,7 +221,11 @@ def run_real_chains(hm: Any, out: str | Path, *, layer_step: int = 1, png: bool 
                                   batch_size=batch_size, n_splits=n_splits, seed=seed,
                                   progress=progress)
     labels = pd.Series(composed, index=known["chain_id"].to_numpy())
-    sep = separation_table(scores, labels, n_boot=n_boot, seed=seed)
+    pairs = pd.Series(known["pair"].to_numpy(), index=known["chain_id"].to_numpy())
+    sep = pd.concat([
+        separation_table(scores, labels, n_boot=n_boot, seed=seed).assign(comparison="pooled"),
+        separation_table(scores, labels, strata=pairs).assign(comparison="within_pair")],
+        ignore_index=True)
     atomic_write_text(out / "scores.csv", scores.to_csv(index=False))
     atomic_write_text(out / "separation.csv", sep.to_csv(index=False))
 
@@ -239,9 +247,10 @@ def run_real_chains(hm: Any, out: str | Path, *, layer_step: int = 1, png: bool 
     lens = pd.read_csv(out / "scores_entrec.csv").merge(
         known[["chain_id", "outcome"]], on="chain_id").rename(
         columns={"outcome": "method", "measurement": "target"}).assign(target="e2")
-    figs = {"separation_auc": separation_figure(
-        sep, "Does a mechanism measurement separate composed from failed real two-hop chains?",
-        "AUC, composed vs failed (DeLong 95% CI)")}
+    figs = {f"separation_auc_{c}": separation_figure(
+        sep[sep["comparison"] == c], "Does a mechanism measurement separate composed from failed "
+        "real two-hop chains? " + ("(all pairs)" if c == "pooled" else "(within relation pair)"),
+        "AUC, composed vs failed (DeLong 95% CI)") for c in ("pooled", "within_pair")}
 
     for pos in ("final", "e1_last"):
         fig = lens_figure(lens.rename(columns={"score": "logprob"}), "logprob", pos)
@@ -275,7 +284,7 @@ def main(out: Path = typer.Option(..., "--out", "-o", help="run directory (resum
                f"{(known['outcome'] == 'composed').sum()} composed / "
                f"{(known['outcome'] == 'failed').sum()} failed")
     sep = res["separation"]
-    typer.echo(sep[sep["layer"].astype(str) == "max"].to_string(index=False))
+    typer.echo(sep[sep["layer"].astype(str) == "max"].round(3).to_string(index=False))
     typer.echo(f"written to {out}")
 
 
