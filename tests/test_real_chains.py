@@ -325,9 +325,11 @@ def test_study_end_to_end_on_tiny_model(tiny_llama, tmp_path):
     sc = res["scores"]
     s = sc[(sc.measurement == "entrec") & (sc.position == "final") & (sc.layer == "4")]
     lab = ch.set_index("chain_id").loc[s["chain_id"], "outcome"] == "composed"
-    row = sep[(sep.measurement == "entrec") & (sep.position == "final") & (sep.layer.astype(str) == "4")]
+    row = sep[(sep.measurement == "entrec") & (sep.position == "final") & (sep.layer.astype(str) == "4")
+              & (sep.comparison == "pooled")]
     assert row["auc"].iloc[0] == pytest.approx(roc_auc_score(lab, s["score"]))
-    for f in ("separation_auc.html", "entrec_by_outcome_final.html", "swap.csv", "scores.csv"):
+    assert set(sep["comparison"]) == {"pooled", "within_pair"}
+    for f in ("separation_auc_pooled.html", "separation_auc_within_pair.html", "entrec_by_outcome_final.html", "swap.csv", "scores.csv"):
         assert (tmp_path / f).is_file()
     # a second call resumes from the files; another configuration is refused
     run_real_chains(tiny_llama, tmp_path, layer_step=2, chains=chains, verifier=stub, n_boot=50,
@@ -337,3 +339,35 @@ def test_study_end_to_end_on_tiny_model(tiny_llama, tmp_path):
     with pytest.raises(StudyError, match="another configuration"):
         run_real_chains(tiny_llama, tmp_path, layer_step=1, chains=chains, verifier=stub,
                         progress=False)
+
+
+def test_stratified_auc_counts_only_same_stratum_pairs():
+    from interp.mechanisms.separation import stratified_delong_interval
+
+    rng = np.random.default_rng(3)
+    n = 80
+    strata = rng.integers(0, 3, n)
+    y = rng.random(n) < 0.5
+    s = np.round(rng.normal(size=n) + 0.7 * y + 2.0 * strata, 1)
+    a, lo, hi, n_pos, n_neg = stratified_delong_interval(s, y, strata)
+    good = same = 0.0
+    for i in range(n):
+        for j in range(n):
+            if y[i] and not y[j] and strata[i] == strata[j]:
+                same += 1
+                good += 1.0 if s[i] > s[j] else 0.5 if s[i] == s[j] else 0.0
+    assert a == pytest.approx(good / same)
+    assert n_pos == y.sum() and n_neg == (~y).sum()
+    assert lo < a < hi
+    # one stratum: the plain DeLong interval
+    assert stratified_delong_interval(s, y, np.zeros(n))[:3] == pytest.approx(delong_interval(s, y))
+    # a confounder: outcome and score both follow the stratum, nothing within -> pooled AUC high,
+    # stratified near 0.5
+    y2 = strata == 2
+    y2[::7] = ~y2[::7]
+    s2 = strata + rng.normal(size=n) * 0.01
+    assert auc(s2, y2) > 0.75
+    assert abs(stratified_delong_interval(s2, y2, strata)[0] - 0.5) < 0.3
+    tab = separation_table(pd.DataFrame({"chain_id": range(n), "measurement": "m", "score": s}),
+                           pd.Series(y), strata=pd.Series(strata))
+    assert tab["auc"].iloc[0] == pytest.approx(a)

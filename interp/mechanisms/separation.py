@@ -17,6 +17,8 @@ score higher. Intervals:
 * :func:`bootstrap_interval` — percentile interval of the AUC over resamples drawn within each
   group (stratified, so every resample has both groups).
 
+:func:`stratified_delong_interval` compares positives only with negatives of the same stratum
+(e.g. the same relation pair), so a confounder between strata cannot make separation.
 :func:`separation_table` runs these on a tidy table of per-example scores.
 """
 
@@ -137,6 +139,57 @@ def bootstrap_interval(scores: Sequence[float], labels: Sequence[bool], level: f
         float(lo), float(hi)
 
 
+def stratified_delong_interval(scores: Sequence[float], labels: Sequence[bool],
+                               strata: Sequence, level: float = 0.95) -> tuple[float, float, float, int, int]:
+    """AUC comparing positives only with negatives of the same stratum, with a DeLong interval.
+
+    ``AUC_s = Σ_s U_s / Σ_s m_s n_s`` — the share of same-stratum (positive, negative) pairs
+    ordered right (the stratified Mann-Whitney statistic, cf. van Elteren 1960), i.e. the
+    per-stratum AUCs averaged with weights ``w_s ∝ m_s n_s``. Strata are independent, so
+    ``Var = Σ_s w_s² Var_DeLong(AUC_s)``. A confounder that shifts both the score and the outcome
+    between strata (e.g. the relation pair of a chain) cannot create separation here.
+
+    Args:
+        scores, labels: as :func:`auc`.
+        strata: ``[n]`` stratum of each example.
+        level: interval coverage.
+
+    Returns:
+        ``(auc, lo, hi, n_pos, n_neg)``; only strata with at least two positives and two negatives
+        are used, and ``n_pos``/``n_neg`` count the examples in them. ``(nan, nan, nan, 0, 0)``
+        when no stratum qualifies.
+
+    Raises:
+        SeparationError: as :func:`auc` (lengths, non-finite scores), ``level`` outside (0, 1).
+    """
+    if not 0 < level < 1:
+        raise SeparationError(f"level must lie in (0, 1), got {level}")
+    s = np.asarray(scores, dtype=float)
+    y = np.asarray(labels).astype(bool)
+    g = np.asarray(strata)
+    if not (s.shape == y.shape == g.shape) or s.ndim != 1:
+        raise SeparationError(f"need one label and one stratum per score: {s.shape}, {y.shape}, {g.shape}")
+    parts = []
+    for key in dict.fromkeys(g.tolist()):
+        m = g == key
+        pos, neg = s[m & y], s[m & ~y]
+        if len(pos) < 2 or len(neg) < 2:
+            continue
+        if not (np.isfinite(pos).all() and np.isfinite(neg).all()):
+            raise SeparationError("scores contain NaN or inf; drop those examples first")
+        a, v10, v01 = _delong_components(pos, neg)
+        var = v10.var(ddof=1) / len(pos) + v01.var(ddof=1) / len(neg)
+        parts.append((len(pos) * len(neg), a, var, len(pos), len(neg)))
+    if not parts:
+        return float("nan"), float("nan"), float("nan"), 0, 0
+    w = np.array([p[0] for p in parts], float)
+    w /= w.sum()
+    a = float(np.dot(w, [p[1] for p in parts]))
+    half = stats.norm.ppf(0.5 + level / 2) * np.sqrt(float(np.dot(w ** 2, [p[2] for p in parts])))
+    return (a, float(max(0.0, a - half)), float(min(1.0, a + half)), sum(p[3] for p in parts),
+            sum(p[4] for p in parts))
+
+
 SEPARATION_COLUMNS = ("measurement", "layer", "position", "n_pos", "n_neg", "auc", "lo", "hi",
                       "boot_lo", "boot_hi")
 
@@ -144,7 +197,8 @@ SEPARATION_COLUMNS = ("measurement", "layer", "position", "n_pos", "n_neg", "auc
 def separation_table(scores: pd.DataFrame, labels: pd.Series | dict, *, id_col: str = "chain_id",
                      score_col: str = "score",
                      keys: Sequence[str] = ("measurement", "layer", "position"),
-                     level: float = 0.95, n_boot: int = 0, seed: int = 0) -> pd.DataFrame:
+                     level: float = 0.95, n_boot: int = 0, seed: int = 0,
+                     strata: pd.Series | dict | None = None) -> pd.DataFrame:
     """AUC of every measurement (one per ``keys`` group) for separating the two label groups.
 
     Args:
@@ -155,6 +209,9 @@ def separation_table(scores: pd.DataFrame, labels: pd.Series | dict, *, id_col: 
         level: interval coverage.
         n_boot: bootstrap resamples for ``boot_lo``/``boot_hi`` (0 = none, NaN columns).
         seed: bootstrap seed.
+        strata: ``id → stratum``; when given, every AUC is the within-stratum one of
+            :func:`stratified_delong_interval` (no bootstrap) and ``n_pos``/``n_neg`` count the
+            strata it used.
 
     Returns:
         DataFrame with :data:`SEPARATION_COLUMNS` (``lo``/``hi``: DeLong), in the order the groups
@@ -182,7 +239,12 @@ def separation_table(scores: pd.DataFrame, labels: pd.Series | dict, *, id_col: 
         n_pos, n_neg = int(g["_y"].sum()), int((~g["_y"]).sum())
         row = dict(zip(keys, key), n_pos=n_pos, n_neg=n_neg, auc=np.nan, lo=np.nan, hi=np.nan,
                    boot_lo=np.nan, boot_hi=np.nan)
-        if n_pos and n_neg:
+        if strata is not None:
+            st = (pd.Series(strata) if isinstance(strata, dict) else strata).loc[g[id_col]]
+            a, lo, hi, row["n_pos"], row["n_neg"] = stratified_delong_interval(
+                g[score_col], g["_y"], st.to_numpy(), level)
+            row.update(auc=a, lo=lo, hi=hi)
+        elif n_pos and n_neg:
             row["auc"], row["lo"], row["hi"] = delong_interval(g[score_col], g["_y"], level)
             if n_boot:
                 _, row["boot_lo"], row["boot_hi"] = bootstrap_interval(g[score_col], g["_y"], level,

@@ -27,12 +27,16 @@ chains? (issue 18, item 2; the history / geography extension of Chen et al., TML
    others. ``layer = "max"`` rows score each chain by its maximum over the measured layers (a
    label-free summary; for ``probe_outcome`` none is made).
 3. **Separation** (:mod:`interp.mechanisms.separation`): AUC of composed (positive) vs failed with
-   DeLong 95% and stratified-bootstrap intervals, per measurement × layer × position.
+   DeLong 95% and stratified-bootstrap intervals, per measurement × layer × position
+   (``comparison = "pooled"``), and the same comparing only chains of one relation pair
+   (``"within_pair"``: the outcome depends strongly on the relation pair, and so may the
+   measurements; the within-pair AUC cannot be made by that confounder).
 
 Outputs in ``DIR``: ``chains.csv`` (every candidate chain, its prompts, base answers, outcome and
 summary scores), ``scores.csv`` (tidy per chain × measurement × layer × position),
 ``swap.csv`` (the causal test's raw rows), ``separation.csv``, ``config.json``, figures
-``separation_auc.html`` and ``entrec_by_outcome.html`` (+ ``.png`` with ``--png``). Steps whose
+``separation_auc_{pooled,within_pair}.html`` and ``entrec_by_outcome_{final,e1_last}.html``
+(+ ``.png`` with ``--png``). Steps whose
 file exists are not recomputed (same config; another config in the same ``DIR`` is refused).
 """
 
@@ -150,7 +154,7 @@ def measure(hm: Any, examples: Sequence[Any], layers: Sequence[int], out: Path, 
         if len(keep) < len(examples):
             notes.append(f"swap: {len(examples) - len(keep)} chains have no donor")
         if not keep:
-            return pd.DataFrame()
+            return pd.DataFrame(columns=["chain_id", "layer", "shift", "follows"])
         return swap_patching(hm, [examples[i] for i in keep], [examples[donor[i]] for i in keep],
                              layers=layers, position="e1_last", batch_size=batch_size,
                              progress=progress)
@@ -204,7 +208,8 @@ def run_real_chains(hm: Any, out: str | Path, *, layer_step: int = 1, png: bool 
         raise StudyError(f"{out} holds a run of another configuration ({cfg_path}); use another --out")
     atomic_write_text(cfg_path, json.dumps(config, indent=1))
 
-    verified = _csv(out / "verified.csv", lambda: verify_chains(hm, chains, batch_size, verifier))
+    verified = _csv(out / "verified.csv", lambda: verify_chains(hm, chains, batch_size, verifier,
+                                                                      progress))
     known = verified[verified["known"]]
     n_comp, n_fail = int((known["outcome"] == "composed").sum()), int((known["outcome"] == "failed").sum())
     if n_comp < 2 or n_fail < 2:
@@ -216,7 +221,11 @@ def run_real_chains(hm: Any, out: str | Path, *, layer_step: int = 1, png: bool 
                                   batch_size=batch_size, n_splits=n_splits, seed=seed,
                                   progress=progress)
     labels = pd.Series(composed, index=known["chain_id"].to_numpy())
-    sep = separation_table(scores, labels, n_boot=n_boot, seed=seed)
+    pairs = pd.Series(known["pair"].to_numpy(), index=known["chain_id"].to_numpy())
+    sep = pd.concat([
+        separation_table(scores, labels, n_boot=n_boot, seed=seed).assign(comparison="pooled"),
+        separation_table(scores, labels, strata=pairs).assign(comparison="within_pair")],
+        ignore_index=True)
     atomic_write_text(out / "scores.csv", scores.to_csv(index=False))
     atomic_write_text(out / "separation.csv", sep.to_csv(index=False))
 
@@ -238,9 +247,10 @@ def run_real_chains(hm: Any, out: str | Path, *, layer_step: int = 1, png: bool 
     lens = pd.read_csv(out / "scores_entrec.csv").merge(
         known[["chain_id", "outcome"]], on="chain_id").rename(
         columns={"outcome": "method", "measurement": "target"}).assign(target="e2")
-    figs = {"separation_auc": separation_figure(
-        sep, "Does a mechanism measurement separate composed from failed real two-hop chains?",
-        "AUC, composed vs failed (DeLong 95% CI)")}
+    figs = {f"separation_auc_{c}": separation_figure(
+        sep[sep["comparison"] == c], "Does a mechanism measurement separate composed from failed "
+        "real two-hop chains? " + ("(all pairs)" if c == "pooled" else "(within relation pair)"),
+        "AUC, composed vs failed (DeLong 95% CI)") for c in ("pooled", "within_pair")}
 
     for pos in ("final", "e1_last"):
         fig = lens_figure(lens.rename(columns={"score": "logprob"}), "logprob", pos)
@@ -274,7 +284,7 @@ def main(out: Path = typer.Option(..., "--out", "-o", help="run directory (resum
                f"{(known['outcome'] == 'composed').sum()} composed / "
                f"{(known['outcome'] == 'failed').sum()} failed")
     sep = res["separation"]
-    typer.echo(sep[sep["layer"].astype(str) == "max"].to_string(index=False))
+    typer.echo(sep[sep["layer"].astype(str) == "max"].round(3).to_string(index=False))
     typer.echo(f"written to {out}")
 
 

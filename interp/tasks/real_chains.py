@@ -6,8 +6,9 @@ composed chains can be compared with failed ones (issue 18, item 2).
 
 Facts (tables below; every fact is a real-world fact, written by hand):
 
-* ``COUNTRIES``: country → capital, official language, continent (``None`` where the fact is
-  ambiguous: several official languages, no de-jure capital, a transcontinental country);
+* ``COUNTRIES``: country → capital, official language (as reference works list it, de jure or
+  de facto), continent (``None`` where the fact is ambiguous: several co-official languages, no
+  de-jure capital, a transcontinental country);
 * ``LANDMARKS``: landmark → country; ``CITIES``: city (not a capital) → country;
 * ``PEOPLE``: person → country of birth (the present-day country of the birthplace; people born
   where borders have moved are left out), and for some → city of birth;
@@ -33,6 +34,7 @@ import dataclasses
 from typing import Any, Callable, Sequence
 
 import pandas as pd
+from tqdm.auto import tqdm
 
 from interp.tasks.entities import WorldError, _tokenizer_of, first_token_predictions
 from interp.tasks.examples import Example, answer_token_ids, fill_template
@@ -69,7 +71,7 @@ COUNTRIES: dict[str, tuple[str | None, str | None, str | None]] = {
     "England": (None, None, "Europe"),                # constituent country: no official language
     "Russia": ("Moscow", "Russian", None),            # transcontinental
     "Turkey": ("Ankara", "Turkish", None),            # transcontinental
-    "Egypt": ("Cairo", "Arabic", "Africa"),
+    "Egypt": ("Cairo", "Arabic", None),             # transcontinental (Sinai)
     "Morocco": ("Rabat", None, "Africa"),             # Arabic and Berber
     "Kenya": ("Nairobi", None, "Africa"),             # Swahili and English
     "Nigeria": ("Abuja", "English", "Africa"),
@@ -88,7 +90,7 @@ COUNTRIES: dict[str, tuple[str | None, str | None, str | None]] = {
     "Cambodia": ("Phnom Penh", "Khmer", "Asia"),
     "Myanmar": ("Naypyidaw", "Burmese", "Asia"),
     "Malaysia": ("Kuala Lumpur", "Malay", "Asia"),
-    "Indonesia": (None, "Indonesian", "Asia"),        # capital being moved to Nusantara
+    "Indonesia": (None, "Indonesian", None),         # capital moving to Nusantara; transcontinental
     "Nepal": ("Kathmandu", "Nepali", "Asia"),
     "Iran": ("Tehran", "Persian", "Asia"),
     "Iraq": ("Baghdad", None, "Asia"),                # Arabic and Kurdish
@@ -105,14 +107,15 @@ COUNTRIES: dict[str, tuple[str | None, str | None, str | None]] = {
     "Argentina": ("Buenos Aires", "Spanish", "South America"),
     "Brazil": ("Brasília", "Portuguese", "South America"),
     "Chile": ("Santiago", "Spanish", "South America"),
-    "Peru": ("Lima", "Spanish", "South America"),
+    "Peru": ("Lima", None, "South America"),          # Spanish, Quechua, Aymara
     "Colombia": ("Bogotá", "Spanish", "South America"),
     "Venezuela": ("Caracas", "Spanish", "South America"),
-    "Ecuador": ("Quito", "Spanish", "South America"),
+    "Ecuador": ("Quito", None, "South America"),      # Spanish; Kichwa, Shuar
     "Uruguay": ("Montevideo", "Spanish", "South America"),
 }
 
-# landmark (with its article where English uses one) -> country
+# landmark (with its article where English uses one) -> country; names shared by several
+# well-known places (another "Blue Mosque", "Mount Olympus", "Golden Temple") are left out
 LANDMARKS: dict[str, str] = {
     "the Eiffel Tower": "France", "the Louvre": "France", "Mont Saint-Michel": "France",
     "the Palace of Versailles": "France",
@@ -122,7 +125,7 @@ LANDMARKS: dict[str, str] = {
     "Park Güell": "Spain",
     "the Brandenburg Gate": "Germany", "Neuschwanstein Castle": "Germany",
     "Cologne Cathedral": "Germany",
-    "the Acropolis": "Greece", "the Parthenon": "Greece", "Mount Olympus": "Greece",
+    "the Acropolis": "Greece", "the Parthenon": "Greece",
     "the Belém Tower": "Portugal",
     "Wawel Castle": "Poland", "Schönbrunn Palace": "Austria", "the Charles Bridge": "Czech Republic",
     "Bran Castle": "Romania", "the Vasa Museum": "Sweden", "the Little Mermaid statue": "Denmark",
@@ -130,12 +133,12 @@ LANDMARKS: dict[str, str] = {
     "the Atomium": "Belgium", "Stonehenge": "England",
     "the Kremlin": "Russia", "Red Square": "Russia", "the Hermitage Museum": "Russia",
     "Lake Baikal": "Russia",
-    "Hagia Sophia": "Turkey", "the Blue Mosque": "Turkey", "Ephesus": "Turkey",
+    "Hagia Sophia": "Turkey", "Ephesus": "Turkey",
     "the Pyramids of Giza": "Egypt", "Abu Simbel": "Egypt", "the Valley of the Kings": "Egypt",
-    "Mount Kilimanjaro": "Tanzania", "the Serengeti": "Tanzania", "Table Mountain": "South Africa",
+    "Mount Kilimanjaro": "Tanzania", "Table Mountain": "South Africa",
     "Robben Island": "South Africa",
     "the Forbidden City": "China", "the Terracotta Army": "China",
-    "the Taj Mahal": "India", "the Golden Temple": "India",
+    "the Taj Mahal": "India",
     "Mount Fuji": "Japan", "Angkor Wat": "Cambodia", "Petra": "Jordan", "Persepolis": "Iran",
     "Ha Long Bay": "Vietnam", "the Petronas Towers": "Malaysia", "Borobudur": "Indonesia",
     "the Shwedagon Pagoda": "Myanmar", "Gyeongbokgung Palace": "South Korea",
@@ -254,7 +257,8 @@ PEOPLE: dict[str, tuple[str, str | None]] = {
     "Usain Bolt": ("Jamaica", None), "Bob Marley": ("Jamaica", None),
 }
 
-# work -> (kind, creator); kind picks the relation (book: written by, painting, composition)
+# work -> (kind, creator); kind picks the relation (book: written by, painting, composition);
+# titles shared by another famous work ("The Kiss", "The Art of War", "The Alchemist") left out
 WORKS: dict[str, tuple[str, str]] = {
     "Hamlet": ("book", "William Shakespeare"), "Romeo and Juliet": ("book", "William Shakespeare"),
     "Macbeth": ("book", "William Shakespeare"), "Othello": ("book", "William Shakespeare"),
@@ -289,17 +293,16 @@ WORKS: dict[str, tuple[str, str]] = {
     "The Ugly Duckling": ("book", "Hans Christian Andersen"),
     "A Doll's House": ("book", "Henrik Ibsen"), "Peer Gynt": ("book", "Henrik Ibsen"),
     "1Q84": ("book", "Haruki Murakami"), "Kafka on the Shore": ("book", "Haruki Murakami"),
-    "The Tale of Genji": ("book", "Murasaki Shikibu"), "The Art of War": ("book", "Sun Tzu"),
+    "The Tale of Genji": ("book", "Murasaki Shikibu"),
     "Gitanjali": ("book", "Rabindranath Tagore"), "Ficciones": ("book", "Jorge Luis Borges"),
     "Palace Walk": ("book", "Naguib Mahfouz"), "Things Fall Apart": ("book", "Chinua Achebe"),
-    "The Alchemist": ("book", "Paulo Coelho"), "The Republic": ("book", "Plato"),
+    "The Republic": ("book", "Plato"),
     "Nicomachean Ethics": ("book", "Aristotle"),
-    "Mona Lisa": ("painting", "Leonardo da Vinci"), "The Last Supper": ("painting", "Leonardo da Vinci"),
+    "Mona Lisa": ("painting", "Leonardo da Vinci"),
     "Guernica": ("painting", "Pablo Picasso"),
     "The Persistence of Memory": ("painting", "Salvador Dalí"), "The Scream": ("painting", "Edvard Munch"),
     "Impression, Sunrise": ("painting", "Claude Monet"),
-    "The Birth of Venus": ("painting", "Sandro Botticelli"),
-    "The Creation of Adam": ("painting", "Michelangelo"), "The Kiss": ("painting", "Gustav Klimt"),
+    "The Creation of Adam": ("painting", "Michelangelo"),
     "The Great Wave off Kanagawa": ("painting", "Katsushika Hokusai"),
     "The Magic Flute": ("composition", "Wolfgang Amadeus Mozart"),
     "Moonlight Sonata": ("composition", "Ludwig van Beethoven"),
@@ -483,7 +486,7 @@ Verifier = Callable[[Any, Sequence[Example]], Sequence[bool]]
 
 
 def verify_chains(hm: Any, chains: Sequence[Chain] | None = None, batch_size: int = 16,
-                  verifier: Verifier | None = None) -> pd.DataFrame:
+                  verifier: Verifier | None = None, progress: bool = True) -> pd.DataFrame:
     """Ask the base model each hop alone and both at once; one row per chain.
 
     Args:
@@ -492,6 +495,7 @@ def verify_chains(hm: Any, chains: Sequence[Chain] | None = None, batch_size: in
         batch_size: prompts per forward.
         verifier: ``verifier(hm, examples) -> [bool]`` (default: the first-token check with the
             model's greedy predictions recorded); tests pass a stub.
+        progress: tqdm bar over the three prompt kinds.
 
     Returns:
         DataFrame with :data:`CHAIN_COLUMNS`: per chain the three prompts, the greedy first
@@ -509,7 +513,8 @@ def verify_chains(hm: Any, chains: Sequence[Chain] | None = None, batch_size: in
     correct: dict[str, list[bool]] = {}
     preds: dict[str, list[str]] = {}
     tok = _tokenizer_of(hm)
-    for kind in ("hop1", "hop2", "two_hop"):
+    for kind in tqdm(("hop1", "hop2", "two_hop"), desc="verify chains on the base model",
+                     disable=not progress):
         batch = [e[kind] for e in exs]
         if verifier is None:
             ids = first_token_predictions(hm, [e.prompt for e in batch], batch_size)
