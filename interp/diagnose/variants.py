@@ -58,12 +58,20 @@ def load_variant(run: Any, v: DVariant):
 
 
 def _route(hm: Any, v: DVariant) -> Callable[[list], Any] | None:
-    """Oracle routing: each query wholly to its ``expert`` (the JSONL's own labels)."""
+    """Oracle routing: each item of a batch wholly to its own ``expert`` label (the JSONL's:
+    ``expert`` for the query, ``hop1_expert`` / ``hop2_expert`` for each hop, see
+    :func:`score_sets`); ``None`` for every other variant."""
     if v.combine != "oracle":
         return None
     from interp.adapters.route import route_examples
 
     return lambda batch: route_examples(hm, [q.expert for q in batch])
+
+
+def _routable(v: DVariant, items: Sequence[Any]) -> bool:
+    """Whether ``v`` can run ``items``: every variant but the oracle always; the oracle only
+    where every item carries an ``expert`` label to route to."""
+    return v.combine != "oracle" or all(x.expert for x in items)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,32 +88,45 @@ def score_sets(hm: Any, v: DVariant, queries: Sequence[Query], batch_size: int =
     """Scores of every query set: ``query`` (latent, the prompt itself); with hop prompts
     ``chain`` (explicit chaining: the variant's own greedy hop-1 answer in ``{bridge}``) and,
     where ``bridge`` is given, ``hop1`` (against the bridge) and ``hop2`` (gold bridge filled in).
-    Static updates are folded into the weights (:func:`fold_static_update`) for speed."""
+    Static updates are folded into the weights (:func:`fold_static_update`) for speed.
+
+    Oracle routing (``v.combine == "oracle"``) sends each prompt to the adapter labelled for it:
+    ``prompt`` to ``expert``, ``hop1_prompt`` (the greedy hop-1 answer of ``chain`` and ``hop1``)
+    to ``hop1_expert``, ``hop2_prompt`` (``chain`` and ``hop2``) to ``hop2_expert``, each hop
+    falling back to ``expert``; a set with an unlabelled item is not scored for the oracle.
+
+    Returns:
+        one row per set × query: :func:`interp.evaluate.score_examples`'s columns plus ``hop``,
+        ``line`` and, for ``chain``, ``bridge_used`` (the cleaned hop-1 answer).
+    """
     from interp.adapters.hooks import fold_static_update
     from interp.evaluate import greedy_answers, score_examples
 
     route = _route(hm, v)
+    h1 = lambda q: q.hop1_expert or q.expert  # noqa: E731  (hop labels fall back to the query's)
+    h2 = lambda q: q.hop2_expert or q.expert  # noqa: E731
     sets = {"query": [_Ex(q.prompt, q.answer, q.line, q.expert) for q in queries]}
     hop = [q for q in queries if q.hop1_prompt]
     gold = [q for q in hop if q.bridge]
     if gold:
-        sets["hop1"] = [_Ex(q.hop1_prompt, " " + q.bridge.strip(), q.line, q.expert) for q in gold]
-        sets["hop2"] = [_Ex(q.hop2_prompt.replace(PLACEHOLDER, q.bridge.strip()), q.answer, q.line, q.expert)
+        sets["hop1"] = [_Ex(q.hop1_prompt, " " + q.bridge.strip(), q.line, h1(q)) for q in gold]
+        sets["hop2"] = [_Ex(q.hop2_prompt.replace(PLACEHOLDER, q.bridge.strip()), q.answer, q.line, h2(q))
                         for q in gold]
+    sets = {k: exs for k, exs in sets.items() if _routable(v, exs)}
     frames = []
     with fold_static_update(hm):
         for name, exs in sets.items():
             frames.append(score_examples(hm, exs, batch_size=batch_size, route=route).assign(
                 hop=name, line=[e.line for e in exs]))
-        if hop:
-            first = [_Ex(q.hop1_prompt, "", q.line, q.expert) for q in hop]
+        first = [_Ex(q.hop1_prompt, "", q.line, h1(q)) for q in hop]
+        if hop and _routable(v, first) and _routable(v, [_Ex("", "", q.line, h2(q)) for q in hop]):
             preds = greedy_answers(hm, first, max_new_tokens=8, batch_size=batch_size, route=route)
             used = [_clean(p) for p in preds]
-            chain = [_Ex(q.hop2_prompt.replace(PLACEHOLDER, u or "unknown"), q.answer, q.line, q.expert)
+            chain = [_Ex(q.hop2_prompt.replace(PLACEHOLDER, u or "unknown"), q.answer, q.line, h2(q))
                      for q, u in zip(hop, used)]
             frames.append(score_examples(hm, chain, batch_size=batch_size, route=route).assign(
                 hop="chain", line=[e.line for e in chain], bridge_used=used))
-    return pd.concat(frames, ignore_index=True)
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
 def _clean(pred: str) -> str:
@@ -232,10 +253,10 @@ def variant_tables(run: Any, v: DVariant, queries: Sequence[Query], pairs: list,
     if queries:
         bs = int(run.cfg.diagnose.get("batch_size", 16))
         out["scores"] = score_sets(hm, v, queries, bs).assign(variant=v.name)
-        if v.adapters:
+        if v.adapters and _routable(v, queries):
             out["contrib"], out["router"] = contributions(hm, v, queries, bs)
         lensq = [q for q in queries if q.bridge]
-        if lensq:
+        if lensq and _routable(v, lensq):
             from interp.mechanisms import entrec
 
             route = _route(hm, v)
