@@ -343,6 +343,26 @@ def test_rerun_is_cached_and_identical(llama_run, tmp_path):
         assert (copy / "results" / f"{name}.csv").read_bytes() == before[f"{name}.csv"], name
 
 
+def test_summary_json_times_each_step_and_variant(llama_run):
+    """summary.json: seconds of every pipeline step (those of run.json) and of every variant, its
+    stages adding up to no more than its total."""
+    run, _, _ = llama_run
+    s = json.loads((run / "summary.json").read_text())
+    steps = json.loads((run / "run.json").read_text())["timings"]
+    assert {"inventory", "geometry", "keys", "variants", "report"} <= set(s["stage_seconds"])
+    assert s["stage_seconds"] == steps
+    vs = s["variants"]["variant_seconds"]
+    assert set(vs) == {"base", "expert_ab", "expert_bc", "uniform", "ties", "arrow", "oracle"}
+    for v, per in s["variants"]["stage_seconds"].items():
+        assert per["total"] == vs[v] > 0
+        parts = {k: x for k, x in per.items() if k != "total"}
+        assert {"load", "scores"} <= set(parts) and all(x >= 0 for x in parts.values())
+        assert sum(parts.values()) <= per["total"] + 0.01
+    assert "backpatch" in s["variants"]["stage_seconds"]["uniform"]
+    assert "backpatch" not in s["variants"]["stage_seconds"]["oracle"]  # not run on the oracle
+    assert sum(vs.values()) <= s["stage_seconds"]["variants"] + 0.01
+
+
 def test_qwen2_dora_without_prompts_is_geometry_only(tmp_path):
     """No prompts: inventory and geometry only; the default Arrow is dropped for DoRA (noted);
     the DoRA spectrum is that of peft's own merged weight minus the base."""

@@ -161,7 +161,8 @@ def diagnose(model: str, adapters: dict[str, str], combines: Sequence[str] | Non
             0.5}, "arrow": {"top_k": 1}}``); default the combine's own defaults.
 
     Returns:
-        ``out`` (``report.html``, ``results/*.csv``).
+        ``out`` (``report.html``, ``results/*.csv``, ``summary.json``: wall seconds per step and
+        per variant and stage, :func:`~interp.diagnose.steps.write_summary`).
 
     Raises:
         as :func:`preflight`, before any work; StudyError: an unwritable ``out``.
@@ -170,8 +171,12 @@ def diagnose(model: str, adapters: dict[str, str], combines: Sequence[str] | Non
 
     from interp.diagnose.steps import PIPELINE
 
+    from interp.diagnose.steps import write_summary
+
     cfg = preflight(model, adapters, combines, prompts, target, device, batch_size, options)
-    return run_pipeline(PIPELINE, cfg, out, steps)
+    out = run_pipeline(PIPELINE, cfg, out, steps)
+    write_summary(open_diagnosis(out))
+    return out
 
 
 def open_diagnosis(out: str | Path):

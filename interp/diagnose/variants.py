@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import math
+import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -223,20 +225,38 @@ def patch_pairs(base: Any, queries: Sequence[Query]) -> list:
     return pairs
 
 
+@contextlib.contextmanager
+def _stage(seconds: dict[str, float] | None, name: str):
+    """Add the wall seconds of the ``with`` body to ``seconds[name]`` (when ``seconds`` is given)."""
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        if seconds is not None:
+            seconds[name] = round(seconds.get(name, 0.0) + time.perf_counter() - t0, 3)
+
+
 def variant_tables(run: Any, v: DVariant, queries: Sequence[Query], pairs: list,
-                   target: dict | None = None) -> dict[str, pd.DataFrame]:
+                   target: dict | None = None, seconds: dict[str, float] | None = None
+                   ) -> dict[str, pd.DataFrame]:
     """Every table of one variant from one load: ``faithfulness`` and ``energy_kept`` (merges;
     with ``target`` = ``{module: LoraDelta}`` also rows ``expert = "target"``: the fraction of the
     target's energy inside the merge's spans, the merge's own complement of the span deficit),
     ``scores``, ``contrib``, ``router``, ``lens`` (queries with a ``bridge``), ``patching`` (given
     pairs; base and combines), ``patchscope``, ``backpatch``, ``knockout`` (every variant but
-    ``oracle``; :mod:`interp.diagnose.bridge`). Empty frames for what does not apply."""
+    ``oracle``; :mod:`interp.diagnose.bridge`). Empty frames for what does not apply.
+
+    ``seconds``, when given, receives the wall seconds of each stage: ``load`` (with the merge's
+    faithfulness), ``energy_kept``, ``scores``, ``contributions``, ``lens``, ``patching``,
+    ``patchscope``, ``backpatch``, ``knockout`` (only the stages that ran)."""
     from interp.subspace import energy_kept
 
-    hm = load_variant(run, v)
+    with _stage(seconds, "load"):
+        hm = load_variant(run, v)
     out: dict[str, pd.DataFrame] = {}
     faith = hm.info.get("faithfulness") if v.adapters else None
     if faith is not None:
+        t_ek = time.perf_counter()
         out["faithfulness"] = faith.assign(variant=v.name)
         merged, experts = hm.info["deltas"], hm.info["expert_deltas"]
         rows = []
@@ -250,13 +270,18 @@ def variant_tables(run: Any, v: DVariant, queries: Sequence[Query], pairs: list,
                 rows.append(dict(variant=v.name, module=m, expert="target", energy_kept=energy_kept(o, d),
                                  energy=o.frobenius_sq()))
         out["energy_kept"] = pd.DataFrame(rows)
+        if seconds is not None:
+            seconds["energy_kept"] = round(time.perf_counter() - t_ek, 3)
     if queries:
         bs = int(run.cfg.diagnose.get("batch_size", 16))
-        out["scores"] = score_sets(hm, v, queries, bs).assign(variant=v.name)
+        with _stage(seconds, "scores"):
+            out["scores"] = score_sets(hm, v, queries, bs).assign(variant=v.name)
         if v.adapters and _routable(v, queries):
-            out["contrib"], out["router"] = contributions(hm, v, queries, bs)
+            with _stage(seconds, "contributions"):
+                out["contrib"], out["router"] = contributions(hm, v, queries, bs)
         lensq = [q for q in queries if q.bridge]
         if lensq and _routable(v, lensq):
+            t_lens = time.perf_counter()
             from interp.mechanisms import entrec
 
             route = _route(hm, v)
@@ -273,17 +298,21 @@ def variant_tables(run: Any, v: DVariant, queries: Sequence[Query], pairs: list,
             lens = pd.concat(frames, ignore_index=True)
             lens["target"] = lens["target"].map({"e2": "bridge", "e3": "answer"})
             out["lens"] = lens.assign(variant=v.name)
+            if seconds is not None:
+                seconds["lens"] = round(time.perf_counter() - t_lens, 3)
         if pairs and v.role != "expert" and v.combine != "oracle":
             from interp.mechanisms import activation_patching
 
-            out["patching"] = activation_patching(hm, pairs, hooks=("resid_pre",), progress=False
-                                                  ).assign(variant=v.name)
+            with _stage(seconds, "patching"):
+                out["patching"] = activation_patching(hm, pairs, hooks=("resid_pre",), progress=False
+                                                      ).assign(variant=v.name)
         if v.combine != "oracle":  # per-prompt routing; the engines batch copies of prompts
             from interp.diagnose.bridge import backpatch_table, knockout_table, patchscope_table
 
             for n, fn in (("patchscope", patchscope_table), ("backpatch", backpatch_table),
                           ("knockout", knockout_table)):
-                df = fn(hm, queries, bs)
+                with _stage(seconds, n):
+                    df = fn(hm, queries, bs)
                 if len(df):
                     out[n] = df.assign(variant=v.name)[["variant", *df.columns]]
     run.release(hm)
@@ -302,19 +331,41 @@ TABLE_NAMES = ("faithfulness", "energy_kept", "scores", "contrib", "router", "le
 CACHE_VERSION = 2
 
 
+def variant_key(run: Any) -> str:
+    """The variant caches' key: the ``study`` and ``diagnose`` config sections and :data:`CACHE_VERSION`."""
+    return f"{run.cfg.section_hash('study', 'diagnose')}v{CACHE_VERSION}"
+
+
+def variant_cache_dir(run: Any, v: DVariant, key: str | None = None) -> Path:
+    """``DIR/cache/variants/<name>.<key>/`` (``key`` default :func:`variant_key`)."""
+    return Path(run.cache) / "variants" / f"{v.name}.{key or variant_key(run)}"
+
+
+def variant_seconds(run: Any, v: DVariant, key: str | None = None) -> dict[str, float] | None:
+    """Wall seconds of each stage of ``v`` (:func:`variant_tables`) when it was computed, with
+    ``total``; ``None`` if it has not been computed under this key (or by a version before timings)."""
+    p = variant_cache_dir(run, v, key) / "seconds.json"
+    return json.loads(p.read_text()) if p.is_file() else None
+
+
 def cached_variant(run: Any, v: DVariant, queries: Sequence[Query], pairs: list, key: str,
                    target: dict | None = None) -> dict[str, pd.DataFrame]:
     """:func:`variant_tables`, cached in ``DIR/cache/variants/<name>.<key>/`` (a ``done`` marker
-    written last, so a variant interrupted mid-way is recomputed whole)."""
+    written last, so a variant interrupted mid-way is recomputed whole), with the stages' wall
+    seconds in ``seconds.json`` there (:func:`variant_seconds`)."""
     from interp.models import atomic_write_text
     from interp.study.runner import csv_text
 
-    d = Path(run.cache) / "variants" / f"{v.name}.{key}"
+    d = variant_cache_dir(run, v, key)
     if not (d / "done").is_file():
-        tables = variant_tables(run, v, queries, pairs, target)
+        seconds: dict[str, float] = {}
+        t0 = time.perf_counter()
+        tables = variant_tables(run, v, queries, pairs, target, seconds)
+        seconds["total"] = round(time.perf_counter() - t0, 3)
         for n in TABLE_NAMES:
             df = tables.get(n)
             atomic_write_text(d / f"{n}.csv", csv_text(df) if df is not None and len(df) else "")
+        atomic_write_text(d / "seconds.json", json.dumps(seconds, indent=1))
         atomic_write_text(d / "done", "ok")
     out = {}
     for n in TABLE_NAMES:
