@@ -573,12 +573,24 @@ def test_worked_example_script_runs_end_to_end_on_a_tiny_model(tmp_path):
     spec = importlib.util.spec_from_file_location("diagnose_example", path)
     ex = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(ex)
-    s = ex.main(["--model", "tiny-llama", "--chains", "4", "--steps", "2", "--out", str(tmp_path / "ex")])
+    argv = ["--model", "tiny-llama", "--chains", "4", "--steps", "2", "--retrain-steps", "3", "--out", str(tmp_path / "ex")]
+    s = ex.main(argv)
     qs = read_prompts(tmp_path / "ex" / "queries.jsonl", ["ab", "bc"])
     assert len(qs) == 4 and all(q.subject and q.bridge and q.hop1_prompt for q in qs)
+    assert all((q.hop1_expert, q.hop2_expert) == ("ab", "bc") for q in qs)
+    for name, m in s["experts"].items():  # below 90% after 2 steps (a random tiny model): retrained at 3
+        first = m["attempts"][0]
+        assert first["steps"] == 2
+        if first["train_first_token_acc"] < ex.GOOD_ENOUGH:
+            assert [t["steps"] for t in m["attempts"]] == [2, 3] and m["steps"] == 3
+    assert {"train_ab", "train_bc", "diagnose_variants", "diagnose_report"} <= set(s["stage_seconds"])
+    assert set(s["variant_seconds"]) == {"base", "expert_ab", "expert_bc", "uniform", "ties", "arrow", "oracle"}
+    again = ex.main(argv)  # a second call reuses the kept experts (the retrained ones included)
+    assert {k: v["steps"] for k, v in again["experts"].items()} == {k: v["steps"] for k, v in s["experts"].items()}
+    assert all(len(v["attempts"]) == 1 for v in again["experts"].values())
     check_tokens(qs, load_hf("tiny-llama")[1])  # equal-length corrupted prompts, nothing empty
     assert any(q.corrupt_prompt for q in qs)
-    assert s["experts"]["ab"]["steps"] == 2 and s["findings"]
+    assert s["findings"]
     assert any("Back-patching" in f for f in s["findings"])
     res = {p.stem for p in (tmp_path / "ex" / "diagnosis" / "results").iterdir()}
     assert {"patchscope", "backpatch", "knockout", "accuracy", "lens"} <= res
