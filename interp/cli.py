@@ -147,7 +147,7 @@ def diagnose_cmd(
                                           "(default uniform,ties,arrow where the adapters allow)"),
     prompts: Optional[Path] = typer.Option(None, "--prompts", "-p", help="JSONL: prompt, answer; optional "
                                            "subject, bridge, hop1_prompt, hop2_prompt, corrupt_prompt, "
-                                           "corrupt_answer, expert"),
+                                           "corrupt_answer, expert, hop1_expert, hop2_expert"),
     target: Optional[str] = typer.Option(None, "--target", help="NAME=DIR of an adapter that does the "
                                          "target task (span deficit of the library against it)"),
     out: Path = typer.Option(Path("runs/diagnose"), "--out", "-o", help="run directory (resumable)"),

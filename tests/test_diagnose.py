@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from browser import assert_rendered, chromium
 from interp.cli import app
-from interp.diagnose import PromptFileError, diagnose, read_prompts
+from interp.diagnose import DiagnoseError, PromptFileError, diagnose, read_prompts
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 
@@ -343,6 +343,26 @@ def test_rerun_is_cached_and_identical(llama_run, tmp_path):
         assert (copy / "results" / f"{name}.csv").read_bytes() == before[f"{name}.csv"], name
 
 
+def test_summary_json_times_each_step_and_variant(llama_run):
+    """summary.json: seconds of every pipeline step (those of run.json) and of every variant, its
+    stages adding up to no more than its total."""
+    run, _, _ = llama_run
+    s = json.loads((run / "summary.json").read_text())
+    steps = json.loads((run / "run.json").read_text())["timings"]
+    assert {"inventory", "geometry", "keys", "variants", "report"} <= set(s["stage_seconds"])
+    assert s["stage_seconds"] == steps
+    vs = s["variants"]["variant_seconds"]
+    assert set(vs) == {"base", "expert_ab", "expert_bc", "uniform", "ties", "arrow", "oracle"}
+    for v, per in s["variants"]["stage_seconds"].items():
+        assert per["total"] == vs[v] > 0
+        parts = {k: x for k, x in per.items() if k != "total"}
+        assert {"load", "scores"} <= set(parts) and all(x >= 0 for x in parts.values())
+        assert sum(parts.values()) <= per["total"] + 0.01
+    assert "backpatch" in s["variants"]["stage_seconds"]["uniform"]
+    assert "backpatch" not in s["variants"]["stage_seconds"]["oracle"]  # not run on the oracle
+    assert sum(vs.values()) <= s["stage_seconds"]["variants"] + 0.01
+
+
 def test_qwen2_dora_without_prompts_is_geometry_only(tmp_path):
     """No prompts: inventory and geometry only; the default Arrow is dropped for DoRA (noted);
     the DoRA spectrum is that of peft's own merged weight minus the base."""
@@ -427,10 +447,70 @@ def test_read_prompts_refusals(tmp_path):
                       ('{"prompt": "a", "answer": " b", "subject": "q"}', "does not occur"),
                       ('{"prompt": "a", "answer": " b", "hop1_prompt": "x", "hop2_prompt": "y"}', "{bridge}"),
                       ('{"prompt": "a", "answer": " b", "expert": "zz"}', "not one of the adapters"),
+                      ('{"prompt": "a", "answer": " b", "hop1_prompt": "x", "hop2_prompt": "{bridge} y", '
+                       '"hop1_expert": "zz", "hop2_expert": "ab"}', "hop1_expert 'zz' is not one of the adapters"),
+                      ('{"prompt": "a", "answer": " b", "hop1_prompt": "x", "hop2_prompt": "{bridge} y", '
+                       '"hop1_expert": "ab"}', "hop1_expert and hop2_expert go together"),
+                      ('{"prompt": "a", "answer": " b", "hop1_expert": "ab", "hop2_expert": "ab"}',
+                       "need hop1_prompt and hop2_prompt"),
+                      ('{"prompt": "a", "answer": " b", "hop1_prompt": "x", "hop2_prompt": "{bridge} y", '
+                       '"hop1_expert": "ab", "hop2_expert": "ab"}\n'
+                       '{"prompt": "a", "answer": " b", "hop1_prompt": "x", "hop2_prompt": "{bridge} y"}',
+                       "'hop1_expert' is given on some lines with hop prompts but not this one"),
                       ('[1]', "JSON object"), ('{"prompt": "a",', "not valid JSON"), ("\n", "no queries")]:
         p.write_text(text)
         with pytest.raises(PromptFileError, match=re.escape(msg)):
             read_prompts(p, ["ab"])
+
+
+def test_oracle_routes_each_hop_to_its_labelled_expert(llama_run, tmp_path):
+    """Per-hop oracle routing (``hop1_expert`` / ``hop2_expert``) = each adapter loaded alone:
+    hop 1 scored by expert ab, hop 2 by expert bc, the chain = ab's own greedy hop-1 answer put
+    into the hop-2 prompt and scored by bc; the two-hop prompt by its ``expert``, when given."""
+    from interp import load_hooked
+    from interp.evaluate import greedy_answers, score_examples
+
+    _, ad, prompts = llama_run
+    rows = [json.loads(line) for line in prompts.read_text().splitlines()]
+    for r in rows:
+        r.update(hop1_expert="ab", hop2_expert="bc")
+    with_q = tmp_path / "q.jsonl"
+    with_q.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    without_q = tmp_path / "h.jsonl"  # hop labels only: the oracle scores the hops, not the query
+    without_q.write_text("".join(json.dumps({k: v for k, v in r.items() if k != "expert"}) + "\n" for r in rows))
+    adapters = {"ab": str(ad["ab"]), "bc": str(ad["bc"])}
+    qs = read_prompts(with_q)
+    alone = {a: load_hooked("tiny-llama", {a: adapters[a]}, combine="none") for a in adapters}
+    ref: dict[str, pd.DataFrame] = {}
+    ref["hop1"] = score_examples(alone["ab"], [type("E", (), dict(prompt=q.hop1_prompt, answer=" " + q.bridge))
+                                               for q in qs])
+    ref["hop2"] = score_examples(alone["bc"], [type("E", (), dict(prompt=q.hop2_prompt.replace("{bridge}", q.bridge),
+                                                                  answer=q.answer)) for q in qs])
+    cut = [re.split(r"[\n.,]", p)[0].strip() for p in greedy_answers(alone["ab"], [q.hop1_prompt for q in qs],
+                                                                          max_new_tokens=8)]
+    ref["chain"] = score_examples(alone["bc"], [type("E", (), dict(prompt=q.hop2_prompt.replace("{bridge}", c or "unknown"),
+                                                                   answer=q.answer)) for q, c in zip(qs, cut)])
+    ref["query"] = pd.concat([score_examples(alone[q.expert], [q]) for q in qs], ignore_index=True)
+    for prompts_file, sets in ((with_q, ("query", "hop1", "hop2", "chain")), (without_q, ("hop1", "hop2", "chain"))):
+        out = diagnose("tiny-llama", adapters, combines=["oracle"], prompts=prompts_file, out=tmp_path / prompts_file.stem,
+                       batch_size=4)
+        sc = _csv(out, "scores")
+        sc = sc[sc["variant"] == "oracle"]
+        assert set(sc["hop"]) == set(sets)
+        for hop in sets:
+            mine = sc[sc["hop"] == hop].sort_values("line")
+            assert mine["prompt"].tolist() == ref[hop]["prompt"].tolist()
+            assert mine["first_token_correct"].tolist() == ref[hop]["first_token_correct"].tolist()
+            assert mine["answer_logprob"].to_numpy() == pytest.approx(ref[hop]["answer_logprob"].to_numpy(), abs=1e-4)
+    with pytest.raises(DiagnoseError, match="hop1_expert"):  # no label at all: refused up front
+        diagnose("tiny-llama", adapters, combines=["oracle"], prompts=_unlabelled(tmp_path / "none.jsonl"),
+                 out=tmp_path / "none")
+
+
+def _unlabelled(path):
+    rows = [{"prompt": "The capital of Zorv1 is", "answer": " Paris"}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
 
 
 @pytest.mark.browser
@@ -493,12 +573,24 @@ def test_worked_example_script_runs_end_to_end_on_a_tiny_model(tmp_path):
     spec = importlib.util.spec_from_file_location("diagnose_example", path)
     ex = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(ex)
-    s = ex.main(["--model", "tiny-llama", "--chains", "4", "--steps", "2", "--out", str(tmp_path / "ex")])
+    argv = ["--model", "tiny-llama", "--chains", "4", "--steps", "2", "--retrain-steps", "3", "--out", str(tmp_path / "ex")]
+    s = ex.main(argv)
     qs = read_prompts(tmp_path / "ex" / "queries.jsonl", ["ab", "bc"])
     assert len(qs) == 4 and all(q.subject and q.bridge and q.hop1_prompt for q in qs)
+    assert all((q.hop1_expert, q.hop2_expert) == ("ab", "bc") for q in qs)
+    for name, m in s["experts"].items():  # below 90% after 2 steps (a random tiny model): retrained at 3
+        first = m["attempts"][0]
+        assert first["steps"] == 2
+        if first["train_first_token_acc"] < ex.GOOD_ENOUGH:
+            assert [t["steps"] for t in m["attempts"]] == [2, 3] and m["steps"] == 3
+    assert {"train_ab", "train_bc", "diagnose_variants", "diagnose_report"} <= set(s["stage_seconds"])
+    assert set(s["variant_seconds"]) == {"base", "expert_ab", "expert_bc", "uniform", "ties", "arrow", "oracle"}
+    again = ex.main(argv)  # a second call reuses the kept experts (the retrained ones included)
+    assert {k: v["steps"] for k, v in again["experts"].items()} == {k: v["steps"] for k, v in s["experts"].items()}
+    assert all(len(v["attempts"]) == 1 for v in again["experts"].values())
     check_tokens(qs, load_hf("tiny-llama")[1])  # equal-length corrupted prompts, nothing empty
     assert any(q.corrupt_prompt for q in qs)
-    assert s["experts"]["ab"]["steps"] == 2 and s["findings"]
+    assert s["findings"]
     assert any("Back-patching" in f for f in s["findings"])
     res = {p.stem for p in (tmp_path / "ex" / "diagnosis" / "results").iterdir()}
     assert {"patchscope", "backpatch", "knockout", "accuracy", "lens"} <= res

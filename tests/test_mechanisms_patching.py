@@ -248,6 +248,62 @@ def test_attention_knockout(tiny_llama):
         attention_knockout(hm, exs, window=0, spans=spans, progress=False)
 
 
+def _alone(hm, ex, hooks=()):
+    """Log-probabilities at the final position of ``ex.prompt`` run alone (no batch, no padding,
+    no cache): the ungrouped, uncached reference of the grouped engines."""
+    toks = torch.tensor([hm.encode(ex.prompt)])
+    with torch.no_grad():
+        logits = hm.bridge.run_with_hooks(toks, fwd_hooks=list(hooks))
+    return torch.log_softmax(logits[0, -1].float(), -1)
+
+
+def test_grouped_back_patching_and_knockout_equal_each_prompt_alone(tiny_llama):
+    """Every cell of the length-grouped, cache-reading engines (back-patching's diagonal read from
+    the clean run's cache; knockout computing the final position only) equals a full forward of
+    that prompt alone with the intervention as a hook."""
+    hm = tiny_llama
+    exs = make_examples()[:4]
+    exs[1] = dataclasses.replace(exs[1], prompt=exs[1].prompt + " the")  # three prompt lengths
+    exs[3] = dataclasses.replace(exs[3], prompt=exs[3].prompt + " a big")
+    assert len({len(hm.encode(e.prompt)) for e in exs}) == 3
+    L = hm.n_layers
+    bp = back_patching(hm, exs, max_batch=3, progress=False)
+    assert len(bp) == 4 * L * (L + 1) // 2
+    for b, ex in enumerate(exs):
+        ans = hm.encode(ex.answer)[0]
+        base = _alone(hm, ex)
+        toks = torch.tensor([hm.encode(ex.prompt)])
+        with torch.no_grad():
+            _, cache = hm.bridge.run_with_cache(toks)
+        for ls in range(L):
+            for lt in range(ls + 1):
+                src = cache[f"blocks.{ls}.hook_resid_pre"][0, -1].clone()
+
+                def put(x, hook, src=src):
+                    x = x.clone()
+                    x[0, -1] = src
+                    return x
+                lp = _alone(hm, ex, [(f"blocks.{lt}.hook_resid_pre", put)])
+                row = bp[(bp.example_id == b) & (bp.source_layer == ls) & (bp.target_layer == lt)].iloc[0]
+                assert row.logprob == pytest.approx(float(lp[ans]), abs=1e-4), (b, ls, lt)
+                assert row.correct == (int(lp.argmax()) == ans)
+                assert row.base_logprob == pytest.approx(float(base[ans]), abs=1e-4)
+    ko = attention_knockout(hm, exs, window=3, spans=[byte_spans(hm, e) for e in exs], max_batch=3, progress=False)
+    assert len(ko) == 4 * L and ko["delta"].abs().max() > 1e-3
+    for b, ex in enumerate(exs):
+        a, e = byte_spans(hm, ex)["e1"]
+        ans = hm.encode(ex.answer)[0]
+
+        def renorm(pat, hook):  # zero the final row's weights on the span, renormalise
+            pat = pat.clone()
+            pat[0, :, -1, a:e] = 0
+            pat[0, :, -1] = pat[0, :, -1] / pat[0, :, -1].sum(-1, keepdim=True)
+            return pat
+        for _, row in ko[ko.example_id == b].iterrows():
+            hooks = [(f"blocks.{l}.attn.hook_pattern", renorm) for l in range(int(row.first_layer), int(row.last_layer) + 1)]
+            assert row.logprob == pytest.approx(float(_alone(hm, ex, hooks)[ans]), abs=1e-4), (b, row.layer)
+
+
 def test_difference():
     a = pd.DataFrame({"layer": [0, 0, 1], "position_label": ["f", "f", "f"], "value": [1., 3., 5.]})
     b = pd.DataFrame({"layer": [0, 1, 2], "position_label": ["f", "f", "f"], "value": [0.5, 1., 9.]})

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from interp.diagnose.inputs import (DiagnoseError, PromptFileError, Query, check_model, parse_adapter_args,
-                                    parse_option_args, read_prompts)
+                                    oracle_labelled, parse_option_args, read_prompts)
 
 #: combines tried when none are named; those the adapters' features rule out are dropped (noted)
 DEFAULT_COMBINES = ("uniform", "ties", "arrow")
@@ -66,7 +66,9 @@ def preflight(model: str, adapters: dict[str, str], combines: Sequence[str] | No
         interp.models.ModelLoadError: the model is neither registered and offline nor a local
             HF directory. DiagnoseError: no adapters, an unknown combine, options for a combine
             not diagnosed, ``oracle`` without
-            prompts labelled with ``expert``, a batch size < 1, a target named like an adapter.
+            prompts labelled with ``expert`` or ``hop1_expert``/``hop2_expert``
+            (:func:`~interp.diagnose.inputs.oracle_labelled`), a batch size < 1, a target named
+            like an adapter.
         PromptFileError: see :func:`read_prompts` and :func:`check_tokens`. AdapterError subclasses (from
             :class:`~interp.adapters.AdapterLibrary` and :func:`~interp.adapters.features.check_combine`):
             missing files, another base model, shapes, a feature a named combine cannot carry exactly;
@@ -104,9 +106,9 @@ def preflight(model: str, adapters: dict[str, str], combines: Sequence[str] | No
             raise DiagnoseError(f"options given for combine {c!r}, which is not diagnosed ({', '.join(combines)})")
         _check_options(c, o)
     qs = read_prompts(prompts, list(adapters)) if prompts is not None else []
-    if "oracle" in combines and not (qs and all(q.expert for q in qs)):
-        raise DiagnoseError("combine 'oracle' routes each prompt to its 'expert': give --prompts whose "
-                            "lines all carry an 'expert' key")
+    if "oracle" in combines and not oracle_labelled(qs):
+        raise DiagnoseError("combine 'oracle' routes each prompt to its labelled adapter: give --prompts whose "
+                            "lines all carry 'expert', or whose hop lines all carry 'hop1_expert' and 'hop2_expert'")
     hf, tok = load_hf(model)
     check_tokens(qs, tok, getattr(hf.config, "max_position_embeddings", None))
     lib = AdapterLibrary.load(model, adapters, hf_model=hf)
@@ -159,7 +161,8 @@ def diagnose(model: str, adapters: dict[str, str], combines: Sequence[str] | Non
             0.5}, "arrow": {"top_k": 1}}``); default the combine's own defaults.
 
     Returns:
-        ``out`` (``report.html``, ``results/*.csv``).
+        ``out`` (``report.html``, ``results/*.csv``, ``summary.json``: wall seconds per step and
+        per variant and stage, :func:`~interp.diagnose.steps.write_summary`).
 
     Raises:
         as :func:`preflight`, before any work; StudyError: an unwritable ``out``.
@@ -168,8 +171,12 @@ def diagnose(model: str, adapters: dict[str, str], combines: Sequence[str] | Non
 
     from interp.diagnose.steps import PIPELINE
 
+    from interp.diagnose.steps import write_summary
+
     cfg = preflight(model, adapters, combines, prompts, target, device, batch_size, options)
-    return run_pipeline(PIPELINE, cfg, out, steps)
+    out = run_pipeline(PIPELINE, cfg, out, steps)
+    write_summary(open_diagnosis(out))
+    return out
 
 
 def open_diagnosis(out: str | Path):

@@ -13,7 +13,12 @@ The prompts file is JSONL, one query per line (every key but ``prompt`` and ``an
 * ``corrupt_prompt`` (and optionally ``corrupt_answer``) — a corrupted run of equal token length
   for activation patching (Meng et al. 2022); without ``corrupt_answer`` the base model's own
   top prediction on the corrupted prompt is the contrast answer;
-* ``expert`` — the adapter expected to cover the query (oracle routing; every line needs one).
+* ``expert`` — the adapter expected to cover the query (oracle routing of ``prompt``; every line
+  or none);
+* ``hop1_expert`` / ``hop2_expert`` — the adapters covering each hop (with hop prompts, together,
+  every hop line or none): oracle routing sends ``hop1_prompt`` to ``hop1_expert`` and
+  ``hop2_prompt`` to ``hop2_expert`` (explicit chaining and each hop alone), as the study's oracle
+  routes each hop to that hop's expert.
 
 Unknown keys, missing or empty required keys and malformed lines are refused with
 :class:`PromptFileError` naming file and line.
@@ -29,7 +34,7 @@ from typing import Any
 from interp.errors import InterpError
 
 KEYS = ("prompt", "answer", "subject", "bridge", "hop1_prompt", "hop2_prompt", "corrupt_prompt",
-        "corrupt_answer", "expert")
+        "corrupt_answer", "expert", "hop1_expert", "hop2_expert")
 REQUIRED = ("prompt", "answer")
 PLACEHOLDER = "{bridge}"
 
@@ -57,6 +62,8 @@ class Query:
     corrupt_prompt: str = ""
     corrupt_answer: str = ""
     expert: str = ""
+    hop1_expert: str = ""
+    hop2_expert: str = ""
 
     @property
     def e1(self) -> str:
@@ -93,7 +100,9 @@ def read_prompts(path: str | Path, adapters: list[str] | None = None) -> list[Qu
         PromptFileError: no such file, invalid JSON, a line that is not an object, an unknown key,
             a missing / empty / non-string required value, ``subject`` not in ``prompt``,
             ``hop2_prompt`` without ``{bridge}`` or without ``hop1_prompt`` (and vice versa), an
-            ``expert`` that is not an adapter, ``expert`` on some lines only, or no query at all.
+            ``expert`` / ``hop1_expert`` / ``hop2_expert`` that is not an adapter, ``hop1_expert``
+            without ``hop2_expert`` (and vice versa) or without hop prompts, any of these labels on
+            some lines only, or no query at all.
     """
     p = Path(path)
     if not p.is_file():
@@ -127,17 +136,31 @@ def read_prompts(path: str | Path, adapters: list[str] | None = None) -> list[Qu
             raise PromptFileError(f"{where}: hop2_prompt must contain {PLACEHOLDER} (where the hop-1 answer goes)")
         if q.corrupt_answer and not q.corrupt_prompt:
             raise PromptFileError(f"{where}: corrupt_answer needs corrupt_prompt")
-        if q.expert and adapters is not None and q.expert not in adapters:
-            raise PromptFileError(f"{where}: expert {q.expert!r} is not one of the adapters {adapters}")
+        for k in ("expert", "hop1_expert", "hop2_expert"):
+            if getattr(q, k) and adapters is not None and getattr(q, k) not in adapters:
+                raise PromptFileError(f"{where}: {k} {getattr(q, k)!r} is not one of the adapters {adapters}")
+        if bool(q.hop1_expert) != bool(q.hop2_expert):
+            raise PromptFileError(f"{where}: hop1_expert and hop2_expert go together (oracle routing of each hop)")
+        if q.hop1_expert and not q.hop1_prompt:
+            raise PromptFileError(f"{where}: hop1_expert / hop2_expert need hop1_prompt and hop2_prompt")
         out.append(q)
     if not out:
         raise PromptFileError(f"prompts file {p} has no queries")
-    have = [q.expert != "" for q in out]
-    if any(have) and not all(have):
-        first = next(q.line for q in out if not q.expert)
-        raise PromptFileError(f"{p}, line {first}: 'expert' is given on some lines but not this one "
-                              "(oracle routing needs it on every line)")
+    for key, lines in (("expert", out), ("hop1_expert", [q for q in out if q.hop1_prompt])):
+        have = [getattr(q, key) != "" for q in lines]
+        if any(have) and not all(have):
+            first = next(q.line for q in lines if not getattr(q, key))
+            where = "lines" if key == "expert" else "lines with hop prompts"
+            raise PromptFileError(f"{p}, line {first}: {key!r} is given on some {where} but not this one "
+                                  "(oracle routing needs it on every one)")
     return out
+
+
+def oracle_labelled(queries: list[Query]) -> bool:
+    """Whether oracle routing has labels to route by: ``expert`` on every line, or
+    ``hop1_expert`` / ``hop2_expert`` on every line with hop prompts (at least one)."""
+    hop = [q for q in queries if q.hop1_prompt]
+    return bool(queries) and (all(q.expert for q in queries) or (bool(hop) and all(q.hop1_expert for q in hop)))
 
 
 def check_model(name: str) -> None:

@@ -206,17 +206,14 @@ def variants(run: Any) -> None:
     ``faithfulness``, ``energy_kept``, ``scores``, ``accuracy`` (Wilson 95%), ``contributions``,
     ``router``, ``lens``, ``patching``, ``patchscope``, ``backpatch`` and ``knockout`` — each only
     where the inputs carry what it needs."""
-    from interp.diagnose.variants import (CACHE_VERSION, ROUTED, TABLE_NAMES, cached_variant, patch_pairs,
-                                         plan_variants)
+    from interp.diagnose.variants import TABLE_NAMES, cached_variant, patch_pairs, variant_key
     from interp.evaluate import accuracy_table
 
     qs = queries(run)
     dg = run.cfg.diagnose
-    plan = plan_variants(list(dg["adapters"]), dg["combines"])
-    if not qs:  # geometry only: just the merges, for what each keeps (routers have no merged ΔW)
-        plan = [v for v in plan if v.role == "combine" and v.combine not in ROUTED]
+    plan = diagnosed_variants(run)  # without prompts: just the merges, for what each keeps
     pairs = patch_pairs(run.base(), qs) if qs else []
-    key = f"{run.cfg.section_hash('study', 'diagnose')}v{CACHE_VERSION}"
+    key = variant_key(run)
     tgt = dg.get("target")
     target = library(run, {tgt[0]: tgt[1]}).deltas[tgt[0]] if tgt else None
     got: dict[str, list[pd.DataFrame]] = {n: [] for n in TABLE_NAMES}
@@ -235,6 +232,40 @@ def variants(run: Any) -> None:
             acc.insert(1, "role", acc["method"].map(role))
             write_table(run, acc.rename(columns={"method": "variant"}).drop(columns=["library", "test_set"]),
                         "accuracy")
+
+
+def diagnosed_variants(run: Any) -> list:
+    """The variants the ``variants`` step computes (all of them with prompts; without, the merges only)."""
+    from interp.diagnose.variants import ROUTED, plan_variants
+
+    dg = run.cfg.diagnose
+    plan = plan_variants(list(dg["adapters"]), dg["combines"])
+    if not dg.get("prompts"):
+        plan = [v for v in plan if v.role == "combine" and v.combine not in ROUTED]
+    return plan
+
+
+def write_summary(run: Any) -> Path:
+    """``DIR/summary.json``: wall seconds of each pipeline step (``stage_seconds``: from ``run.json``,
+    the last time each step ran; ``total_this_invocation``: this call) and of each variant and its
+    stages (``variants.variant_seconds``, ``variants.stage_seconds``: when the variant was computed,
+    a cached variant keeps its first timing; ``null`` for a variant cached before timings existed).
+
+    Returns:
+        the file's path.
+    """
+    from interp.diagnose.variants import variant_seconds
+    from interp.models import atomic_write_text
+
+    data = json.loads((run.out / "run.json").read_text())
+    per = {v.name: variant_seconds(run, v) for v in diagnosed_variants(run)}
+    summary = {"stage_seconds": data.get("timings", {}),
+               "variants": {"variant_seconds": {k: (s or {}).get("total") for k, s in per.items()},
+                            "stage_seconds": per},
+               "units": "seconds of wall time"}
+    path = run.out / "summary.json"
+    atomic_write_text(path, json.dumps(summary, indent=1))
+    return path
 
 
 def report(run: Any) -> None:

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import math
+import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -58,12 +60,20 @@ def load_variant(run: Any, v: DVariant):
 
 
 def _route(hm: Any, v: DVariant) -> Callable[[list], Any] | None:
-    """Oracle routing: each query wholly to its ``expert`` (the JSONL's own labels)."""
+    """Oracle routing: each item of a batch wholly to its own ``expert`` label (the JSONL's:
+    ``expert`` for the query, ``hop1_expert`` / ``hop2_expert`` for each hop, see
+    :func:`score_sets`); ``None`` for every other variant."""
     if v.combine != "oracle":
         return None
     from interp.adapters.route import route_examples
 
     return lambda batch: route_examples(hm, [q.expert for q in batch])
+
+
+def _routable(v: DVariant, items: Sequence[Any]) -> bool:
+    """Whether ``v`` can run ``items``: every variant but the oracle always; the oracle only
+    where every item carries an ``expert`` label to route to."""
+    return v.combine != "oracle" or all(x.expert for x in items)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,32 +90,45 @@ def score_sets(hm: Any, v: DVariant, queries: Sequence[Query], batch_size: int =
     """Scores of every query set: ``query`` (latent, the prompt itself); with hop prompts
     ``chain`` (explicit chaining: the variant's own greedy hop-1 answer in ``{bridge}``) and,
     where ``bridge`` is given, ``hop1`` (against the bridge) and ``hop2`` (gold bridge filled in).
-    Static updates are folded into the weights (:func:`fold_static_update`) for speed."""
+    Static updates are folded into the weights (:func:`fold_static_update`) for speed.
+
+    Oracle routing (``v.combine == "oracle"``) sends each prompt to the adapter labelled for it:
+    ``prompt`` to ``expert``, ``hop1_prompt`` (the greedy hop-1 answer of ``chain`` and ``hop1``)
+    to ``hop1_expert``, ``hop2_prompt`` (``chain`` and ``hop2``) to ``hop2_expert``, each hop
+    falling back to ``expert``; a set with an unlabelled item is not scored for the oracle.
+
+    Returns:
+        one row per set × query: :func:`interp.evaluate.score_examples`'s columns plus ``hop``,
+        ``line`` and, for ``chain``, ``bridge_used`` (the cleaned hop-1 answer).
+    """
     from interp.adapters.hooks import fold_static_update
     from interp.evaluate import greedy_answers, score_examples
 
     route = _route(hm, v)
+    h1 = lambda q: q.hop1_expert or q.expert  # noqa: E731  (hop labels fall back to the query's)
+    h2 = lambda q: q.hop2_expert or q.expert  # noqa: E731
     sets = {"query": [_Ex(q.prompt, q.answer, q.line, q.expert) for q in queries]}
     hop = [q for q in queries if q.hop1_prompt]
     gold = [q for q in hop if q.bridge]
     if gold:
-        sets["hop1"] = [_Ex(q.hop1_prompt, " " + q.bridge.strip(), q.line, q.expert) for q in gold]
-        sets["hop2"] = [_Ex(q.hop2_prompt.replace(PLACEHOLDER, q.bridge.strip()), q.answer, q.line, q.expert)
+        sets["hop1"] = [_Ex(q.hop1_prompt, " " + q.bridge.strip(), q.line, h1(q)) for q in gold]
+        sets["hop2"] = [_Ex(q.hop2_prompt.replace(PLACEHOLDER, q.bridge.strip()), q.answer, q.line, h2(q))
                         for q in gold]
+    sets = {k: exs for k, exs in sets.items() if _routable(v, exs)}
     frames = []
     with fold_static_update(hm):
         for name, exs in sets.items():
             frames.append(score_examples(hm, exs, batch_size=batch_size, route=route).assign(
                 hop=name, line=[e.line for e in exs]))
-        if hop:
-            first = [_Ex(q.hop1_prompt, "", q.line, q.expert) for q in hop]
+        first = [_Ex(q.hop1_prompt, "", q.line, h1(q)) for q in hop]
+        if hop and _routable(v, first) and _routable(v, [_Ex("", "", q.line, h2(q)) for q in hop]):
             preds = greedy_answers(hm, first, max_new_tokens=8, batch_size=batch_size, route=route)
             used = [_clean(p) for p in preds]
-            chain = [_Ex(q.hop2_prompt.replace(PLACEHOLDER, u or "unknown"), q.answer, q.line, q.expert)
+            chain = [_Ex(q.hop2_prompt.replace(PLACEHOLDER, u or "unknown"), q.answer, q.line, h2(q))
                      for q, u in zip(hop, used)]
             frames.append(score_examples(hm, chain, batch_size=batch_size, route=route).assign(
                 hop="chain", line=[e.line for e in chain], bridge_used=used))
-    return pd.concat(frames, ignore_index=True)
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
 def _clean(pred: str) -> str:
@@ -202,20 +225,38 @@ def patch_pairs(base: Any, queries: Sequence[Query]) -> list:
     return pairs
 
 
+@contextlib.contextmanager
+def _stage(seconds: dict[str, float] | None, name: str):
+    """Add the wall seconds of the ``with`` body to ``seconds[name]`` (when ``seconds`` is given)."""
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        if seconds is not None:
+            seconds[name] = round(seconds.get(name, 0.0) + time.perf_counter() - t0, 3)
+
+
 def variant_tables(run: Any, v: DVariant, queries: Sequence[Query], pairs: list,
-                   target: dict | None = None) -> dict[str, pd.DataFrame]:
+                   target: dict | None = None, seconds: dict[str, float] | None = None
+                   ) -> dict[str, pd.DataFrame]:
     """Every table of one variant from one load: ``faithfulness`` and ``energy_kept`` (merges;
     with ``target`` = ``{module: LoraDelta}`` also rows ``expert = "target"``: the fraction of the
     target's energy inside the merge's spans, the merge's own complement of the span deficit),
     ``scores``, ``contrib``, ``router``, ``lens`` (queries with a ``bridge``), ``patching`` (given
     pairs; base and combines), ``patchscope``, ``backpatch``, ``knockout`` (every variant but
-    ``oracle``; :mod:`interp.diagnose.bridge`). Empty frames for what does not apply."""
+    ``oracle``; :mod:`interp.diagnose.bridge`). Empty frames for what does not apply.
+
+    ``seconds``, when given, receives the wall seconds of each stage: ``load`` (with the merge's
+    faithfulness), ``energy_kept``, ``scores``, ``contributions``, ``lens``, ``patching``,
+    ``patchscope``, ``backpatch``, ``knockout`` (only the stages that ran)."""
     from interp.subspace import energy_kept
 
-    hm = load_variant(run, v)
+    with _stage(seconds, "load"):
+        hm = load_variant(run, v)
     out: dict[str, pd.DataFrame] = {}
     faith = hm.info.get("faithfulness") if v.adapters else None
     if faith is not None:
+        t_ek = time.perf_counter()
         out["faithfulness"] = faith.assign(variant=v.name)
         merged, experts = hm.info["deltas"], hm.info["expert_deltas"]
         rows = []
@@ -229,13 +270,18 @@ def variant_tables(run: Any, v: DVariant, queries: Sequence[Query], pairs: list,
                 rows.append(dict(variant=v.name, module=m, expert="target", energy_kept=energy_kept(o, d),
                                  energy=o.frobenius_sq()))
         out["energy_kept"] = pd.DataFrame(rows)
+        if seconds is not None:
+            seconds["energy_kept"] = round(time.perf_counter() - t_ek, 3)
     if queries:
         bs = int(run.cfg.diagnose.get("batch_size", 16))
-        out["scores"] = score_sets(hm, v, queries, bs).assign(variant=v.name)
-        if v.adapters:
-            out["contrib"], out["router"] = contributions(hm, v, queries, bs)
+        with _stage(seconds, "scores"):
+            out["scores"] = score_sets(hm, v, queries, bs).assign(variant=v.name)
+        if v.adapters and _routable(v, queries):
+            with _stage(seconds, "contributions"):
+                out["contrib"], out["router"] = contributions(hm, v, queries, bs)
         lensq = [q for q in queries if q.bridge]
-        if lensq:
+        if lensq and _routable(v, lensq):
+            t_lens = time.perf_counter()
             from interp.mechanisms import entrec
 
             route = _route(hm, v)
@@ -252,17 +298,21 @@ def variant_tables(run: Any, v: DVariant, queries: Sequence[Query], pairs: list,
             lens = pd.concat(frames, ignore_index=True)
             lens["target"] = lens["target"].map({"e2": "bridge", "e3": "answer"})
             out["lens"] = lens.assign(variant=v.name)
+            if seconds is not None:
+                seconds["lens"] = round(time.perf_counter() - t_lens, 3)
         if pairs and v.role != "expert" and v.combine != "oracle":
             from interp.mechanisms import activation_patching
 
-            out["patching"] = activation_patching(hm, pairs, hooks=("resid_pre",), progress=False
-                                                  ).assign(variant=v.name)
+            with _stage(seconds, "patching"):
+                out["patching"] = activation_patching(hm, pairs, hooks=("resid_pre",), progress=False
+                                                      ).assign(variant=v.name)
         if v.combine != "oracle":  # per-prompt routing; the engines batch copies of prompts
             from interp.diagnose.bridge import backpatch_table, knockout_table, patchscope_table
 
             for n, fn in (("patchscope", patchscope_table), ("backpatch", backpatch_table),
                           ("knockout", knockout_table)):
-                df = fn(hm, queries, bs)
+                with _stage(seconds, n):
+                    df = fn(hm, queries, bs)
                 if len(df):
                     out[n] = df.assign(variant=v.name)[["variant", *df.columns]]
     run.release(hm)
@@ -281,19 +331,41 @@ TABLE_NAMES = ("faithfulness", "energy_kept", "scores", "contrib", "router", "le
 CACHE_VERSION = 2
 
 
+def variant_key(run: Any) -> str:
+    """The variant caches' key: the ``study`` and ``diagnose`` config sections and :data:`CACHE_VERSION`."""
+    return f"{run.cfg.section_hash('study', 'diagnose')}v{CACHE_VERSION}"
+
+
+def variant_cache_dir(run: Any, v: DVariant, key: str | None = None) -> Path:
+    """``DIR/cache/variants/<name>.<key>/`` (``key`` default :func:`variant_key`)."""
+    return Path(run.cache) / "variants" / f"{v.name}.{key or variant_key(run)}"
+
+
+def variant_seconds(run: Any, v: DVariant, key: str | None = None) -> dict[str, float] | None:
+    """Wall seconds of each stage of ``v`` (:func:`variant_tables`) when it was computed, with
+    ``total``; ``None`` if it has not been computed under this key (or by a version before timings)."""
+    p = variant_cache_dir(run, v, key) / "seconds.json"
+    return json.loads(p.read_text()) if p.is_file() else None
+
+
 def cached_variant(run: Any, v: DVariant, queries: Sequence[Query], pairs: list, key: str,
                    target: dict | None = None) -> dict[str, pd.DataFrame]:
     """:func:`variant_tables`, cached in ``DIR/cache/variants/<name>.<key>/`` (a ``done`` marker
-    written last, so a variant interrupted mid-way is recomputed whole)."""
+    written last, so a variant interrupted mid-way is recomputed whole), with the stages' wall
+    seconds in ``seconds.json`` there (:func:`variant_seconds`)."""
     from interp.models import atomic_write_text
     from interp.study.runner import csv_text
 
-    d = Path(run.cache) / "variants" / f"{v.name}.{key}"
+    d = variant_cache_dir(run, v, key)
     if not (d / "done").is_file():
-        tables = variant_tables(run, v, queries, pairs, target)
+        seconds: dict[str, float] = {}
+        t0 = time.perf_counter()
+        tables = variant_tables(run, v, queries, pairs, target, seconds)
+        seconds["total"] = round(time.perf_counter() - t0, 3)
         for n in TABLE_NAMES:
             df = tables.get(n)
             atomic_write_text(d / f"{n}.csv", csv_text(df) if df is not None and len(df) else "")
+        atomic_write_text(d / "seconds.json", json.dumps(seconds, indent=1))
         atomic_write_text(d / "done", "ok")
     out = {}
     for n in TABLE_NAMES:

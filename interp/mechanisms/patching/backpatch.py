@@ -36,7 +36,8 @@ def back_patching(hm: Any, examples: Sequence[Any], source_layers: Sequence[int]
     Returns:
         DataFrame: example_id, chain_id, tier, kind, source_layer, target_layer, logprob (nats,
         first answer token), correct (top-1), base_logprob, was_correct, fixed
-        (``correct and not was_correct``). ℓs = ℓt rows reproduce the unpatched run.
+        (``correct and not was_correct``), sorted by target layer, source layer, example. ℓs = ℓt
+        rows are the unpatched run, read from the cached clean forward.
 
     Raises:
         PatchingError: no examples, layers out of range, no cell with ℓs ≥ ℓt, an empty answer,
@@ -68,7 +69,14 @@ def back_patching(hm: Any, examples: Sequence[Any], source_layers: Sequence[int]
     base_lp = torch.log_softmax(logits[ar, fin].float(), -1)[ar, ans]
     base_ok = logits[ar, fin].argmax(-1) == ans
     rows = []
-    cells = [(lt, ls) for lt in tgt for ls in src if ls >= lt]
+    # ℓs = ℓt writes a state into itself: the unpatched run, read from the cached logits (exact,
+    # so never "fixed"), not recomputed.
+    for lt in sorted(set(tgt) & set(src)):
+        for b in range(B):
+            rows.append({**example_meta(examples[b], b), "source_layer": lt, "target_layer": lt,
+                         "logprob": float(base_lp[b]), "correct": bool(base_ok[b]),
+                         "base_logprob": float(base_lp[b]), "was_correct": bool(base_ok[b]), "fixed": False})
+    cells = [(lt, ls) for lt in tgt for ls in src if ls > lt]
     for lt in tqdm(sorted(set(c[0] for c in cells)), desc="back-patching", leave=False,
                    disable=not progress):
         # Only the final position changes, so a forward needs just that position (keys/values of
@@ -96,4 +104,5 @@ def back_patching(hm: Any, examples: Sequence[Any], source_layers: Sequence[int]
                              "target_layer": lt, "logprob": float(lp[c]), "correct": bool(ok[c]),
                              "base_logprob": float(base_lp[b]), "was_correct": bool(base_ok[b]),
                              "fixed": bool(ok[c]) and not bool(base_ok[b])})
-    return pd.DataFrame(rows)
+    df = pd.DataFrame(rows)
+    return df.sort_values(["target_layer", "source_layer", "example_id"], kind="stable", ignore_index=True)

@@ -24,7 +24,9 @@ def attention_knockout(hm: Any, examples: Sequence[Any], span: str = "e1", windo
     heads) from the final query to the keys of ``span`` are set to −∞ in layers
     ``l ∈ [ℓ − ⌊(window−1)/2⌋, ℓ + ⌊window/2⌋] ∩ [0, n_layers)``; softmax then renormalises the
     final token's attention over the remaining keys. Only the final token's computation changes, so
-    the forward starts at the window's first layer and recomputes only the final position.
+    the forward starts at the window's first layer and recomputes only the final position: copies
+    are grouped by prompt length (one forward per centre × length × ``max_batch`` copies, no
+    padding), the earlier positions' keys/values read from one cached clean run.
 
     Args:
         hm: any ``HookedModel``.
@@ -54,7 +56,7 @@ def attention_knockout(hm: Any, examples: Sequence[Any], span: str = "e1", windo
     sp = resolve_spans(examples, hm, spans, spans_fn)
     dev = hm.device
     toks, lengths = hm.tokenize([ex.prompt for ex in examples])
-    B, T = toks.shape
+    B = toks.shape[0]
     fin = lengths - 1
     for i, s in enumerate(sp):
         if span not in s:
@@ -67,36 +69,34 @@ def attention_knockout(hm: Any, examples: Sequence[Any], span: str = "e1", windo
     ar = torch.arange(B, device=dev)
     base_lp = torch.log_softmax(logits[ar, fin].float(), -1)[ar, ans]
     lo_off, hi_off = (window - 1) // 2, window // 2
+    # Only the final position changes: copies are grouped by prompt length so that each forward
+    # computes that one position (keys/values of the earlier ones from the cache), no padding.
+    by_len: dict[int, list[int]] = {}
+    for b in range(B):
+        by_len.setdefault(int(fin[b]), []).append(b)
+    groups = [g[i:i + max_batch] for _, g in sorted(by_len.items()) for i in range(0, len(g), max_batch)]
     rows = []
     for c in tqdm(centres, desc="knockout", leave=False, disable=not progress):
         lo, hi = max(0, c - lo_off), min(L - 1, c + hi_off)
-        order = sorted(range(B), key=lambda b: int(fin[b]))
-        for g0 in range(0, B, max_batch):
-            bs = torch.tensor(order[g0:g0 + max_batch], device=dev)
-            f = fin[bs]
-            p0 = int(f.min())
-            n = len(bs)
+        for group in groups:
+            bs = torch.tensor(group, device=dev)
+            p0 = int(fin[group[0]])  # the final position, the same for the whole group
+            n = len(group)
             r = torch.arange(n, device=dev)
-            mask = torch.zeros(n, T, dtype=torch.bool, device=dev)  # [copy, key position]
-            for k, b in enumerate(bs.tolist()):
+            mask = torch.zeros(n, p0 + 1, dtype=torch.bool, device=dev)  # [copy, key position]
+            for k, b in enumerate(group):
                 a, e = sp[b][span]
                 mask[k, a:e] = True
-            qloc = f - p0
 
-            def knock(scores, hook, mask=mask, qloc=qloc, r=r):
-                scores = scores.clone()  # [n, heads, q, k]
-                kk = scores.shape[-1]
-                row = scores[r, :, qloc]  # [n, heads, k]
-                row = row.masked_fill(mask[:, None, :kk], float("-inf"))
-                scores[r, :, qloc] = row
-                return scores
+            def knock(scores, hook, mask=mask):
+                # scores [n, heads, 1, p0 + 1]: the final query's row only
+                return scores.masked_fill(mask[:, None, None, :], float("-inf"))
 
             hooks = [(f"blocks.{l}.attn.hook_attn_scores", knock) for l in range(lo, hi + 1)]
             kvs = [(k[bs, :, :p0], v[bs, :, :p0]) for k, v in kv] if p0 > 0 else None
-            out = forward_from(hm, lo, res[names[lo]][bs, p0:], kvs, T - p0, hooks)[r, qloc]
+            out = forward_from(hm, lo, res[names[lo]][bs, p0:p0 + 1], kvs, 1, hooks)[:, 0]
             lp = torch.log_softmax(out.float(), -1)[r, ans[bs]]
-            for k in range(n):
-                b = int(bs[k])
+            for k, b in enumerate(group):
                 rows.append({**example_meta(examples[b], b), "layer": c, "window": window,
                              "first_layer": lo, "last_layer": hi, "logprob": float(lp[k]),
                              "base_logprob": float(base_lp[b]),
