@@ -13,6 +13,8 @@ first expert's recipe with ``torch.profiler``: kernel time against wall time and
 
     python benchmarks/gpu/profile_study.py --out $OUT/study                       # on the GPU machine
     python benchmarks/gpu/profile_study.py --small --device cpu --out /tmp/ps     # CPU check, tiny shape
+    INTERP_SHARE_GPUS=1 torchrun --standalone --nproc_per_node 3 benchmarks/gpu/profile_study.py --out $OUT/s3
+                                                    # three processes sharing one GPU (README "Several GPUs")
 """
 
 from __future__ import annotations
@@ -110,10 +112,18 @@ def main() -> None:
         ov[k] = json.loads(v)
     steps = [s for s in a.steps.split(",") if s]
     run_dir, out = Path(a.run_dir), Path(a.out)
+    import os
+
+    main_rank = int(os.environ.get("RANK", "0")) == 0  # under torchrun: rank 0 writes the results
+    if not main_rank:
+        for step in steps:
+            run_study(None, out=run_dir, model=key, device=a.device, steps=[step], overrides=ov)
+        return
     shutil.rmtree(run_dir, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
     res = {"shape": shape, "weights": "random-init (speed does not depend on weight values)",
-           "device": a.device, "overrides": ov, "steps": {}}
+           "device": a.device, "overrides": ov, "processes": int(os.environ.get("WORLD_SIZE", "1")),
+           "share_gpus": os.environ.get("INTERP_SHARE_GPUS") == "1"}
     t = time.perf_counter()
     for step in steps:  # one step at a time: the results so far are written after each
         run_study(None, out=run_dir, model=key, device=a.device, steps=[step], overrides=ov)
