@@ -202,3 +202,45 @@ def test_tiny_study_loads_every_model_on_the_study_device(monkeypatch, tmp_path)
     loaded = {c for w, c, _, _ in log if w == "load_hooked"}
     expected = {VARIANTS[v].load_combine for v in cfg.methods.variants if VARIANTS[v].experts}
     assert expected <= loaded
+
+
+def test_subspace_step_keeps_experts_and_merges_on_the_study_device(monkeypatch, tmp_path):
+    """The subspace step puts every expert and merge it analyses on cfg.study.device and leaves
+    them there (no copy back to the host for the geometry). A fake "cuda" study device: LoraDelta.to
+    is spied to label each copy with the device asked for (no tensor moves), and every update
+    handed to the tables must carry the study's label: one moved to the CPU, or never moved,
+    fails."""
+    from types import SimpleNamespace
+
+    from interp.adapters.factors import LoraDelta
+    from interp.adapters.merge import uniform
+    from interp.study.runner import Run, resolve_config
+    from interp.study.steps import subspace as step
+    from interp.study.variants import LIBRARY, needed_experts
+
+    cfg = resolve_config("experiments/tiny.toml", {"study.device": "cuda"})
+    run = Run(cfg, tmp_path, timings={})
+    for i, e in enumerate(needed_experts(cfg)):
+        make_random_adapter("tiny-llama", run.expert_dir(e), r=4, seed=i + 1)
+
+    def labelled_to(self, device=None, dtype=None):
+        out = LoraDelta(self.A, self.B, self.scale, self.bias)
+        out.__dict__["label"] = str(torch.device(device)) if device is not None else self.__dict__.get("label")
+        return out
+
+    monkeypatch.setattr(LoraDelta, "to", labelled_to)
+    monkeypatch.setattr(Run, "device", property(lambda self: "cuda"))
+    loaded = []
+
+    def fake_variant(name):  # a variant read off a model (peft_linear): its deltas as that model holds them
+        loaded.append(name)
+        return SimpleNamespace(info={"deltas": uniform([experts[e] for e in LIBRARY])})
+
+    monkeypatch.setattr(run, "load_variant", fake_variant)
+    monkeypatch.setattr(run, "release", lambda hm: None)
+    experts = step.load_experts(run)
+    merges = step.merged_deltas(run, {e: experts[e] for e in LIBRARY})
+    assert set(experts) == set(needed_experts(cfg)) and merges and loaded == ["peft_linear"]
+    placed = {(n, m): d.__dict__.get("label") for group in (experts, merges) for n, mods in group.items()
+              for m, d in mods.items()}
+    assert set(placed.values()) == {"cuda"}, {k: v for k, v in placed.items() if v != "cuda"}

@@ -139,6 +139,19 @@ def test_one_process_world_is_a_no_op(monkeypatch):
     assert not two.is_main
 
 
+def test_processes_share_gpus_only_when_asked(monkeypatch):
+    from interp.study.distributed import SHARE_GPUS_ENV, gpu_index
+
+    monkeypatch.delenv(SHARE_GPUS_ENV, raising=False)
+    assert [gpu_index(r, 2) for r in range(4)] == [0, 1, 2, 3]  # rank 2, 3: refused by init_world
+    monkeypatch.setenv(SHARE_GPUS_ENV, "1")
+    assert [gpu_index(r, 2) for r in range(4)] == [0, 1, 0, 1]
+    assert [gpu_index(r, 1) for r in range(3)] == [0, 0, 0]
+    assert gpu_index(2, 0) == 2  # no GPU: unchanged, the device check refuses it
+    monkeypatch.setattr("torch.cuda.device_count", lambda: 1)
+    assert World(rank=2, size=3, local_rank=2, local_size=3).device("cuda") == "cuda:0"
+
+
 def test_torchrun_variables_are_checked(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.delenv("RANK", raising=False)

@@ -57,10 +57,11 @@ class World:
     def device(self, configured: str) -> str:
         """The torch device this rank computes on for the study's configured device: unchanged in
         a one-process run or on the CPU; ``cuda:LOCAL_RANK`` for ``cuda`` or ``cuda:N`` when
-        several processes share the host (one GPU each: ``CUDA_VISIBLE_DEVICES`` selects them)."""
+        several processes share the host (one GPU each: ``CUDA_VISIBLE_DEVICES`` selects them),
+        or ``cuda:(LOCAL_RANK mod n_gpus)`` with ``INTERP_SHARE_GPUS=1`` (:func:`gpu_index`)."""
         if self.size == 1 or not configured.startswith("cuda"):
             return configured
-        return f"cuda:{self.local_rank}"
+        return f"cuda:{gpu_index(self.local_rank)}"
 
     def shard(self, items: Sequence[Any], cost: Callable[[Any], float] | None = None) -> list[Any]:
         """This rank's items of ``items``, in their given order (which every rank derives from
@@ -145,6 +146,23 @@ def _env_int(name: str, default: int | None = None) -> int:
         raise StudyError(f"distributed run: ${name} must be an integer, got {raw!r}") from None
 
 
+SHARE_GPUS_ENV = "INTERP_SHARE_GPUS"
+
+
+def gpu_index(local_rank: int, n_gpus: int | None = None) -> int:
+    """The GPU of local rank ``local_rank``: itself, or with ``$INTERP_SHARE_GPUS=1`` (several
+    processes per GPU) ``local_rank mod n_gpus`` (``n_gpus``: the visible GPUs by default; none
+    visible: ``local_rank``, refused later by the device check). Sharing one GPU among processes
+    overlaps the host-side work of each (Python, kernel launches) with the others' kernels: a
+    study whose steps are launch-bound (expert training at batch 16) keeps the GPU busier."""
+    import torch
+
+    n = torch.cuda.device_count() if n_gpus is None else int(n_gpus)
+    if os.environ.get(SHARE_GPUS_ENV, "") == "1" and n >= 1:
+        return local_rank % n
+    return local_rank
+
+
 def init_world(configured_device: str = "cpu") -> World:
     """This process's :class:`World`, joining the torchrun process group if there is one.
 
@@ -155,7 +173,7 @@ def init_world(configured_device: str = "cpu") -> World:
 
     Raises:
         StudyError: a torchrun variable missing or not an integer; HardwareError: a GPU study
-        with fewer visible GPUs than processes on the host.
+        with fewer visible GPUs than processes on the host (unless ``$INTERP_SHARE_GPUS=1``).
     """
     size = _env_int("WORLD_SIZE", 1)
     if size <= 1:
@@ -168,11 +186,12 @@ def init_world(configured_device: str = "cpu") -> World:
     if configured_device.startswith("cuda"):
         from interp.devices import HardwareError
 
-        n = torch.cuda.device_count()
-        if local_rank >= n:
-            raise HardwareError(f"distributed run: local rank {local_rank} needs GPU {local_rank}, but "
-                                f"{n} GPU(s) are visible; use --nproc_per_node {n} or fewer")
-        torch.cuda.set_device(local_rank)
+        n, idx = torch.cuda.device_count(), gpu_index(local_rank)
+        if idx >= n:
+            raise HardwareError(f"distributed run: local rank {local_rank} needs GPU {idx}, but "
+                                f"{n} GPU(s) are visible; use --nproc_per_node {n} or fewer, or "
+                                f"{SHARE_GPUS_ENV}=1 to share them")
+        torch.cuda.set_device(idx)
     if not dist.is_initialized():
         timeout = _env_int("INTERP_DIST_TIMEOUT_S", DEFAULT_TIMEOUT_S)
         dist.init_process_group("gloo", init_method="env://", rank=rank, world_size=size,

@@ -19,19 +19,27 @@ def merged_deltas(run, lib: dict) -> dict[str, dict]:
     if len(lib) != len(LIBRARY):
         return merges
     dev = run.device
-    # the merges themselves (TIES: dense ΔW and an SVD per module) on the study's device; the
-    # geometry below is small float64 algebra on the CPU
+    # the merges (TIES: a dense ΔW and its re-factoring per module) and all the geometry after
+    # them stay on the study's device: a TIES merge is near full rank, and its QRs, projections
+    # and Gram products in float64 took minutes on the host at Qwen2.5-1.5B widths
     pair = [{m: d.to(dev) for m, d in lib[e].items()} for e in LIBRARY]
     for v in VARIANTS.values():
         if v.merge_deltas is not None:
-            merges[v.name] = {m: d.to("cpu") for m, d in v.merge_deltas(pair, run.cfg.methods).items()}
+            merges[v.name] = {m: d.to(dev) for m, d in v.merge_deltas(pair, run.cfg.methods).items()}
         elif v.deltas_from_model and v.name in run.cfg.methods.variants:
             hm = run.load_variant(v.name)
-            # factor geometry is small float64 algebra done on the CPU beside the experts read
-            # from their files; the model itself ran on this rank's device
-            merges[v.name] = {m: d.to("cpu") for m, d in hm.info["deltas"].items()}
+            merges[v.name] = {m: d.to(dev) for m, d in hm.info["deltas"].items()}
             run.release(hm)
     return merges
+
+
+def load_experts(run) -> dict[str, dict]:
+    """``{expert: {module: LoraDelta}}`` of every expert the step analyses, read from its files
+    and moved to the study's device (:attr:`Run.device`), where every table is computed."""
+    from interp.adapters.factors import read_adapter
+
+    return {e: {m: d.to(run.device) for m, d in read_adapter(run.expert_dir(e)).items()}
+            for e in needed_experts(run.cfg)}
 
 
 def run(run) -> None:
@@ -40,9 +48,7 @@ def run(run) -> None:
     computes the per-module tables (adapters, spectra, overlap, merges, span deficit) on its share
     of the modules, and rank 0 puts the rows back in one-process order (:func:`in_order`) and
     writes every table; the layer profiles and key overlap, which need every module, are rank 0's."""
-    from interp.adapters.factors import read_adapter
-
-    experts = {e: read_adapter(run.expert_dir(e)) for e in needed_experts(run.cfg)}
+    experts = load_experts(run)
     lib = {e: experts[e] for e in LIBRARY if e in experts}
     deltas: dict[str, dict] = {expert_label(k): v for k, v in experts.items()}
     merges = merged_deltas(run, lib)  # every rank: merges are built from whole adapters
