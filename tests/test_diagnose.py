@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from browser import assert_rendered, chromium
+from browser import assert_rendered, chromium, render
 from interp.cli import app
 from interp.diagnose import DiagnoseError, PromptFileError, diagnose, read_prompts
 
@@ -518,6 +518,16 @@ def _unlabelled(path):
 def test_diagnose_report_renders_in_headless_chromium(llama_run, tmp_path):
     run, _, _ = llama_run
     assert_rendered(run / "report.html", tmp_path / "profile", min_figures=8)
+
+
+@pytest.mark.browser
+@pytest.mark.skipif(chromium() is None, reason="Debian chromium not installed (make test installs it)")
+def test_browser_wall_time_limit_is_a_clear_error(llama_run, tmp_path):
+    """Running past the wall-clock limit is a TimeoutError saying so (not a hang, not a parse
+    failure of a half-written DOM)."""
+    run, _, _ = llama_run
+    with pytest.raises(TimeoutError, match="INTERP_BROWSER_TIMEOUT"):
+        render(run / "report.html", tmp_path / "profile", timeout_s=0.2)
 
 
 def test_findings_state_their_numbers():
