@@ -55,34 +55,39 @@ def table(rj: dict, steps: list[str]) -> str:
 
 def profile_training(key: str, run_dir: Path, device: str, n_steps: int, out: Path) -> dict:
     """Profile ``n_steps`` steps of ``train_expert`` on the study's D₁ facts with its recipe."""
-    import torch
-    from torch.profiler import ProfilerActivity, profile
-
-    from interp.adapters.train import train_expert
     import dataclasses
 
+    import torch
+    from torch.profiler import ProfilerActivity, profile, schedule
+
+    from interp.adapters.train import train_expert
     from interp.study import open_run
 
     run = open_run(run_dir)
     pairs = run.world().train_pairs("d1")
-    # the study's recipe ([training] is a TrainConfig), cut to n_steps + 5 (5 warm-up steps)
-    recipe = dataclasses.replace(run.cfg.training, max_steps=n_steps + 5, checkpoint_every=0)
+    recipe = dataclasses.replace(run.cfg.training, checkpoint_every=0)  # the study's recipe (a TrainConfig)
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
-    steps_seen = []
+    # steps 1-5 wait, 6 warms up, then n_steps are recorded (each callback ends a profiler step)
+    recipe = dataclasses.replace(recipe, max_steps=n_steps + 7)
+    stamps = []
     t = time.perf_counter()
-    with profile(activities=acts) as prof:
+    with profile(activities=acts, schedule=schedule(wait=5, warmup=1, active=n_steps, repeat=1)) as prof:
+        def tick(step, loss):
+            stamps.append(time.perf_counter())
+            prof.step()
+
         meta = train_expert(key, pairs, run_dir / "profile_expert", recipe, progress=False, device=device,
-                            callback=lambda s, l: steps_seen.append(time.perf_counter()))
+                            callback=tick)
     wall = time.perf_counter() - t
     ev = prof.key_averages()
-    kernel_us = sum(e.self_device_time_total for e in ev if e.device_type == torch.autograd.DeviceType.CUDA) \
-        if device.startswith("cuda") else 0.0
-    n_kernels = sum(e.count for e in ev if e.device_type == torch.autograd.DeviceType.CUDA) \
-        if device.startswith("cuda") else 0
-    step_s = (steps_seen[-1] - steps_seen[4]) / (len(steps_seen) - 5) if len(steps_seen) > 5 else None
-    res = {"steps": meta["steps"], "wall_s_incl_load_and_accuracy": round(wall, 2),
-           "s_per_step": step_s, "cuda_kernel_s_total": kernel_us / 1e6, "cuda_kernels": n_kernels,
-           "note": "the callback reads the loss every step (one host sync per step) while profiling"}
+    cuda = device.startswith("cuda")
+    kernel_us = sum(e.self_device_time_total for e in ev if e.device_type == torch.autograd.DeviceType.CUDA) if cuda else 0.0
+    n_kernels = sum(e.count for e in ev if e.device_type == torch.autograd.DeviceType.CUDA) if cuda else 0
+    active = stamps[6:6 + n_steps]
+    step_s = (active[-1] - stamps[5]) / len(active) if len(active) else None
+    res = {"steps": n_steps, "wall_s_incl_load_and_accuracy": round(wall, 2), "s_per_step": step_s,
+           "cuda_kernel_s_total": kernel_us / 1e6, "cuda_kernels": n_kernels, "total_steps": meta["steps"],
+           "note": "recorded steps only; the callback reads the loss every step (one host sync each) while profiling"}
     (out / "train_profile.txt").write_text(
         json.dumps(res, indent=1) + "\n\n" + ev.table(sort_by="self_cpu_time_total", row_limit=25) + "\n\n"
         + (ev.table(sort_by="self_cuda_time_total", row_limit=15) if device.startswith("cuda") else ""))

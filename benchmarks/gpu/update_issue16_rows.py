@@ -53,6 +53,76 @@ def rows(src: Path) -> list[dict]:
     return out
 
 
+def _step_table(j: dict) -> list[str]:
+    t, g = j.get("timings") or {}, j.get("gpu") or {}
+    lines = ["| step | seconds | GPU utilisation mean / max (%) | samples | peak MiB |", "|---|---|---|---|---|"]
+    for step in ("world", "experts", "evaluate", "mechanisms", "subspace"):
+        if step in t:
+            s = g.get(step) or {}
+            u = "–" if s.get("util_mean_pct") is None else f"{s['util_mean_pct']:.0f} / {s['util_max_pct']:.0f}"
+            peak = s.get("peak_mib")
+            lines.append(f"| {step} | {t[step]:.1f} | {u} | {s.get('samples', '–')} | "
+                         f"{'–' if peak is None else f'{peak:,}'} |")
+        else:
+            lines.append(f"| {step} | not finished in the call's time limit | | | |")
+    done = [t[s] for s in ("world", "experts", "evaluate", "mechanisms", "subspace") if s in t]
+    lines.append(f"| **total** | **{sum(done):.1f}** | | | |")
+    return lines
+
+
+def profile_section(src: Path) -> dict | None:
+    """The default study timed by ``profile_study.py`` (one process; optionally also several
+    processes sharing the GPU), with the training profile."""
+    p = src / "study_qwen15_profile.json"
+    if not p.is_file():
+        return None
+    j = json.loads(p.read_text())
+    md = (f"{j.get('when', WHEN)}. `python benchmarks/gpu/profile_study.py --profile-train 30`: the default config "
+          "(`experiments/two_hop.toml`, full size: 64 chains per tier) with familiarity checks off, `study.device = "
+          "\"cuda\"`, model: **random-init** Qwen2.5-1.5B shape (28 layers, d_model 1536, d_mlp 8960, vocabulary "
+          "151,936) with interp's byte tokenizer, built on the GPU at each load (no checkpoint read). Training "
+          f"precision {j['machine']['precision']['precision']} (`auto`), analyses fp32. Utilisation: "
+          "`torch.cuda.utilization()` every 0.5 s (run.json `gpu`).\n\n" + "\n".join(_step_table(j)) + "\n")
+    tp = j.get("train_profile")
+    if tp:
+        md += (f"\nTraining profile (`torch.profiler`, {tp['steps']} steps of the D₁ expert's recipe, loss read "
+               f"every step while profiling): {tp['s_per_step']:.3f} s a step, {tp['cuda_kernels'] / tp['steps']:,.0f} "
+               f"CUDA kernels a step, kernel time {tp['cuda_kernel_s_total'] / tp['steps']:.3f} s a step "
+               f"(= {100 * tp['cuda_kernel_s_total'] / tp['steps'] / tp['s_per_step']:.0f}% of the step).\n")
+    q = src / "study_qwen15_shared.json"
+    if q.is_file():
+        k = json.loads(q.read_text())
+        md += (f"\nThe same study as {k['processes']} torchrun processes sharing the one GPU "
+               "(`INTERP_SHARE_GPUS=1 torchrun --standalone --nproc_per_node "
+               f"{k['processes']} benchmarks/gpu/profile_study.py`; utilisation sampled by rank 0, whole-GPU):\n\n"
+               + "\n".join(_step_table(k)) + "\n")
+    if j.get("comment"):
+        md += "\n" + j["comment"] + "\n"
+    return {"title": "The default study on one GPU (issue 16)", "markdown": md}
+
+
+def precision_section(src: Path) -> dict | None:
+    p = src / "precision_engines_qwen15.json"
+    if not p.is_file():
+        return None
+    j = json.loads(p.read_text())
+    lines = ["| engine | TF32 vs fp32 | bf16 vs fp32 |", "|---|---|---|"]
+    errs = j.get("errors") or {}
+    engines = list(dict.fromkeys(e for d in errs.values() for e in d))
+    for e in engines:
+        cells = []
+        for prec in ("tf32", "bf16"):
+            d = (errs.get(prec) or {}).get(e)
+            cells.append("–" if d is None else ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}"
+                                                      for k, v in d.items() if k != "rows"))
+        lines.append(f"| {e} | {cells[0]} | {cells[1]} |")
+    md = (f"{j.get('when', WHEN)}. `python benchmarks/gpu/precision_engines.py`: each analysis engine on one "
+          f"**random-init** {j['shape']} model (byte tokenizer, a synthetic two-hop world of 16 chains per tier), in "
+          f"fp32, TF32 and bf16, compared with fp32 table by table (`benchmarks/precision_compare.py`). Seconds: "
+          + ", ".join(f"{k} {v} s" for k, v in (j.get("seconds") or {}).items()) + ".\n\n" + "\n".join(lines) + "\n")
+    return {"title": "Precision of each engine on the GPU (issue 16)", "markdown": md}
+
+
 def study_section(src: Path) -> dict | None:
     p = src / "study_qwen15_run.json"
     if not p.is_file():
@@ -92,10 +162,9 @@ def main(argv=None) -> dict:
     out, src = Path(a.results), Path(a.src)
     res = json.loads((out / "gpu_latest.json").read_text())
     res["rows"] = [r for r in res["rows"] if r["benchmark"] not in (MECH, MERGE)] + rows(src)
-    sec = study_section(src)
-    res["sections"] = [s for s in res.get("sections") or [] if s["title"] != (sec or {}).get("title")]
-    if sec:
-        res["sections"].append(sec)
+    for sec in (profile_section(src) or study_section(src), precision_section(src)):
+        if sec:
+            res["sections"] = [s for s in res.get("sections") or [] if s["title"] != sec["title"]] + [sec]
     stamp = f" Rows `{MECH}` and `{MERGE}` and the study section: {WHEN}."
     res["note"] = res.get("note", "").split(f" Rows `{MECH}`")[0] + stamp
     run_all.write(res, "gpu_latest", out)
