@@ -120,12 +120,19 @@ class Config:
         were cached (:data:`HASH_NEW_DEFAULTS`) enter it only when set off their default, so
         existing runs keep their keys."""
         d = self.to_dict()
+        for (sec, key), default in NOT_HASHED.items():  # how a run executes, not what it computes
+            if sec in d and key in d[sec]:
+                d[sec][key] = default  # hashed as the default: existing runs keep their keys
         for (sec, key), default in HASH_NEW_DEFAULTS.items():
             if sec in d and d[sec].get(key) == default:
                 d[sec] = {k: v for k, v in d[sec].items() if k != key}
         blob = json.dumps({s: d[s] for s in sections}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
+
+#: keys that never enter a cache key: torch's thread count changes the speed, not the results
+#: (--threads 1 then --threads 2 on one run directory would otherwise recompute every step)
+NOT_HASHED: dict[tuple[str, str], Any] = {("study", "threads"): 0}
 
 #: (section, key) -> default of keys that enter a cache key only when changed from the default
 HASH_NEW_DEFAULTS: dict[tuple[str, str], Any] = {("evaluation", "dtype"): "fp32", ("study", "seeds"): []}

@@ -42,3 +42,16 @@ def test_missing_file_and_overrides(tmp_path):
     for bad in ("mechanisms", "mechanisms.", ".probes"):
         with pytest.raises(ConfigError, match="section and a key"):
             load_config(None, {bad: 1})
+
+
+def test_thread_count_does_not_enter_cache_keys():
+    """--threads changes the speed of a run, not its results: a run resumed with another thread
+    count reuses its steps; the default thread count keeps the keys runs already have."""
+    from interp.config import load_config
+
+    default = load_config(None)
+    for n in (1, 2):
+        cfg = load_config(None, {"study.threads": n})
+        assert cfg.study.threads == n
+        assert cfg.section_hash("study", "world") == default.section_hash("study", "world")
+    assert load_config(None, {"study.seed": 1}).section_hash("study") != default.section_hash("study")
