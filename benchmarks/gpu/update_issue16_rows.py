@@ -47,8 +47,9 @@ def rows(src: Path) -> list[dict]:
         shapes = ", ".join(f"{m} {o}×{i}" for m, (o, i) in j["shapes"].items())
         for name, r in j["merges"].items():
             out.append(_row(MERGE, f"{name} of 2 rank-{j['rank']} experts on {shapes} (Qwen2.5-1.5B widths)",
-                            r["device_s"], None, "baseline: the same merge on the H200 host's CPU (16 cores); diff: "
-                            "max |ΔW_gpu − ΔW_cpu| / max |ΔW| (float64)", baseline=r["cpu_s"],
+                            r["device_s"], None, f"{j.get('when', WHEN)}; baseline: the same merge on the H200 host's "
+                            "CPU (16 cores); diff: max |ΔW_gpu − ΔW_cpu| / max |ΔW| (float64)"
+                            + (f"; {j['note']}" if j.get("note") else ""), baseline=r["cpu_s"],
                             speedup=round(r["cpu_s"] / r["device_s"], 1), diff=r["max_rel_diff"]))
     return out
 
@@ -77,7 +78,7 @@ def profile_section(src: Path) -> dict | None:
     if not p.is_file():
         return None
     j = json.loads(p.read_text())
-    md = (f"{j.get('when', WHEN)}. `python benchmarks/gpu/profile_study.py --profile-train 30`: the default config "
+    md = (f"{j.get('when', WHEN)}. `python benchmarks/gpu/profile_study.py --profile-train 20`: the default config "
           "(`experiments/two_hop.toml`, full size: 64 chains per tier) with familiarity checks off, `study.device = "
           "\"cuda\"`, model: **random-init** Qwen2.5-1.5B shape (28 layers, d_model 1536, d_mlp 8960, vocabulary "
           "151,936) with interp's byte tokenizer, built on the GPU at each load (no checkpoint read). Training "
@@ -165,7 +166,10 @@ def main(argv=None) -> dict:
     for sec in (profile_section(src) or study_section(src), precision_section(src)):
         if sec:
             res["sections"] = [s for s in res.get("sections") or [] if s["title"] != sec["title"]] + [sec]
-    stamp = f" Rows `{MECH}` and `{MERGE}` and the study section: {WHEN}."
+    whens = {n: json.loads((src / f).read_text()).get("when", WHEN) if (src / f).is_file() else WHEN
+             for n, f in ((MECH, "mech8b.json"), (MERGE, "merge_device.json"), ("the study section", "study_qwen15_profile.json"))}
+    stamp = " " + " ".join(f"Rows `{n}`: {w}." if n != "the study section" else f"The study section: {w}."
+                           for n, w in whens.items())
     res["note"] = res.get("note", "").split(f" Rows `{MECH}`")[0] + stamp
     run_all.write(res, "gpu_latest", out)
     return res
