@@ -31,10 +31,7 @@ sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE.parent.parent))
 
 from gpu import arch  # noqa: E402
-
-SMALL = {"world.n_chains_per_tier": 4, "world.n_ac_chains_per_tier": 2, "training.epochs": 1,
-         "training.min_steps": 2, "mechanisms.n_examples": 2, "mechanisms.n_patching_pairs": 1}
-STEPS = ["world", "experts", "evaluate", "mechanisms", "subspace"]
+from gpu.study_gpu import SMALL, STEPS  # noqa: E402  (the same tiny config and step list)
 
 
 def table(rj: dict, steps: list[str]) -> str:
