@@ -286,8 +286,14 @@ def save_figures(figs: dict[str, go.Figure], out_dir: str | os.PathLike, png: bo
         tmps = [out / f".{n}.png.tmp-{os.getpid()}" for n in names]
         try:
             # one headless-Chromium session for all figures (seconds each otherwise)
+            heights = [int(figs[n].layout.height or 520) for n in names]
             pio.write_images([figs[n] for n in names], tmps, format="png", scale=scale, width=1100,
-                             height=[int(figs[n].layout.height or 520) for n in names])
+                             height=heights)
+            # the batch call has returned without writing a figure and without an error (seen once
+            # in a clean-clone `make demo`): write any missing one on its own
+            for n, tmp, h in zip(names, tmps, heights):
+                if not tmp.exists():
+                    pio.write_image(figs[n], tmp, format="png", scale=scale, width=1100, height=h)
             for n, tmp in zip(names, tmps):
                 os.replace(tmp, out / f"{n}.png")
                 written[n].append(str(out / f"{n}.png"))
