@@ -20,6 +20,7 @@ HERE = Path(__file__).resolve().parent
 
 
 def main(run_dir: str = "runs/demo") -> int:
+    from interp.figures import write_png
     from interp.study import open_run
     from interp.study.figures import build_figures
 
@@ -32,7 +33,7 @@ def main(run_dir: str = "runs/demo") -> int:
         captions = json.loads((Path(tmp) / "figures" / "index.json").read_text())
     items = []
     for name, fig in figs.items():
-        fig.write_image(HERE / f"{name}.png", width=900, height=max(450, int(fig.layout.height or 450)), scale=1)
+        write_png(fig, HERE / f"{name}.png", width=900, height=max(450, int(fig.layout.height or 450)), scale=1)
         items.append(f'<figure><img src="{name}.png" alt="{html.escape(name)}" width="900">'
                      f"<figcaption><b>{html.escape(name)}</b>: {html.escape(captions.get(name, ''))}"
                      "</figcaption></figure>")

@@ -259,6 +259,18 @@ def separation_figure(sep: pd.DataFrame, title: str = "AUC by layer (95% CI)",
     return fig
 
 
+def write_png(fig: go.Figure, path: str | os.PathLike, attempts: int = 3, **kw) -> None:
+    """``fig.write_image(path, format="png", **kw)``, retried: kaleido (1.x) now and then fails on a
+    page that has not finished loading ("kaleido_scopes is not defined"); the last error is raised."""
+    for i in range(attempts):
+        try:
+            pio.write_image(fig, path, format="png", **kw)
+            return
+        except Exception:  # noqa: BLE001
+            if i == attempts - 1:
+                raise
+
+
 def save_figures(figs: dict[str, go.Figure], out_dir: str | os.PathLike, png: bool = True,
                  scale: float = 2.0) -> dict[str, list[str]]:
     """Write each figure as ``NAME.html`` (interactive; ``plotly.min.js`` written once beside it) and
@@ -287,13 +299,17 @@ def save_figures(figs: dict[str, go.Figure], out_dir: str | os.PathLike, png: bo
         try:
             # one headless-Chromium session for all figures (seconds each otherwise)
             heights = [int(figs[n].layout.height or 520) for n in names]
-            pio.write_images([figs[n] for n in names], tmps, format="png", scale=scale, width=1100,
-                             height=heights)
-            # the batch call has returned without writing a figure and without an error (seen once
-            # in a clean-clone `make demo`): write any missing one on its own
+            try:
+                pio.write_images([figs[n] for n in names], tmps, format="png", scale=scale, width=1100,
+                                 height=heights)
+            except Exception:  # noqa: BLE001  (retried below, figure by figure)
+                pass
+            # kaleido's batch call has skipped a figure without an error, or failed on a page that
+            # had not finished loading ("kaleido_scopes is not defined"), each seen once in a
+            # `make demo`: write each missing figure on its own (its error, if any, is raised)
             for n, tmp, h in zip(names, tmps, heights):
                 if not tmp.exists():
-                    pio.write_image(figs[n], tmp, format="png", scale=scale, width=1100, height=h)
+                    write_png(figs[n], tmp, scale=scale, width=1100, height=h)
             for n, tmp in zip(names, tmps):
                 os.replace(tmp, out / f"{n}.png")
                 written[n].append(str(out / f"{n}.png"))

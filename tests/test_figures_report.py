@@ -86,16 +86,17 @@ def test_fraction_heatmap_keeps_its_range_and_layers_are_integers():
 
 
 def test_save_figures_writes_a_png_the_batch_export_skipped(tmp_path, monkeypatch):
-    """kaleido's batch export once returned without writing one figure and without an error; the
-    missing PNG is then written on its own instead of failing the run."""
+    """kaleido's batch export has skipped a figure, or failed part-way; each missing PNG is then
+    written on its own instead of failing the run."""
     import plotly.io as pio
 
     fig = F.heatmap_figure(_patching_table(), value="value")
     single = []
 
-    def batch(figs, paths, **kw):  # writes every file but the first
+    def batch(figs, paths, **kw):  # writes every file but the first, then fails
         for p in list(paths)[1:]:
             Path(p).write_bytes(b"\x89PNG batch")
+        raise RuntimeError("kaleido_scopes is not defined")
 
     def one(fig, path, **kw):
         single.append(Path(path).name)
