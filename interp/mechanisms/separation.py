@@ -82,6 +82,17 @@ def _delong_components(pos: np.ndarray, neg: np.ndarray) -> tuple[float, np.ndar
     return float(v10.mean()), v10, v01
 
 
+def _delong_var(v10: np.ndarray, v01: np.ndarray) -> float:
+    """DeLong's variance of the AUC from its structural components (module docstring)."""
+    return float(v10.var(ddof=1) / len(v10) + v01.var(ddof=1) / len(v01))
+
+
+def _normal_interval(a: float, var: float, level: float) -> tuple[float, float]:
+    """``a ± z·√var`` at coverage ``level``, clipped to [0, 1]."""
+    half = stats.norm.ppf(0.5 + level / 2) * np.sqrt(var)
+    return float(max(0.0, a - half)), float(min(1.0, a + half))
+
+
 def delong_interval(scores: Sequence[float], labels: Sequence[bool],
                     level: float = 0.95) -> tuple[float, float, float]:
     """AUC with DeLong's (1988) normal interval (module docstring).
@@ -103,9 +114,7 @@ def delong_interval(scores: Sequence[float], labels: Sequence[bool],
     a, v10, v01 = _delong_components(pos, neg)
     if len(pos) < 2 or len(neg) < 2:
         return a, float("nan"), float("nan")
-    var = v10.var(ddof=1) / len(pos) + v01.var(ddof=1) / len(neg)
-    half = stats.norm.ppf(0.5 + level / 2) * np.sqrt(var)
-    return a, float(max(0.0, a - half)), float(min(1.0, a + half))
+    return (a, *_normal_interval(a, _delong_var(v10, v01), level))
 
 
 def bootstrap_interval(scores: Sequence[float], labels: Sequence[bool], level: float = 0.95,
@@ -178,16 +187,14 @@ def stratified_delong_interval(scores: Sequence[float], labels: Sequence[bool],
         if not (np.isfinite(pos).all() and np.isfinite(neg).all()):
             raise SeparationError("scores contain NaN or inf; drop those examples first")
         a, v10, v01 = _delong_components(pos, neg)
-        var = v10.var(ddof=1) / len(pos) + v01.var(ddof=1) / len(neg)
-        parts.append((len(pos) * len(neg), a, var, len(pos), len(neg)))
+        parts.append((len(pos) * len(neg), a, _delong_var(v10, v01), len(pos), len(neg)))
     if not parts:
         return float("nan"), float("nan"), float("nan"), 0, 0
     w = np.array([p[0] for p in parts], float)
     w /= w.sum()
     a = float(np.dot(w, [p[1] for p in parts]))
-    half = stats.norm.ppf(0.5 + level / 2) * np.sqrt(float(np.dot(w ** 2, [p[2] for p in parts])))
-    return (a, float(max(0.0, a - half)), float(min(1.0, a + half)), sum(p[3] for p in parts),
-            sum(p[4] for p in parts))
+    lo, hi = _normal_interval(a, float(np.dot(w ** 2, [p[2] for p in parts])), level)
+    return a, lo, hi, sum(p[3] for p in parts), sum(p[4] for p in parts)
 
 
 SEPARATION_COLUMNS = ("measurement", "layer", "position", "n_pos", "n_neg", "auc", "lo", "hi",
