@@ -256,22 +256,20 @@ def variant_tables(run: Any, v: DVariant, queries: Sequence[Query], pairs: list,
     out: dict[str, pd.DataFrame] = {}
     faith = hm.info.get("faithfulness") if v.adapters else None
     if faith is not None:
-        t_ek = time.perf_counter()
-        out["faithfulness"] = faith.assign(variant=v.name)
-        merged, experts = hm.info["deltas"], hm.info["expert_deltas"]
-        rows = []
-        for m, d in merged.items():
-            for a, ed in experts.items():
-                if m in ed and ed[m].frobenius_sq() > 0 and d.frobenius_sq() > 0:
-                    rows.append(dict(variant=v.name, module=m, expert=a, energy_kept=energy_kept(ed[m], d),
-                                     energy=ed[m].frobenius_sq()))
-            o = (target or {}).get(m)
-            if o is not None and o.frobenius_sq() > 0 and d.frobenius_sq() > 0 and o.d_out == d.d_out and o.d_in == d.d_in:
-                rows.append(dict(variant=v.name, module=m, expert="target", energy_kept=energy_kept(o, d),
-                                 energy=o.frobenius_sq()))
-        out["energy_kept"] = pd.DataFrame(rows)
-        if seconds is not None:
-            seconds["energy_kept"] = round(time.perf_counter() - t_ek, 3)
+        with _stage(seconds, "energy_kept"):
+            out["faithfulness"] = faith.assign(variant=v.name)
+            merged, experts = hm.info["deltas"], hm.info["expert_deltas"]
+            rows = []
+            for m, d in merged.items():
+                for a, ed in experts.items():
+                    if m in ed and ed[m].frobenius_sq() > 0 and d.frobenius_sq() > 0:
+                        rows.append(dict(variant=v.name, module=m, expert=a, energy_kept=energy_kept(ed[m], d),
+                                         energy=ed[m].frobenius_sq()))
+                o = (target or {}).get(m)
+                if o is not None and o.frobenius_sq() > 0 and d.frobenius_sq() > 0 and o.d_out == d.d_out and o.d_in == d.d_in:
+                    rows.append(dict(variant=v.name, module=m, expert="target", energy_kept=energy_kept(o, d),
+                                     energy=o.frobenius_sq()))
+            out["energy_kept"] = pd.DataFrame(rows)
     if queries:
         bs = int(run.cfg.diagnose.get("batch_size", 16))
         with _stage(seconds, "scores"):
@@ -281,25 +279,23 @@ def variant_tables(run: Any, v: DVariant, queries: Sequence[Query], pairs: list,
                 out["contrib"], out["router"] = contributions(hm, v, queries, bs)
         lensq = [q for q in queries if q.bridge]
         if lensq and _routable(v, lensq):
-            t_lens = time.perf_counter()
-            from interp.mechanisms import entrec
+            with _stage(seconds, "lens"):
+                from interp.mechanisms import entrec
 
-            route = _route(hm, v)
-            positions = ("e1_last", "final") if all(q.subject for q in lensq) else ("final",)
-            spans = None if positions[0] == "e1_last" else [{} for _ in lensq]
-            frames = []
-            for i in range(0, len(lensq), bs):  # oracle: route each batch to its experts
-                chunk = lensq[i:i + bs]
-                ctx = route(chunk) if route is not None else contextlib.nullcontext()
-                with ctx:
-                    frames.append(entrec(hm, chunk, positions=positions, batch_size=bs,
-                                         spans=None if spans is None else spans[i:i + bs],
-                                         spans_fn=None if spans is not None else _spans))
-            lens = pd.concat(frames, ignore_index=True)
-            lens["target"] = lens["target"].map({"e2": "bridge", "e3": "answer"})
-            out["lens"] = lens.assign(variant=v.name)
-            if seconds is not None:
-                seconds["lens"] = round(time.perf_counter() - t_lens, 3)
+                route = _route(hm, v)
+                positions = ("e1_last", "final") if all(q.subject for q in lensq) else ("final",)
+                spans = None if positions[0] == "e1_last" else [{} for _ in lensq]
+                frames = []
+                for i in range(0, len(lensq), bs):  # oracle: route each batch to its experts
+                    chunk = lensq[i:i + bs]
+                    ctx = route(chunk) if route is not None else contextlib.nullcontext()
+                    with ctx:
+                        frames.append(entrec(hm, chunk, positions=positions, batch_size=bs,
+                                             spans=None if spans is None else spans[i:i + bs],
+                                             spans_fn=None if spans is not None else _spans))
+                lens = pd.concat(frames, ignore_index=True)
+                lens["target"] = lens["target"].map({"e2": "bridge", "e3": "answer"})
+                out["lens"] = lens.assign(variant=v.name)
         if pairs and v.role != "expert" and v.combine != "oracle":
             from interp.mechanisms import activation_patching
 
