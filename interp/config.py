@@ -135,7 +135,8 @@ class Config:
 NOT_HASHED: dict[tuple[str, str], Any] = {("study", "threads"): 0}
 
 #: (section, key) -> default of keys that enter a cache key only when changed from the default
-HASH_NEW_DEFAULTS: dict[tuple[str, str], Any] = {("evaluation", "dtype"): "fp32", ("study", "seeds"): []}
+HASH_NEW_DEFAULTS: dict[tuple[str, str], Any] = {("evaluation", "dtype"): "fp32", ("study", "seeds"): [],
+                                                  ("training", "min_accuracy"): 0.0}
 
 
 def _check_type(value: Any, tp: Any, key: str) -> Any:

@@ -175,7 +175,7 @@ def test_mechanism_helpers():
 
 TINY = {"study.model": "tiny-llama", "study.threads": 1, "math.n_train": 16, "math.n_test": 8,
         "math.n_composed_train": 8, "math.n_patching_pairs": 2, "training.r": 4, "training.epochs": 1,
-        "training.min_steps": 2, "training.precision": "fp32", "mechanisms.n_examples": 3,
+        "training.min_steps": 2, "training.precision": "fp32", "training.min_accuracy": 0.0, "mechanisms.n_examples": 3,
         "methods.variants": ["base", "expert_ab", "expert_bc", "uniform", "ties", "arrow", "oracle", "joint_12"],
         "mechanisms.variants": ["expert_ab", "uniform", "arrow"]}
 

@@ -154,7 +154,7 @@ def test_tiny_math_study_over_seeds_keeps_its_conditions(tmp_path):
 
     tiny = {"study.model": "tiny-llama", "study.threads": 1, "study.seeds": [0, 1], "math.n_train": 16,
             "math.n_test": 8, "math.n_composed_train": 8, "training.r": 4, "training.epochs": 1,
-            "training.min_steps": 2, "training.precision": "fp32",
+            "training.min_steps": 2, "training.precision": "fp32", "training.min_accuracy": 0.0,
             "methods.variants": ["base", "expert_ab", "expert_bc", "uniform"]}
     out = run_study("experiments/math.toml", out=tmp_path / "m", overrides=tiny,
                     steps=["world", "experts", "evaluate", "report"])

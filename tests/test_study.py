@@ -233,3 +233,39 @@ def test_mechanisms_finding_states_the_tables_numbers():
     assert "<b>base</b>: e₂ is never the top logit-lens token at the final position (best median rank 7)" in text
     assert "fixes 1 of 2 for <b>uniform</b>" in text
     assert "on <b>uniform</b> at layer 3, final position: accuracy 90% against control 30%" in text
+
+
+def test_expert_below_the_accuracy_floor_is_trained_again(tiny_run, tmp_path, monkeypatch):
+    """``[training] min_accuracy``: an expert below it on its own facts is trained once more from
+    the same init with twice the epochs; a rerun keeps that expert without training anything."""
+    cfg = tmp_path / "floor.toml"
+    text = Path(TINY).read_text().replace("min_accuracy = 0.0", "min_accuracy = 1.0")
+    # two experts (ab, and ac of the subspace step) keep it short
+    text = re.sub(r"(\[methods\]\n)variants = \[[^]]*\]", r'\1variants = ["base", "expert_ab"]', text)
+    text = re.sub(r"(\[mechanisms\]\n)variants = \[[^]]*\]", r'\1variants = ["base"]', text)
+    cfg.write_text(re.sub(r"patching_variants = \[[^]]*\]", 'patching_variants = ["base"]', text))
+    out = tmp_path / "run"
+    run_study(cfg, out=out, steps=["world", "experts"])
+    plain = pd.read_csv(tiny_run / "results" / "experts.csv").set_index("expert")
+    floor = pd.read_csv(out / "results" / "experts.csv").set_index("expert")
+    below = [n for n in ("ab", "ac") if plain.loc[n, "train_first_token_acc"] < 1.0]
+    assert len(below) >= 1  # the tiny recipe leaves experts short of 100%: the floor must act
+    assert list(floor.index) == ["ab", "ac"]
+    for name, row in floor.iterrows():
+        # the first attempt is the floor-free run's expert exactly (same init, recipe and data)
+        assert row["first_attempt_acc"] == pytest.approx(plain.loc[name, "train_first_token_acc"])
+        assert bool(row["retrained"]) == (name in below)
+        assert row["steps"] == plain.loc[name, "steps"] * (2 if name in below else 1)
+        meta = json.loads((out / "adapters" / name / "interp_meta.json").read_text())
+        assert meta["config"]["epochs"] == (4 if name in below else 2)
+    import interp.adapters.train as train_mod
+
+    def refuse(*a, **k):
+        raise AssertionError("a finished expert was trained again")
+
+    before = (out / "adapters" / below[0] / "adapter_model.safetensors").read_bytes()
+    (out / "steps" / "experts.json").unlink()
+    monkeypatch.setattr(train_mod, "load_hf", refuse)  # train_expert loads a model only to train
+    run_study(cfg, out=out, steps=["experts"])
+    assert (out / "adapters" / below[0] / "adapter_model.safetensors").read_bytes() == before
+    pd.testing.assert_frame_equal(pd.read_csv(out / "results" / "experts.csv").set_index("expert"), floor)

@@ -38,8 +38,8 @@ def expert_init_seed(seed: int, name: str) -> int:
 
 @dataclasses.dataclass
 class TrainConfig:
-    """LoRA training hyper-parameters (defaults: the study's recipe, measured on SmolLM2 to take
-    every expert of the two-hop study past 90% on its own facts).
+    """LoRA training hyper-parameters (defaults: the two-hop study's recipe, measured on SmolLM2 to
+    take every expert past 90% on its own facts, with :attr:`min_accuracy` as the floor).
 
     Attributes:
         r: LoRA rank. lora_alpha: α (scale s = α/r). target_modules: projection names.
@@ -69,12 +69,16 @@ class TrainConfig:
             (:func:`interp.hardware.choose_precision`; on an AVX512-BF16 CPU a SmolLM2 step is
             ~1.5x faster in bf16, on an AVX2-only CPU bf16 is ~5x *slower*). The adapter is
             saved in fp32 and its reported training accuracy is measured on the fp32 base.
+        min_accuracy: the study's floor on an expert's first-token accuracy on its own training
+            facts (0: none; default 0.9). The experts step trains an expert below it once more from the same
+            init with :meth:`longer` (twice the epochs) and keeps that one; ``train_expert``
+            itself ignores it. Not part of :meth:`identity`.
     """
 
     r: int = 8
     lora_alpha: float = 16.0
     target_modules: tuple[str, ...] = DEFAULT_TARGETS
-    lr: float = 1.5e-3
+    lr: float = 2e-3
     schedule: str = "linear"
     warmup_ratio: float = 0.06
     epochs: int = 5
@@ -90,6 +94,7 @@ class TrainConfig:
     precision: str = "auto"
     max_grad_norm: float = 1.0
     loraplus_lr_ratio: float = 8.0
+    min_accuracy: float = 0.9
 
     def __post_init__(self) -> None:
         self.max_steps = self.max_steps or None  # TOML has no null: 0 means "no cap" there
@@ -117,6 +122,8 @@ class TrainConfig:
             bad.append("min_steps, checkpoint_every and loraplus_lr_ratio must be >= 0")
         if not self.target_modules:
             bad.append("target_modules is empty")
+        if not 0 <= self.min_accuracy <= 1:
+            bad.append(f"min_accuracy={self.min_accuracy} (in [0, 1]; 0: no floor)")
         return bad
 
     def to_json(self) -> dict:
@@ -132,7 +139,15 @@ class TrainConfig:
         return expert_init_seed(self.seed, expert)
 
     def identity(self) -> dict:
-        """The fields that determine the trained weights (checkpoint cadence excluded)."""
+        """The fields that determine the trained weights of one training (checkpoint cadence and
+        the study's accuracy floor excluded)."""
         d = self.to_json()
         d.pop("checkpoint_every")
+        d.pop("min_accuracy")
         return d
+
+    def longer(self) -> "TrainConfig":
+        """The retraining recipe of an expert below :attr:`min_accuracy`: twice the epochs (and
+        twice ``min_steps`` / ``max_steps``), everything else, the init included, unchanged."""
+        return dataclasses.replace(self, epochs=2 * self.epochs, min_steps=2 * self.min_steps,
+                                   max_steps=2 * self.max_steps if self.max_steps else None)

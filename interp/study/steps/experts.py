@@ -2,9 +2,29 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pandas as pd
 
+from interp.files import atomic_write_text
+
 from interp.study.variants import EXPERT_DATA, needed_experts
+
+
+def retrained_meta(out: Path, tc) -> dict | None:
+    """The metadata of an expert in ``out`` that was retrained with ``tc.longer()`` (complete,
+    manifest verified), with ``retrained`` and ``first_attempt_acc``; else ``None``."""
+    from interp.adapters.train import META
+    from interp.files import verify_manifest
+
+    first = out.parent / f"{out.name}.first_attempt.json"
+    if not (first.is_file() and (out / META).is_file() and verify_manifest(out)[0]):
+        return None
+    meta = json.loads((out / META).read_text())
+    if meta.get("config_identity") != tc.longer().identity():
+        return None
+    return {**meta, "retrained": True, "first_attempt_acc": json.loads(first.read_text())["train_first_token_acc"]}
 
 
 def run(run) -> None:
@@ -23,9 +43,22 @@ def run(run) -> None:
     def train(name: str) -> dict:
         pairs = [p for split in EXPERT_DATA[name] for p in world.train_pairs(split)]
         run.base(torch.float32)  # make sure a registered model exists (and is converted) before training
+        out = run.expert_dir(name)
+        # an expert retrained under the floor already sits in its directory: keep it (a resumed run
+        # must not train the first attempt again and overwrite it)
+        done = retrained_meta(out, tc) if tc.min_accuracy else None
+        if done is not None:
+            return done
         # seeds from the config and the expert's name: its weights do not depend on which rank trains it
-        return train_expert(run.model, pairs, run.expert_dir(name), tc, progress=True, device=run.device,
-                            expert=name)
+        meta = train_expert(run.model, pairs, out, tc, progress=True, device=run.device, expert=name)
+        if meta["train_first_token_acc"] >= tc.min_accuracy:
+            return {**meta, "retrained": False, "first_attempt_acc": meta["train_first_token_acc"]}
+        print(f"expert {name}: {meta['train_first_token_acc']:.1%} on its own facts, below the floor "
+              f"min_accuracy = {tc.min_accuracy:.0%}: trained again from the same init with twice the epochs")
+        first = {"steps": meta["steps"], "train_first_token_acc": meta["train_first_token_acc"]}
+        atomic_write_text(out.parent / f"{name}.first_attempt.json", json.dumps(first))
+        meta = train_expert(run.model, pairs, out, tc.longer(), progress=True, device=run.device, expert=name)
+        return {**meta, "retrained": True, "first_attempt_acc": first["train_first_token_acc"]}
 
     # cost: training examples (steps scale with them at a fixed number of epochs)
     n_pairs = {n: sum(len(world.train_pairs(s)) for s in EXPERT_DATA[n]) for n in names}
@@ -40,5 +73,6 @@ def run(run) -> None:
                      "init_seed": meta["init_seed"], "steps": meta["steps"], "final_loss": meta["final_loss"],
                      "train_first_token_acc": meta["train_first_token_acc"],
                      "train_exact_match": meta["train_exact_match"], "wall_time_s": meta["wall_time_s"],
-                     "steps_per_s": meta.get("steps_per_s")})
+                     "steps_per_s": meta.get("steps_per_s"), "retrained": meta.get("retrained", False),
+                     "first_attempt_acc": meta.get("first_attempt_acc", meta["train_first_token_acc"])})
     run.write_csv(pd.DataFrame(rows), "experts")
