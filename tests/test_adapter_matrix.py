@@ -17,6 +17,7 @@ as split copies) is compared in float64 (float32 rounding alone reaches 1e-5 on 
 
 import copy
 import functools
+import tempfile
 import warnings
 
 import pytest
@@ -26,6 +27,13 @@ from interp.adapters import (ExtraModulesError, FeatureCombineError, Unsupported
                              load_hooked)
 from interp.adapters.features import ReservedAdapterNameError, UnsupportedInitError
 from interp.models import FusedProjectionError
+
+# every model and adapter directory of this module lives here; removed at interpreter exit
+_SCRATCH = tempfile.TemporaryDirectory(prefix="interp-matrix-")
+
+
+def _mkdtemp(prefix: str = "d-") -> str:
+    return tempfile.mkdtemp(prefix=prefix, dir=_SCRATCH.name)
 
 TOL = 1e-5
 V = 311
@@ -62,7 +70,6 @@ FUSED = {"phi3": ["qkv_proj", "gate_up_proj"], "neox": ["query_key_value"], "gpt
 @functools.lru_cache(maxsize=None)
 def model_dir(arch):
     """A tiny random-init model of ``arch`` saved as a local HF directory (with the byte tokenizer)."""
-    import tempfile
 
     from transformers import AutoModelForCausalLM
 
@@ -76,7 +83,7 @@ def model_dir(arch):
         for n, p in hf.named_parameters():  # larger than the default init: peaked logits, adapters that matter
             if p.dim() >= 2 or n.endswith(".bias") and "norm" not in n and "ln" not in n:
                 p.normal_(0, 0.15 if p.dim() >= 2 else 0.05)
-    d = tempfile.mkdtemp(prefix=f"matrix-{arch}-")
+    d = _mkdtemp(prefix=f"matrix-{arch}-")
     hf.save_pretrained(d)
     byte_tokenizer().save_pretrained(d)
     return d
@@ -122,7 +129,6 @@ SITE = {"dora", "lora_bias", "bias_lora_only", "pissa", "olora", "fused_dora", "
 @functools.lru_cache(maxsize=None)
 def adapter(arch, feature, seed):
     """Directory of a peft-saved adapter with ``feature`` on ``arch``, its tensors randomised."""
-    import tempfile
 
     from peft import LoraConfig, get_peft_model
 
@@ -139,7 +145,7 @@ def adapter(arch, feature, seed):
             if p.requires_grad:  # "training": every trainable tensor moves
                 noise = torch.randn(p.shape, generator=gen)
                 p.add_(0.3 * noise * (p.abs().mean() if "magnitude" in n else 1.0))
-    d = tempfile.mkdtemp(prefix=f"ad-{arch}-{feature}-{seed}-")
+    d = _mkdtemp(prefix=f"ad-{arch}-{feature}-{seed}-")
     pm.save_pretrained(d)
     return d
 
@@ -185,11 +191,10 @@ def _zero_extended(d):
     """A copy of a ``layers_to_transform=[1]`` adapter that also covers layer 0 with B = 0."""
     import json
     import shutil
-    import tempfile
 
     from safetensors.torch import load_file, save_file
 
-    out = tempfile.mkdtemp()
+    out = _mkdtemp()
     shutil.copytree(d, out, dirs_exist_ok=True)
     cfg = json.load(open(f"{out}/adapter_config.json"))
     cfg["layers_to_transform"] = None
@@ -448,9 +453,8 @@ def test_site_features_through_peft_combines_refused(feature):
 def test_randomised_pissa_refused():
     import json
     import shutil
-    import tempfile
 
-    d = tempfile.mkdtemp()
+    d = _mkdtemp()
     shutil.copytree(adapter("qwen2", "pissa", 0), d, dirs_exist_ok=True)
     cfg = json.load(open(f"{d}/adapter_config.json"))
     cfg["init_lora_weights"] = "pissa_niter_4"
@@ -462,7 +466,6 @@ def test_randomised_pissa_refused():
 def test_layer_replication_refused_by_name():
     """An adapter trained with ``layer_replication`` targets layers the base does not have (peft repeats base
     layers): refused naming the option, not as an unknown target module."""
-    import tempfile
 
     from peft import LoraConfig, get_peft_model
 
@@ -472,7 +475,7 @@ def test_layer_replication_refused_by_name():
         warnings.simplefilter("ignore")
         pm = get_peft_model(_hf("llama"), LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False,
                                                      layer_replication=[[0, 2], [1, 2]]))
-    d = tempfile.mkdtemp(prefix="ad-llama-layer-replication-")
+    d = _mkdtemp(prefix="ad-llama-layer-replication-")
     pm.save_pretrained(d)
     for combine in ("none", "merge_and_unload"):
         with pytest.raises(UnsupportedVariantError, match="layer_replication"):

@@ -258,6 +258,10 @@ def test_expert_below_the_accuracy_floor_is_trained_again(tiny_run, tmp_path, mo
         assert row["steps"] == plain.loc[name, "steps"] * (2 if name in below else 1)
         meta = json.loads((out / "adapters" / name / "interp_meta.json").read_text())
         assert meta["config"]["epochs"] == (4 if name in below else 2)
+    from interp.study.steps.report import evidence_warnings
+
+    warned = [w for w in evidence_warnings(open_run(out)) if "trained again" in w]
+    assert len(warned) == 1 and all(f"{n} (" in warned[0] for n in below)
     import interp.adapters.train as train_mod
 
     def refuse(*a, **k):

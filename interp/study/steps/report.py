@@ -101,6 +101,15 @@ def evidence_warnings(run) -> list[str]:
             out.append(f"Expert(s) {html.escape(names)} reached less than {FACTS_LEARNED:.0%} training accuracy "
                        "(first answer token) on their own facts: reuse failures below are confounded with "
                        "facts never learned.")
+        if "retrained" in ex.columns:
+            again = ex[ex["retrained"].astype(bool)]
+            if len(again):
+                names = ", ".join(f"{r.expert} ({r.first_attempt_acc:.0%} at {r.steps // 2} steps)"
+                                  for r in again.itertuples())
+                out.append(f"Expert(s) {html.escape(names)} fell short of the floor "
+                           f"<code>training.min_accuracy = {run.cfg.training.min_accuracy:.0%}</code> at first "
+                           "and were trained again from the same init with twice the epochs; the table shows "
+                           "the kept expert.")
     return out
 
 
