@@ -78,7 +78,7 @@ class TrainConfig:
     r: int = 8
     lora_alpha: float = 16.0
     target_modules: tuple[str, ...] = DEFAULT_TARGETS
-    lr: float = 2e-3
+    lr: float = 1.5e-3
     schedule: str = "linear"
     warmup_ratio: float = 0.06
     epochs: int = 5
