@@ -52,7 +52,7 @@ def tables(hm, world, n: int, probe_layers: list[int], seconds: dict[str, float]
             "knockout": lambda: patching.attention_knockout(hm, exs[:4], window=3, progress=False),
             "patching": lambda: patching.activation_patching(
                 hm, patching.make_corrupted_pairs(test, hm, seed=0)[:4], hooks=("resid_pre",), progress=False),
-            "probes": lambda: probe_bridge_entity(hm, probe_exs, layers=probe_layers, n_splits=3, seed=0,
+            "probes": lambda: probe_bridge_entity(hm, probe_exs, layers=probe_layers, n_splits=3, seed=0, estimator="ridge",
                                                   progress=False)}
     if kappa is not None:
         from interp.subspace import key_overlap_table

@@ -455,8 +455,8 @@ def _resolve_machine(cfg: Config, world: World = World()) -> dict[str, Any]:
 
 
 def _gather_step_records(run: Run, step: str, ran: bool) -> None:
-    """Bring every rank's stage seconds of ``step`` to rank 0 (``run.stages[step]``: units are
-    disjoint across ranks) and, on CUDA, each rank's peak memory (``run.gpu[step]["peak_mib_ranks"]``,
+    """Bring every rank's stage seconds of ``step`` to rank 0 (``run.stages[step]``; a unit timed
+    on several ranks gets the sum of their seconds: processor time, not wall time) and, on CUDA, each rank's peak memory (``run.gpu[step]["peak_mib_ranks"]``,
     in rank order; ``None`` for a rank that did not run the step). A no-op in a one-process run."""
     if run.dist.size == 1:
         return
@@ -465,9 +465,12 @@ def _gather_step_records(run: Run, step: str, ran: bool) -> None:
     parts = run.dist.gather(mine)
     if not run.dist.is_main:
         return
-    merged: dict[str, Any] = {}
-    for p in parts:
-        merged.update(p["stages"])
+    merged: dict[str, dict[str, float]] = {}
+    for p in parts:  # a unit all ranks share (subspace's modules): seconds summed over ranks
+        for unit, st in p["stages"].items():
+            into = merged.setdefault(unit, {})
+            for name, sec in st.items():
+                into[name] = round(into.get(name, 0.0) + sec, 3)
     if merged:
         run.stages[step] = merged
     if run.gpu is not None and step in run.gpu and run.gpu[step] is not None:
