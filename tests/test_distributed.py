@@ -78,6 +78,43 @@ def test_two_gloo_processes_write_the_tables_of_one(runs):
     for i, v in enumerate(variants):  # round robin: rank i mod 2 scores variant i
         mine, other = (r0, r1) if i % 2 == 0 else (r1, r0)
         assert f"evaluate {v}:" in mine and f"evaluate {v}:" not in other, v
+    # run.json `stages`: rank 0 gathered every rank's units, the same units as one process times
+    one, two = (json.loads((runs / d / "run.json").read_text())["stages"] for d in ("one", "two"))
+    for stages in (one, two):
+        assert set(stages["evaluate"]) == set(variants)
+        assert all({"load", "score", "chain"} <= set(st) for st in stages["evaluate"].values())
+        assert set(stages["experts"]) == {"ab", "bc", "ac", "joint_all"}
+        assert {"adapters", "spectra", "overlap"} <= set(stages["subspace"]["modules"])
+        assert all(x >= 0 for step in stages.values() for st in step.values() for x in st.values())
+    assert set(one["mechanisms"]) == set(two["mechanisms"]) and set(one) == set(two)
+
+
+def test_stage_times_each_unit_and_appends_to_the_stage_log(tmp_path, monkeypatch):
+    """Run.stage adds a stage's wall seconds to stages[step][unit][stage] and, with
+    $INTERP_STAGE_LOG, appends one JSON line per stage as it ends."""
+    import json
+    import time
+
+    from interp.config import load_config
+    from interp.study.runner import STAGE_LOG_ENV, Run
+
+    log = tmp_path / "stages.jsonl"
+    monkeypatch.setenv(STAGE_LOG_ENV, str(log))
+    run = Run(load_config(TINY, {}), tmp_path, timings={})
+    run.step = "evaluate"
+    with run.stage("base", "load"):
+        time.sleep(0.02)
+    with run.stage("base", "load"):
+        time.sleep(0.02)
+    with pytest.raises(ValueError):  # a failing stage is still timed, and the error passes through
+        with run.stage("uniform", "score"):
+            raise ValueError("boom")
+    assert 0.04 <= run.stages["evaluate"]["base"]["load"] < 1.0
+    assert set(run.stages["evaluate"]) == {"base", "uniform"}
+    lines = [json.loads(x) for x in log.read_text().splitlines()]
+    assert [(x["step"], x["unit"], x["stage"], x["rank"]) for x in lines] == [
+        ("evaluate", "base", "load", 0), ("evaluate", "base", "load", 0), ("evaluate", "uniform", "score", 0)]
+    assert abs(sum(x["seconds"] for x in lines[:2]) - run.stages["evaluate"]["base"]["load"]) < 2e-3
 
 
 def test_interrupted_two_process_run_resumes_to_the_same_tables(runs, tmp_path):

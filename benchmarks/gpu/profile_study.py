@@ -15,6 +15,12 @@ first expert's recipe with ``torch.profiler``: kernel time against wall time and
     python benchmarks/gpu/profile_study.py --small --device cpu --out /tmp/ps     # CPU check, tiny shape
     INTERP_SHARE_GPUS=1 torchrun --standalone --nproc_per_node 3 benchmarks/gpu/profile_study.py --out $OUT/s3
                                                     # three processes sharing one GPU (README "Several GPUs")
+    INTERP_SHARE_GPUS=1 torchrun ... --nproc_per_node 5 profile_study.py --steps world,experts --out D
+    INTERP_SHARE_GPUS=1 torchrun ... --nproc_per_node 3 profile_study.py --keep --steps evaluate,mechanisms,subspace --out D
+                                                    # the same run, five processes for training, three after
+
+Each step's stages (per unit: a variant's load, scoring, lens...; ``run.json`` ``stages``) are also
+appended to ``--out/stages.jsonl`` as they end, and tabulated in ``study_table.md``.
 """
 
 from __future__ import annotations
@@ -35,7 +41,8 @@ from gpu.study_gpu import SMALL, STEPS  # noqa: E402  (the same tiny config and 
 
 
 def table(rj: dict, steps: list[str]) -> str:
-    """Markdown rows ``step | seconds | utilisation mean / max | samples | peak MiB`` from a run.json."""
+    """Markdown rows ``step | seconds | utilisation mean / max | samples | peak MiB`` from a run.json
+    (peak MiB: rank 0's; with several processes also their sum, ``Σ``)."""
     t, g = rj.get("timings", {}), rj.get("gpu") or {}
     rows = ["| step | seconds | GPU utilisation mean / max (%) | samples | peak MiB |", "|---|---|---|---|---|"]
     for s in steps:
@@ -44,9 +51,28 @@ def table(rj: dict, steps: list[str]) -> str:
             continue
         u = g.get(s) or {}
         util = f"{u.get('util_mean_pct')} / {u.get('util_max_pct')}" if u.get("samples") else "–"
-        rows.append(f"| {s} | {t[s]:.1f} | {util} | {u.get('samples', 0)} | {u.get('peak_mib') or 0:,} |")
+        peak = f"{u.get('peak_mib') or 0:,}"
+        ranks = [p for p in u.get("peak_mib_ranks") or [] if p]
+        if len(ranks) > 1:
+            peak += f" (Σ {len(ranks)} processes {sum(ranks):,})"
+        rows.append(f"| {s} | {t[s]:.1f} | {util} | {u.get('samples', 0)} | {peak} |")
     done = [t[s] for s in steps if s in t]
     rows.append(f"| **total** | **{sum(done):.1f}** | | | |")
+    return "\n".join(rows) + "\n"
+
+
+def stage_table(stages: dict) -> str:
+    """Markdown rows ``step | stage | seconds (sum over units) | units | slowest unit`` from
+    run.json's ``stages`` (step -> unit -> stage -> seconds)."""
+    rows = ["| step | stage | seconds, sum over units | units | slowest unit (s) |", "|---|---|---|---|---|"]
+    for step, units in stages.items():
+        per: dict[str, list[tuple[float, str]]] = {}
+        for unit, st in units.items():
+            for name, sec in st.items():
+                per.setdefault(name, []).append((sec, unit))
+        for name, xs in per.items():
+            top = max(xs)
+            rows.append(f"| {step} | {name} | {sum(x for x, _ in xs):.1f} | {len(xs)} | {top[1]} ({top[0]:.1f}) |")
     return "\n".join(rows) + "\n"
 
 
@@ -101,6 +127,9 @@ def main() -> None:
     ap.add_argument("--steps", default=",".join(STEPS))
     ap.add_argument("--override", action="append", default=[], help="KEY=VALUE (JSON value), repeatable")
     ap.add_argument("--profile-train", type=int, default=0, help="profile this many training steps after the study")
+    ap.add_argument("--keep", action="store_true",
+                    help="resume the run directory (e.g. a later launch with another number of processes) "
+                         "instead of starting it afresh")
     a = ap.parse_args()
     from interp.study import run_study
 
@@ -116,33 +145,41 @@ def main() -> None:
     run_dir, out = Path(a.run_dir), Path(a.out)
     import os
 
+    from interp.study.runner import STAGE_LOG_ENV
+
     main_rank = int(os.environ.get("RANK", "0")) == 0  # under torchrun: rank 0 writes the results
+    out.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault(STAGE_LOG_ENV, str(out.resolve() / "stages.jsonl"))  # every rank appends
     if not main_rank:
         for step in steps:
             run_study(None, out=run_dir, model=key, device=a.device, steps=[step], overrides=ov)
         return
-    shutil.rmtree(run_dir, ignore_errors=True)
-    out.mkdir(parents=True, exist_ok=True)
-    res = {"shape": shape, "weights": "random-init (speed does not depend on weight values)",
-           "device": a.device, "overrides": ov, "processes": int(os.environ.get("WORLD_SIZE", "1")),
-           "share_gpus": os.environ.get("INTERP_SHARE_GPUS") == "1"}
+    if not a.keep:  # (the other ranks cannot have written yet: they wait for rank 0 to join the group)
+        shutil.rmtree(run_dir, ignore_errors=True)
+    prev = json.loads((out / "study.json").read_text()) if a.keep and (out / "study.json").is_file() else {}
+    launch = {"steps": steps, "processes": int(os.environ.get("WORLD_SIZE", "1")),
+              "share_gpus": os.environ.get("INTERP_SHARE_GPUS") == "1"}
+    res = {**prev, "shape": shape, "weights": "random-init (speed does not depend on weight values)",
+           "device": a.device, "overrides": ov, "launches": prev.get("launches", []) + [launch]}
     t = time.perf_counter()
     for step in steps:  # one step at a time: the results so far are written after each
         run_study(None, out=run_dir, model=key, device=a.device, steps=[step], overrides=ov)
         rj = json.loads((run_dir / "run.json").read_text())
         shutil.copy(run_dir / "run.json", out / "run.json")
-        res.update(wall_s=round(time.perf_counter() - t, 1), timings=rj.get("timings"), gpu=rj.get("gpu"),
-                   machine=rj.get("machine"), versions=rj.get("versions"))
+        launch["wall_s"] = round(time.perf_counter() - t, 1)
+        res.update(timings=rj.get("timings"), gpu=rj.get("gpu"),
+                   stages=rj.get("stages"), machine=rj.get("machine"), versions=rj.get("versions"))
         if a.device.startswith("cuda"):
             import torch
 
             res["gpu_name"] = torch.cuda.get_device_name(0)
         (out / "study.json").write_text(json.dumps(res, indent=1))
-        (out / "study_table.md").write_text(table(rj, steps))
+        (out / "study_table.md").write_text(table(rj, STEPS) + "\n" + stage_table(rj.get("stages") or {}))
         print(step, rj.get("timings", {}).get(step), (rj.get("gpu") or {}).get(step), flush=True)
     if (run_dir / "results" / "experts.csv").is_file():
         shutil.copy(run_dir / "results" / "experts.csv", out / "experts.csv")
-    print(table(json.loads((run_dir / "run.json").read_text()), steps), flush=True)
+    rj = json.loads((run_dir / "run.json").read_text())
+    print(table(rj, STEPS) + "\n" + stage_table(rj.get("stages") or {}), flush=True)
     if a.profile_train:
         res["train_profile"] = profile_training(key, run_dir, a.device, a.profile_train, out)
         (out / "study.json").write_text(json.dumps(res, indent=1))

@@ -22,7 +22,7 @@ import json
 import os
 import platform
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -37,6 +37,8 @@ from interp.study.tables import check_table
 from interp.study.variants import VARIANTS
 
 console = Console(stderr=True)
+#: a file to which every :meth:`Run.stage` appends a JSON line as it ends (benchmarks on a GPU)
+STAGE_LOG_ENV = "INTERP_STAGE_LOG"
 
 
 def csv_text(df: pd.DataFrame, significant: int | None = None) -> str:
@@ -116,7 +118,34 @@ class Run:
     machine: dict[str, Any] | None = None  # threads and precision chosen, and why (run.json)
     dist: World = World()  # this process's rank among those of a torchrun launch (one by default)
     gpu: dict[str, Any] | None = None  # per step: GPU utilisation and peak memory (CUDA runs only)
+    stages: dict[str, Any] = field(default_factory=dict)  # step -> unit -> stage -> seconds (run.json)
+    step: str | None = None  # the step being run (where :meth:`stage` files its seconds)
     _base: Any = None
+
+    @contextlib.contextmanager
+    def stage(self, unit: str, name: str):
+        """Time one stage (``name``: ``load``, ``lens``...) of one unit (a variant, an expert) of
+        the running step: its wall seconds are added to ``stages[step][unit][name]``, which
+        ``run.json`` keeps under ``stages`` (every rank's units, gathered by rank 0). On CUDA the
+        device is synchronised at the end, so queued kernels count in the stage that launched
+        them. With ``$INTERP_STAGE_LOG`` set, each stage also appends one JSON line to that file
+        as it ends (a run cut off mid-step keeps what it measured)."""
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self.device.startswith("cuda"):
+                import torch
+
+                torch.cuda.synchronize(self.device)
+            dt = time.perf_counter() - t0
+            per = self.stages.setdefault(self.step or "-", {}).setdefault(unit, {})
+            per[name] = round(per.get(name, 0.0) + dt, 3)
+            log = os.environ.get(STAGE_LOG_ENV)
+            if log:
+                with open(log, "a") as f:  # one short line per write: appends of ranks do not interleave
+                    f.write(json.dumps({"step": self.step, "unit": unit, "stage": name, "seconds": round(dt, 3),
+                                        "rank": self.dist.rank}) + "\n")
 
     @property
     def results(self) -> Path:
@@ -303,6 +332,7 @@ def run_pipeline(pipeline: Sequence[Step], cfg: Config, out: str | Path,
     timings = dict(prev.get("timings", {}))
     if torch_device_type(cfg.study.device) == "cuda":
         run.gpu = dict(prev.get("gpu") or {})
+    run.stages = dict(prev.get("stages") or {})  # each step's entry is replaced when it runs again
     keys: dict[str, str] = {}
     t_all = time.perf_counter()
     for i, step in enumerate(pipeline):
@@ -320,12 +350,16 @@ def run_pipeline(pipeline: Sequence[Step], cfg: Config, out: str | Path,
             if world.is_main:
                 run.base()  # a registered model is converted into its cache once, not by every rank at once
             world.barrier()
-        if step.sharded or world.is_main:
+        run.step = step.name
+        run.stages.pop(step.name, None)
+        ran = step.sharded or world.is_main
+        if ran:
             with _step_context(run, step):
                 step.run(run)
         world.barrier()  # every shard written, and rank 0's tables, before anyone reads them
         dt = time.perf_counter() - t0
         timings[step.name] = round(dt, 2)
+        _gather_step_records(run, step.name, ran)
         if world.is_main:
             atomic_write_text(_marker(out, step.name),
                               json.dumps({"key": key, "seconds": dt, "finished": time.time()}))
@@ -420,6 +454,29 @@ def _resolve_machine(cfg: Config, world: World = World()) -> dict[str, Any]:
     return out
 
 
+def _gather_step_records(run: Run, step: str, ran: bool) -> None:
+    """Bring every rank's stage seconds of ``step`` to rank 0 (``run.stages[step]``; a unit timed
+    on several ranks gets the sum of their seconds: processor time, not wall time) and, on CUDA, each rank's peak memory (``run.gpu[step]["peak_mib_ranks"]``,
+    in rank order; ``None`` for a rank that did not run the step). A no-op in a one-process run."""
+    if run.dist.size == 1:
+        return
+    mine = {"stages": run.stages.get(step, {}),
+            "peak": (run.gpu or {}).get(step, {}).get("peak_mib") if ran and run.gpu is not None else None}
+    parts = run.dist.gather(mine)
+    if not run.dist.is_main:
+        return
+    merged: dict[str, dict[str, float]] = {}
+    for p in parts:  # a unit all ranks share (subspace's modules): seconds summed over ranks
+        for unit, st in p["stages"].items():
+            into = merged.setdefault(unit, {})
+            for name, sec in st.items():
+                into[name] = round(into.get(name, 0.0) + sec, 3)
+    if merged:
+        run.stages[step] = merged
+    if run.gpu is not None and step in run.gpu and run.gpu[step] is not None:
+        run.gpu[step]["peak_mib_ranks"] = [p["peak"] for p in parts]
+
+
 def _write_runjson(run: Run, keys: dict[str, str], timings: dict[str, float]) -> None:
     cfg = run.cfg
     data = {"config": cfg.to_dict(), "seeds": {"study": cfg.study.seed, "world": cfg.world.seed,
@@ -427,6 +484,8 @@ def _write_runjson(run: Run, keys: dict[str, str], timings: dict[str, float]) ->
             "step_keys": keys, "timings": timings, "machine": run.machine, "versions": versions()}
     if run.gpu is not None:
         data["gpu"] = run.gpu
+    if run.stages:
+        data["stages"] = run.stages
     atomic_write_text(run.out / "run.json", json.dumps(data, indent=1))
 
 

@@ -43,21 +43,24 @@ def score_variant(run, variant: str, sets: dict[str, list]) -> pd.DataFrame:
     fed into the hop-2 template, ``hop = "chain"``)."""
     from interp.evaluate import greedy_answers, score_examples
 
-    hm = run.load_variant(variant)
+    with run.stage(variant, "load"):
+        hm = run.load_variant(variant)
     bs = run.cfg.evaluation.batch_size
     frames = []
     hop1 = sets.get("hop1", [])
     with fold_static_update(hm):  # merges and single experts at the base model's cost
-        for hop, exs in tqdm(sets.items(), desc=f"evaluate {variant}", leave=False):
-            df = score_examples(hm, exs, batch_size=bs)
-            df["hop"] = hop
-            frames.append(df)
+        with run.stage(variant, "score"):
+            for hop, exs in tqdm(sets.items(), desc=f"evaluate {variant}", leave=False):
+                df = score_examples(hm, exs, batch_size=bs)
+                df["hop"] = hop
+                frames.append(df)
         if hop1:
             from interp.tasks.two_hop import chaining_prompts
 
-            # decode steps read every weight for one token per row: wide batches amortise that
-            preds = greedy_answers(hm, hop1, max_new_tokens=5, batch_size=max(bs, 256))
-            df = score_examples(hm, chaining_prompts(hop1, preds), batch_size=bs)
+            with run.stage(variant, "chain"):
+                # decode steps read every weight for one token per row: wide batches amortise that
+                preds = greedy_answers(hm, hop1, max_new_tokens=5, batch_size=max(bs, 256))
+                df = score_examples(hm, chaining_prompts(hop1, preds), batch_size=bs)
             df["hop"] = "chain"
             frames.append(df)
     out = pd.concat(frames, ignore_index=True)

@@ -60,9 +60,13 @@ def run(run) -> None:
         meta = train_expert(run.model, pairs, out, tc.longer(), progress=True, device=run.device, expert=name)
         return {**meta, "retrained": True, "first_attempt_acc": first["train_first_token_acc"]}
 
+    def timed(name: str) -> dict:
+        with run.stage(name, "train"):  # load, steps, training accuracy, save (a cached expert: a read)
+            return train(name)
+
     # cost: training examples (steps scale with them at a fixed number of epochs)
     n_pairs = {n: sum(len(world.train_pairs(s)) for s in EXPERT_DATA[n]) for n in names}
-    metas = {name: train(name) for name in run.dist.shard(names, cost=n_pairs.get)}
+    metas = {name: timed(name) for name in run.dist.shard(names, cost=n_pairs.get)}
     run.dist.barrier()
     if not run.dist.is_main:
         return

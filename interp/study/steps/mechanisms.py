@@ -39,7 +39,8 @@ def run(run) -> None:
     for v in tqdm(run.dist.shard(m.variants, cost=cost), desc="mechanisms"):
         key = mechanism_key(run, v)
         if read_unit_tables(cache, v, key) is None:
-            hm = run.load_variant(v)
+            with run.stage(v, "load"):
+                hm = run.load_variant(v)
             # every analysis here reads the residual stream, none an adapter's own hook: a static
             # update (merges, single experts) is folded into the weights and runs at base cost
             with fold_static_update(hm):
@@ -64,28 +65,33 @@ def mechanism_parts(run, v: str, hm, exs: list, world) -> dict[str, pd.DataFrame
 
     m = run.cfg.mechanisms
     parts: dict[str, pd.DataFrame] = {}
-    parts["lens"] = lens.entrec(hm, exs)
+    with run.stage(v, "lens"):
+        parts["lens"] = lens.entrec(hm, exs)
     few = exs[: max(4, m.n_examples // 2)]
     if m.patchscope:
         from interp.mechanisms.patchscope import patchscope
 
-        parts["patchscope"] = pd.concat(
-            [patchscope(hm, few, source_position="final", target=t, progress=False)
-             for t in ("identity", "description")], ignore_index=True)
+        with run.stage(v, "patchscope"):
+            parts["patchscope"] = pd.concat(
+                [patchscope(hm, few, source_position="final", target=t, progress=False)
+                 for t in ("identity", "description")], ignore_index=True)
     if v in m.patching_variants and m.n_patching_pairs > 0:
         pool = [e for e in world.get(split="test", kind="two_hop") if e.template_id == 0]
-        try:  # donors need the same tier, template and token length: search the whole test set
-            pairs = patching.make_corrupted_pairs(pool, hm, seed=run.cfg.study.seed)
-        except MechanismError as err:
-            console.print(f"[yellow]{v}: no clean/corrupted pairs ({err}); patching skipped[/yellow]")
-            pairs = []
-        pairs = spread_pairs(pairs, m.n_patching_pairs, run.cfg.world.tiers)
-        if pairs:
-            parts["patching"] = label_positions(
-                patching.activation_patching(hm, pairs, hooks=("resid_pre",)), pairs, hm)
+        with run.stage(v, "patching"):
+            try:  # donors need the same tier, template and token length: search the whole test set
+                pairs = patching.make_corrupted_pairs(pool, hm, seed=run.cfg.study.seed)
+            except MechanismError as err:
+                console.print(f"[yellow]{v}: no clean/corrupted pairs ({err}); patching skipped[/yellow]")
+                pairs = []
+            pairs = spread_pairs(pairs, m.n_patching_pairs, run.cfg.world.tiers)
+            if pairs:
+                parts["patching"] = label_positions(
+                    patching.activation_patching(hm, pairs, hooks=("resid_pre",)), pairs, hm)
         if m.backpatch:
-            parts["backpatch"] = patching.back_patching(hm, few)
-        parts["knockout"] = patching.attention_knockout(hm, few, window=3)
+            with run.stage(v, "backpatch"):
+                parts["backpatch"] = patching.back_patching(hm, few)
+        with run.stage(v, "knockout"):
+            parts["knockout"] = patching.attention_knockout(hm, few, window=3)
     if m.probes and v in m.patching_variants:
         from interp.mechanisms.probes import probe_bridge_entity
 
@@ -95,9 +101,10 @@ def mechanism_parts(run, v: str, hm, exs: list, world) -> dict[str, pd.DataFrame
         probe_exs = probe_exs or world.get(split="test", kind="two_hop")
         layers = sorted(set(range(0, hm.n_layers, m.probe_layer_stride)) | {hm.n_layers - 1})
         try:
-            parts["probes"] = probe_bridge_entity(hm, probe_exs, layers=layers, n_splits=3,
-                                                  seed=run.cfg.study.seed, progress=False,
-                                                  estimator=m.probe_estimator)
+            with run.stage(v, "probes"):
+                parts["probes"] = probe_bridge_entity(hm, probe_exs, layers=layers, n_splits=3,
+                                                      seed=run.cfg.study.seed, progress=False,
+                                                      estimator=m.probe_estimator)
         except ValueError as err:  # ours (ProbeError) or scikit-learn's (e.g. a fold of one class)
             console.print(f"[yellow]{v}: probes skipped ({err})[/yellow]")
     return parts

@@ -48,10 +48,12 @@ def run(run) -> None:
     computes the per-module tables (adapters, spectra, overlap, merges, span deficit) on its share
     of the modules, and rank 0 puts the rows back in one-process order (:func:`in_order`) and
     writes every table; the layer profiles and key overlap, which need every module, are rank 0's."""
-    experts = load_experts(run)
+    with run.stage("all", "load_experts"):
+        experts = load_experts(run)
     lib = {e: experts[e] for e in LIBRARY if e in experts}
     deltas: dict[str, dict] = {expert_label(k): v for k, v in experts.items()}
-    merges = merged_deltas(run, lib)  # every rank: merges are built from whole adapters
+    with run.stage("all", "merges"):
+        merges = merged_deltas(run, lib)  # every rank: merges are built from whole adapters
     all_deltas = {**deltas, **merges}
     if run.dist.size == 1:
         tables = module_tables(run, experts, merges, None)
@@ -66,7 +68,8 @@ def run(run) -> None:
     for name, df in tables.items():
         run.write_csv(df, name)
     bridge_layer = bridge_layer_of(run)
-    energy = S.layer_energy_table(all_deltas, n_layers=run.base().n_layers, bridge_layer=bridge_layer)
+    with run.stage("all", "layer_energy"):
+        energy = S.layer_energy_table(all_deltas, n_layers=run.base().n_layers, bridge_layer=bridge_layer)
     run.write_csv(energy.assign(bridge_layer=bridge_layer), "subspace_layer_energy")
     if "bc" in experts:
         # key overlap of the second hop's expert: its own training prompts (D₂) vs composed queries
@@ -74,8 +77,10 @@ def run(run) -> None:
         kind = getattr(world, "composed_kind", "two_hop")  # math skills: "composed"
         composed = [e.prompt for e in world.get(split="test", kind=kind) if e.template_id == 0]
         native = [p for p, _ in world.train_pairs("d2")]
-        hm = run.base()
-        run.write_csv(S.key_overlap_table(hm, experts["bc"], composed[:64], native[:64]), "subspace_key_overlap")
+        with run.stage("all", "key_overlap"):
+            hm = run.base()
+            kappa = S.key_overlap_table(hm, experts["bc"], composed[:64], native[:64])
+        run.write_csv(kappa, "subspace_key_overlap")
 
 
 def module_tables(run, experts: dict, merges: dict, keep: Callable[[str], bool] | None) -> dict[str, pd.DataFrame]:
@@ -101,14 +106,17 @@ def module_tables(run, experts: dict, merges: dict, keep: Callable[[str], bool] 
     all_deltas = {**deltas, **merges}
     if not all_deltas:
         return out
-    out["subspace_adapters"] = S.adapter_table(all_deltas, base_hf=run.base().hf_model)
-    out["subspace_spectra"] = S.spectra_table(all_deltas)
+    with run.stage("modules", "adapters"):
+        out["subspace_adapters"] = S.adapter_table(all_deltas, base_hf=run.base().hf_model)
+    with run.stage("modules", "spectra"):
+        out["subspace_spectra"] = S.spectra_table(all_deltas)
     names = list(deltas)
     pairs = [(a, b) for i, a in enumerate(names) for b in names[i + 1:]]
     if keep is not None:  # a share of the modules: the pairs with a module in it
         pairs = [(a, b) for a, b in pairs if any(m in deltas[b] for m in deltas[a])]
     if pairs or keep is None:
-        out["subspace_overlap"] = S.overlap_table(deltas, pairs=pairs)
+        with run.stage("modules", "overlap"):
+            out["subspace_overlap"] = S.overlap_table(deltas, pairs=pairs)
     ex = {expert_label(k): v for k, v in lib.items()}
     if merges and lib:
         # cross terms are measured against each merge's own target: λ·Σ ΔWᵢ for task arithmetic,
@@ -116,14 +124,16 @@ def module_tables(run, experts: dict, merges: dict, keep: Callable[[str], bool] 
         tables = []
         for k, v in merges.items():
             tw = VARIANTS[k].target_weights
-            tables.append(S.merge_table({k: v}, ex, weights={n: tw(run.cfg.methods) for n in ex} if tw else None))
+            with run.stage("modules", f"merge_table {k}"):
+                tables.append(S.merge_table({k: v}, ex, weights={n: tw(run.cfg.methods) for n in ex} if tw else None))
         out["subspace_merges"] = pd.concat(tables, ignore_index=True)
     oracles = [o for o in SPAN_DEFICIT_ORACLES if o in experts]
     if SPAN_DEFICIT_ORACLES[0] in experts and lib:
         sd = []
         for o in oracles:
             try:
-                sd.append(S.span_deficit_table(experts[o], ex).assign(oracle=expert_label(o)))
+                with run.stage("modules", f"span_deficit {o}"):
+                    sd.append(S.span_deficit_table(experts[o], ex).assign(oracle=expert_label(o)))
             except SubspaceError:
                 if keep is None:
                     raise
