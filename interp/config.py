@@ -87,7 +87,7 @@ class MechanismsSection:
 class MathSection:
     """The shared-template study (``interp.tasks.math_skills``); its presence selects that study."""
 
-    conditions: list[str] = dataclasses.field(default_factory=lambda: ["separate", "shared"])
+    conditions: list[str] = dataclasses.field(default_factory=lambda: ["separate", "shared"])  # or "bridged"
     n_train: int = 96             # problems per skill (d1, d2)
     n_test: int = 48              # composed test problems (and as many one-skill eval problems)
     n_composed_train: int = 48    # composed problems of d_ac (the ac expert, joint_all)
