@@ -152,6 +152,8 @@ def test_generator_errors():
         make_math_world("shared", n_test=200, n_composed_train=100)
     with pytest.raises(MathTaskError, match="sizes"):
         make_math_world("shared", n_train=0)
+    with pytest.raises(MathTaskError, match="bridged condition needs n_train >= 3"):
+        make_math_world("bridged", n_train=2)
     with pytest.raises(MathTaskError, match="undefined"):
         zib(195)
     with pytest.raises(MathTaskError, match="undefined"):
@@ -210,6 +212,9 @@ def test_math_config_table():
         load_config(None, {"math.conditions": ["separate", "cot"]})
     with pytest.raises(ConfigError, match="math.n_train"):
         load_config(None, {"math.n_train": 1})
+    with pytest.raises(ConfigError, match="math.n_train must be >= 3 with the bridged"):
+        load_config(None, {"math.conditions": ["bridged"], "math.n_train": 2})
+    assert load_config(None, {"math.conditions": ["separate", "bridged"]}).math.conditions == ["separate", "bridged"]
     # a math config read back from run.json keeps its table; a two-hop one keeps None
     from interp.study.runner import _flatten
 

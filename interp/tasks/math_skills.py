@@ -199,14 +199,18 @@ def make_math_world(condition: str, seed: int = 0, n_train: int = 96, n_test: in
         A :class:`MathWorld`.
 
     Raises:
-        MathTaskError: unknown condition, sizes < 1 (``n_composed_train`` may be 0), or more
-            problems than the number domain holds.
+        MathTaskError: unknown condition, sizes < 1 (``n_composed_train`` may be 0), ``bridged``
+            with ``n_train`` < 3 (no room for both bridge chains), or more problems than the
+            number domain holds.
     """
     if condition not in CONDITIONS:
         raise MathTaskError(f"unknown condition {condition!r}; expected one of {CONDITIONS}")
     if min(n_train, n_test) < 1 or n_composed_train < 0:
         raise MathTaskError(f"sizes must be >= 1 (n_composed_train >= 0), got n_train={n_train}, "
                             f"n_test={n_test}, n_composed_train={n_composed_train}")
+    if condition == "bridged" and n_train < 3:
+        raise MathTaskError(f"the bridged condition needs n_train >= 3 (one-step, op(cop(x)) and "
+                            f"cop(op(x)) problems), got {n_train}")
     rng = random.Random(seed)
     # composed inputs: digits 1..7 (zib twice stays within 1..9), first != last digit (so dax moves)
     comp = _numbers(7, distinct_ends=True)
