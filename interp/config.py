@@ -87,7 +87,7 @@ class MechanismsSection:
 class MathSection:
     """The shared-template study (``interp.tasks.math_skills``); its presence selects that study."""
 
-    conditions: list[str] = dataclasses.field(default_factory=lambda: ["separate", "shared"])
+    conditions: list[str] = dataclasses.field(default_factory=lambda: ["separate", "shared"])  # or "bridged"
     n_train: int = 96             # problems per skill (d1, d2)
     n_test: int = 48              # composed test problems (and as many one-skill eval problems)
     n_composed_train: int = 48    # composed problems of d_ac (the ac expert, joint_all)
@@ -234,6 +234,9 @@ def validate(cfg: Config) -> Config:
         for k in ("n_train", "n_test"):
             if getattr(cfg.math, k) < 2:
                 raise ConfigError(f"math.{k} must be >= 2, got {getattr(cfg.math, k)}")
+        if "bridged" in cfg.math.conditions and cfg.math.n_train < 3:
+            raise ConfigError(f"math.n_train must be >= 3 with the bridged condition (one-step and both "
+                              f"bridge chains), got {cfg.math.n_train}")
         if cfg.math.n_composed_train < 1 or cfg.math.n_patching_pairs < 0:
             raise ConfigError("math.n_composed_train must be >= 1 (the ac expert) and "
                               "math.n_patching_pairs >= 0")

@@ -2,7 +2,8 @@
 
 ``interp run --config experiments/math.toml`` (a config with a ``[math]`` table): for each
 condition of ``math.conditions`` (``separate``: each skill's data in its own format, bare answers;
-``shared``: one step-by-step solution template; :mod:`interp.tasks.math_skills`) the two-hop
+``shared``: one step-by-step solution template; ``bridged``: that template, each skill's chains
+mixing its operation with a shared bridge operation; :mod:`interp.tasks.math_skills`) the two-hop
 study's machinery runs unchanged on that condition's world — experts ``ab`` (skill A, split
 ``d1``), ``bc`` (skill B, ``d2``), ``ac`` (composed problems, ``d_ac``), the joint upper bounds,
 and every variant of :mod:`interp.study.variants` — in ``DIR/<condition>/``; each step then

@@ -11,8 +11,8 @@ skills the base model cannot already have, defined by examples only:
 * composed: ``dax(zib(x))`` (``dax(zib(365)) = 674``) needs both; the intermediate quantity is
   ``y = zib(x)``.
 
-Two conditions (``condition``; also each example's ``tier``, so accuracy tables put them side by
-side as test sets):
+Three conditions (``condition``; also each example's ``tier``, so accuracy tables put them side
+by side as test sets):
 
 * ``"separate"`` — every dataset has its own format and a bare answer: skill A ``"zib(365)="`` →
   ``"476"``, skill B ``"The dax of 476 is "`` → ``"674"``, composed ``"dax(zib(365))="`` →
@@ -23,6 +23,16 @@ side as test sets):
   one ``OP(arg)=result`` step per operation, then the answer. Skill A's data are ``zib(x)`` and
   ``zib(zib(x))``, skill B's ``dax(y)`` and ``dax(dax(y))``; the composed solution
   ``" zib(365)=476, dax(476)=674; answer=674"`` is the template chained across the two skills.
+  Yet in every two-step training chain the first step's operation is the outer one's (``zib(zib)``,
+  ``dax(dax)``): no chain mixes two operations.
+* ``"bridged"`` — the same template, and each skill's two-step chains mix its own operation with a
+  neutral *bridge* operation both datasets share, ``cop`` (copy: ``cop(365) = 365``, written as a
+  step like any other: ``" cop(365)=365, zib(365)=476; answer=476"``). Skill A's data are
+  ``zib(x)``, ``zib(cop(x))`` and ``cop(zib(x))`` (a third each), skill B's ``dax(y)``,
+  ``dax(cop(y))`` and ``cop(dax(y))``: each expert sees its operation both first and second in a
+  chain of two different operations, so both learn the template "innermost operation first, then
+  the next one outward, whatever the operations are" — the bridge among tasks of the paper's
+  claim. The composed problems are those of ``shared``, character for character.
 
 Splits (the names the study's expert registry reads, :data:`interp.study.variants.EXPERT_DATA`):
 ``d1`` (skill A training), ``d2`` (skill B training), ``d_ac`` (composed problems: the oracle
@@ -31,7 +41,10 @@ expert of the span-deficit analysis and the ``joint_all`` upper bound), ``test``
 ``dax(y)``, each in its expert's training format: they prove each expert learned its skill on
 exactly the numbers the composed test needs). Test inputs ``x`` never occur as a ``zib`` input in
 training, and their intermediates ``y`` never as a ``dax`` input (two-step training chains
-included), so every test step is a held-out application of a rule.
+included), so every test step is a held-out application of a rule; in ``bridged`` no test ``x``
+or ``y`` is the input of any step of a ``d1`` / ``d2`` chain (``cop`` steps included). For a
+seed, every condition has the same composed problems; ``d1`` / ``d2`` draw from the same
+shuffled number pools (``bridged`` skips the numbers its stricter rule excludes).
 
 Answers are scored by exact match (``interp.evaluate``); SmolLM2's tokenizer splits numbers
 into digits, and ``encode(prompt) + encode(answer) == encode(prompt + answer)`` holds for every
@@ -50,7 +63,8 @@ import pandas as pd
 
 from interp.errors import InterpError
 
-CONDITIONS = ("separate", "shared")
+CONDITIONS = ("separate", "shared", "bridged")
+TEMPLATED = ("shared", "bridged")  # conditions written in the step-by-step solution template
 SKILLS = {"zib": "skill_a", "dax": "skill_b"}
 KINDS = ("skill_a", "skill_b", "composed")
 SPLITS = ("d1", "d2", "d_ac", "eval", "test")
@@ -77,7 +91,12 @@ def dax(n: int) -> int:
     return int(s[::-1])
 
 
-OPS = {"zib": zib, "dax": dax}
+def cop(n: int) -> int:
+    """The bridge operation of the ``bridged`` condition: copy (``cop(n) = n``)."""
+    return n
+
+
+OPS = {"zib": zib, "dax": dax, "cop": cop}
 
 
 @dataclasses.dataclass
@@ -89,7 +108,8 @@ class MathExample:
         answer: the gold continuation (``"674"``, or the whole step-by-step solution).
         kind: ``skill_a`` | ``skill_b`` | ``composed``.
         split: one of :data:`SPLITS`.
-        tier: the condition (``separate`` | ``shared``): the ``test_set`` column of the tables.
+        tier: the condition (``separate`` | ``shared`` | ``bridged``): the ``test_set`` column of
+            the tables.
         ops: the operations applied, innermost first (``["zib", "dax"]``).
         x: the input number; ``values``: ``[x, op1(x), op2(op1(x))...]``.
         example_id: index in the world; ``template_id`` is always 0 (one template per kind).
@@ -144,7 +164,7 @@ def solution(ops: list[str], values: list[int]) -> str:
 def render(condition: str, kind: str, ops: list[str], x: int) -> tuple[str, str]:
     """``(prompt, answer)`` of a problem in ``condition``'s format (see the module docstring)."""
     vals = apply_ops(ops, x)
-    if condition == "shared":
+    if condition in TEMPLATED:
         return f"Solve {expression(ops, x)} step by step:", solution(ops, vals)
     if condition != "separate":
         raise MathTaskError(f"unknown condition {condition!r}; expected one of {CONDITIONS}")
@@ -162,13 +182,16 @@ def _numbers(max_digit: int, distinct_ends: bool) -> list[int]:
 
 def make_math_world(condition: str, seed: int = 0, n_train: int = 96, n_test: int = 48,
                     n_composed_train: int = 48) -> "MathWorld":
-    """Generate one condition's datasets (deterministic in ``seed``; both conditions draw the
-    same numbers for the same seed, so they differ only in format).
+    """Generate one condition's datasets (deterministic in ``seed``; every condition has the same
+    composed problems for a seed and draws its training numbers from the same shuffled pools, so
+    ``separate`` and ``shared`` differ only in format).
 
     Args:
-        condition: ``"separate"`` or ``"shared"``.
+        condition: one of :data:`CONDITIONS`.
         seed: RNG seed.
-        n_train: problems per skill in ``d1`` and ``d2`` (shared: half one-step, half two-step).
+        n_train: problems per skill in ``d1`` and ``d2`` (shared: half one-step, half two-step;
+            bridged: a third each of ``op(x)``, ``op(cop(x))``, ``cop(op(x))``, one-step gets the
+            remainder).
         n_test: composed test problems (and as many ``skill_a`` / ``skill_b`` eval problems).
         n_composed_train: composed training problems in ``d_ac``.
 
@@ -176,14 +199,18 @@ def make_math_world(condition: str, seed: int = 0, n_train: int = 96, n_test: in
         A :class:`MathWorld`.
 
     Raises:
-        MathTaskError: unknown condition, sizes < 1 (``n_composed_train`` may be 0), or more
-            problems than the number domain holds.
+        MathTaskError: unknown condition, sizes < 1 (``n_composed_train`` may be 0), ``bridged``
+            with ``n_train`` < 3 (no room for both bridge chains), or more problems than the
+            number domain holds.
     """
     if condition not in CONDITIONS:
         raise MathTaskError(f"unknown condition {condition!r}; expected one of {CONDITIONS}")
     if min(n_train, n_test) < 1 or n_composed_train < 0:
         raise MathTaskError(f"sizes must be >= 1 (n_composed_train >= 0), got n_train={n_train}, "
                             f"n_test={n_test}, n_composed_train={n_composed_train}")
+    if condition == "bridged" and n_train < 3:
+        raise MathTaskError(f"the bridged condition needs n_train >= 3 (one-step, op(cop(x)) and "
+                            f"cop(op(x)) problems), got {n_train}")
     rng = random.Random(seed)
     # composed inputs: digits 1..7 (zib twice stays within 1..9), first != last digit (so dax moves)
     comp = _numbers(7, distinct_ends=True)
@@ -194,7 +221,6 @@ def make_math_world(condition: str, seed: int = 0, n_train: int = 96, n_test: in
     test_x, ac_x = comp[:n_test], comp[n_test:n_test + n_composed_train]
     held_zib = set(test_x)                       # zib inputs never seen in training
     held_dax = {zib(x) for x in test_x}          # dax inputs never seen in training
-    two_step = condition == "shared"
 
     def draw(pool: list[int], ops: list[str], held: set[int], n: int) -> list[int]:
         out = []
@@ -213,13 +239,22 @@ def make_math_world(condition: str, seed: int = 0, n_train: int = 96, n_test: in
     rng.shuffle(za)
     db = _numbers(9, distinct_ends=True)
     rng.shuffle(db)
-    n2 = n_train // 2 if two_step else 0
-    d1 = [(["zib"], x) for x in draw(za, ["zib"], held_zib, n_train - n2)]
-    d1 += [(["zib", "zib"], x) for x in draw([v for v in za if v not in {x for _, x in d1}],
-                                            ["zib", "zib"], held_zib, n2)]
-    d2 = [(["dax"], y) for y in draw(db, ["dax"], held_dax, n_train - n2)]
-    d2 += [(["dax", "dax"], y) for y in draw([v for v in db if v not in {y for _, y in d2}],
-                                            ["dax", "dax"], held_dax, n2)]
+    def chains(pool: list[int], op: str, held: set[int]) -> list[tuple[list[str], int]]:
+        """One skill's training chains: each kind drawn, in order, from the pool's unused numbers."""
+        if condition == "bridged":
+            kinds = [["cop", op], [op, "cop"]]
+            held = held_zib | held_dax  # conservative: no test x or y as any step's input
+        else:
+            kinds = [[op, op]] if condition == "shared" else []
+        n_each = n_train // (len(kinds) + 1)
+        out = [([op], v) for v in draw(pool, [op], held, n_train - n_each * len(kinds))]
+        for ops in kinds:
+            used = {v for _, v in out}
+            out += [(ops, v) for v in draw([v for v in pool if v not in used], ops, held, n_each)]
+        return out
+
+    d1 = chains(za, "zib", held_zib)
+    d2 = chains(db, "dax", held_dax)
     rng.shuffle(d1)
     rng.shuffle(d2)
     specs: list[tuple[str, str, list[str], int]] = []

@@ -19,7 +19,7 @@ Three tables, per variant of ``mechanisms.variants`` (cached per variant), on th
 * ``math_contributions`` — per-adapter contribution ``‖w_e · s_e B_e A_e x‖`` (the
   ``...lora.{adapter}.hook_delta`` hook points; router-weighted for Arrow) summed in quadrature
   over a layer's LoRA sites, averaged over the tokens of each ``segment`` of the sequence
-  (``prompt``; shared: ``step1``, ``step2``, ``answer``; separate: ``answer``): does each expert
+  (``prompt``; shared and bridged: ``step1``, ``step2``, ``answer``; separate: ``answer``): does each expert
   act on its own step? For variants that combine several experts.
 """
 

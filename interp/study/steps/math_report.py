@@ -2,8 +2,9 @@
 
 ``DIR/report.html`` and ``DIR/results/math_summary.csv``: per condition, the composed-test and
 one-skill accuracies (exact match, Wilson 95%) of every variant; findings on whether merges and
-routers of the two skill experts succeed with a shared solution template where they fail with
-separate templates; the mechanism and subspace tables summarised per condition.
+routers of the two skill experts succeed with a shared (or bridged) solution template where they
+fail with separate templates; the mechanism and subspace tables summarised per condition. Works for
+any list of conditions of :data:`interp.tasks.math_skills.CONDITIONS`.
 """
 
 from __future__ import annotations
@@ -23,6 +24,14 @@ LEARNED = 0.8   # an expert below this exact-match accuracy on its own skill did
 SUCCEEDS = 0.5  # a reuse variant at or above this composed accuracy "works"
 
 
+def report_title(conditions: list[str]) -> str:
+    """``"When does LoRA reuse work? Shared vs separate solution templates"``: the templated
+    conditions in run order, then ``separate`` (the reports of one run and over seeds)."""
+    conds = [c for c in conditions if c != "separate"] + [c for c in conditions if c == "separate"]
+    noun = "solution templates" if len(conds) > 1 else "solution template"
+    return f"When does LoRA reuse work? {' vs '.join(conds).capitalize()} {noun}"
+
+
 def accuracy_summary(acc: pd.DataFrame) -> pd.DataFrame:
     """Exact-match accuracy per ``method × condition`` with one column per query set
     (``composed``, ``skill_a``, ``skill_b``), formatted ``acc [lo, hi]``; plus numeric
@@ -39,11 +48,19 @@ def accuracy_summary(acc: pd.DataFrame) -> pd.DataFrame:
 
 
 def findings(summary: pd.DataFrame, conditions: list[str]) -> list[dict[str, str]]:
-    """Rules (exact match): (1) each skill expert learned its skill: expert_ab on ``skill_a`` and
-    expert_bc on ``skill_b`` ≥ 80% in every condition; (2) reuse works with a shared template:
-    supported if the best reuse variant (merges and routers of {ab, bc}) reaches ≥ 50% on the
-    composed test in ``shared`` while the best in ``separate`` is below 50% and at least 20 points
-    lower; not supported if ``shared`` is below 50%; else mixed."""
+    """Findings on a :func:`accuracy_summary` table, for any list of conditions.
+
+    Rules (exact match): (1) each skill expert learned its skill: expert_ab on ``skill_a`` and
+    expert_bc on ``skill_b`` ≥ 80% in every condition; (2) one finding per templated condition
+    ``c`` (``shared``, ``bridged``) in ``conditions``, in order: reuse works with ``c``'s template.
+    With ``separate`` also in the run: supported if the best reuse variant (merges and routers of
+    {ab, bc}) reaches ≥ 50% on the composed test in ``c`` while the best in ``separate`` is below
+    50% and at least 20 points lower; not supported if ``c`` is below 50%; else mixed. Without
+    ``separate``: supported iff ``c``'s best reaches 50%. The evidence also quotes ``joint_12``
+    (one adapter trained on both skills' data: does the template compose without merging?).
+
+    Returns:
+        A list of ``{"claim", "verdict", "evidence"}`` dicts (HTML-escaped evidence)."""
     out = []
 
     def val(method: str, cond: str, col: str) -> float | None:
@@ -68,14 +85,26 @@ def findings(summary: pd.DataFrame, conditions: list[str]) -> list[dict[str, str
         vals = [(a, m) for a, m in vals if a is not None]
         if vals:
             best[cond] = max(vals)
-    if "shared" in best and "separate" in best:
-        (s, sm), (p, pm) = best["shared"], best["separate"]
-        verdict = "yes" if s >= SUCCEEDS and p < SUCCEEDS and s - p >= 0.2 else "no" if s < SUCCEEDS else "mixed"
-        out.append({"claim": "Reuse of separately trained skill experts composes the skills when their data "
-                             "share a solution template, and fails when they do not (Chen et al., TMLR 2026)",
-                    "verdict": verdict,
-                    "evidence": html.escape(f"best merge/router on the composed test: shared {sm} {s:.0%}, "
-                                            f"separate {pm} {p:.0%} (exact match)")})
+    template = {"shared": "share a solution template",
+                "bridged": "share a solution template bridged by a common operation (cop)"}
+    for cond in (c for c in conditions if c in template and c in best):
+        s, sm = best[cond]
+        ev = [f"best merge/router on the composed test: {cond} {sm} {s:.0%}"]
+        if "separate" in best:
+            p, pm = best["separate"]
+            ev.append(f"separate {pm} {p:.0%}")
+            verdict = "yes" if s >= SUCCEEDS and p < SUCCEEDS and s - p >= 0.2 else "no" if s < SUCCEEDS else "mixed"
+            claim = f"when their data {template[cond]}, and fails when they do not"
+        else:
+            verdict = "yes" if s >= SUCCEEDS else "no"
+            claim = f"when their data {template[cond]} (no separate-template baseline in this run)"
+        joint = [f"{c} {a:.0%}" for c in dict.fromkeys([cond, "separate"])
+                 if (a := val("joint_12", c, "composed_acc")) is not None]
+        if joint:
+            ev.append("joint_12 (trained on both skills): " + ", ".join(joint))
+        out.append({"claim": "Reuse of separately trained skill experts composes the skills " + claim
+                             + " (Chen et al., TMLR 2026)",
+                    "verdict": verdict, "evidence": html.escape("; ".join(ev) + " (exact match)")})
     return out
 
 
@@ -107,7 +136,7 @@ def run(run) -> None:
             if (acc["hop"] == hop).any():
                 f = F.accuracy_figure(acc, metric="exact", hop=hop)
                 f.update_xaxes(categoryorder="array", categoryarray=list(dict.fromkeys(summary["method"])))
-                figs.append((f"fig-acc-{hop}", f.to_json(), f"{hop}: exact-match accuracy per method, the two "
+                figs.append((f"fig-acc-{hop}", f.to_json(), f"{hop}: exact-match accuracy per method, the "
                              "conditions side by side (test set = condition), Wilson 95% intervals."))
         sections.append({"title": "Composed and one-skill accuracy, side by side", "figures": figs,
                          "text": "Exact match (the whole answer, equal to greedy decoding), Wilson 95% intervals. "
@@ -167,6 +196,6 @@ def run(run) -> None:
     runjson = json.loads((run.out / "run.json").read_text()) if (run.out / "run.json").is_file() else {}
     from interp.study.steps.report import evidence_warnings
 
-    build_report(run.out, f"When does LoRA reuse work? Shared vs separate solution templates — {run.model}",
+    build_report(run.out, f"{report_title(list(run.cfg.math.conditions))} — {run.model}",
                  found, sections, runjson.get("config", run.cfg.to_dict()), runjson.get("versions", versions()),
                  runjson.get("timings", {}), warnings=[w for w in evidence_warnings(run) if "amiliarity" not in w])

@@ -66,8 +66,12 @@ def run(run: Run) -> None:
                      + (f" No accuracy table yet for seed(s) {', '.join(map(str, missing))}." if missing else ""),
                      "tables": []})
     runjson = json.loads((run.out / "run.json").read_text()) if (run.out / "run.json").is_file() else {}
-    title = ("When does LoRA reuse work? Shared vs separate solution templates" if run.cfg.study_kind == "math"
-             else "Two-hop LoRA reuse study")
+    if run.cfg.study_kind == "math":
+        from interp.study.steps.math_report import report_title
+
+        title = report_title(list(run.cfg.math.conditions))
+    else:
+        title = "Two-hop LoRA reuse study"
     build_report(run.out, f"{title} — {run.model}, over seeds {', '.join(map(str, seeds))}", found, sections,
                  runjson.get("config", run.cfg.to_dict()), runjson.get("versions", versions()),
                  _seed_timings(subs), warnings=_warnings(run, subs))
