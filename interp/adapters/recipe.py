@@ -70,7 +70,7 @@ class TrainConfig:
             ~1.5x faster in bf16, on an AVX2-only CPU bf16 is ~5x *slower*). The adapter is
             saved in fp32 and its reported training accuracy is measured on the fp32 base.
         min_accuracy: the study's floor on an expert's first-token accuracy on its own training
-            facts (0: none; default 0.9). The experts step trains an expert below it once more from the same
+            facts (0: none). The experts step trains an expert below it once more from the same
             init with :meth:`longer` (twice the epochs) and keeps that one; ``train_expert``
             itself ignores it. Not part of :meth:`identity`.
     """
