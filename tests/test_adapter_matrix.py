@@ -70,7 +70,6 @@ FUSED = {"phi3": ["qkv_proj", "gate_up_proj"], "neox": ["query_key_value"], "gpt
 @functools.lru_cache(maxsize=None)
 def model_dir(arch):
     """A tiny random-init model of ``arch`` saved as a local HF directory (with the byte tokenizer)."""
-
     from transformers import AutoModelForCausalLM
 
     from interp.models import byte_tokenizer

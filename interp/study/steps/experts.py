@@ -7,8 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from interp.files import atomic_write_text
-
+from interp.files import atomic_write_text, verify_manifest
 from interp.study.variants import EXPERT_DATA, needed_experts
 
 
@@ -16,7 +15,6 @@ def retrained_meta(out: Path, tc) -> dict | None:
     """The metadata of an expert in ``out`` that was retrained with ``tc.longer()`` (complete,
     manifest verified), with ``retrained`` and ``first_attempt_acc``; else ``None``."""
     from interp.adapters.train import META
-    from interp.files import verify_manifest
 
     first = out.parent / f"{out.name}.first_attempt.json"
     if not (first.is_file() and (out / META).is_file() and verify_manifest(out)[0]):
