@@ -99,8 +99,9 @@ def run_cmd(
     precision: Optional[str] = typer.Option(
         None, "--precision", help="training precision: auto (bf16 where measured faster), fp32 or bf16"),
     dtype: Optional[str] = typer.Option(
-        None, "--dtype", help="precision of evaluation and every analysis: fp32 (default), tf32 (CUDA) "
-                              "or bf16 (config evaluation.dtype; errors in the README's precision policy)"),
+        None, "--dtype", help="precision of evaluation and every analysis: auto (default: tf32 on CUDA, fp32 "
+                              "on the CPU), fp32, tf32 (CUDA) or bf16 (config evaluation.dtype; errors in "
+                              "the README's precision policy)"),
 ) -> None:
     """Run the two-hop reuse study end to end (world -> experts -> merges/routes -> evaluation ->
     mechanisms -> subspace -> figures -> report), or with a config holding a [math] table

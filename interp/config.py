@@ -65,8 +65,9 @@ class EvaluationSection:
     batch_size: int = 32
     held_out_templates: bool = True
     # precision of the models in evaluation and every analysis (evaluate, mechanisms, subspace):
-    # fp32 | tf32 (CUDA only: fp32 weights, TF32 matmuls) | bf16; errors of each: README "Precision policy"
-    dtype: str = "fp32"
+    # auto (tf32 on CUDA, fp32 on the CPU) | fp32 | tf32 (CUDA only: fp32 weights, TF32 matmuls) | bf16;
+    # errors of each: README "Precision policy". The runner replaces auto by what it resolved to.
+    dtype: str = "auto"
 
 
 @dataclasses.dataclass
@@ -120,6 +121,10 @@ class Config:
         were cached (:data:`HASH_NEW_DEFAULTS`) enter it only when set off their default, so
         existing runs keep their keys."""
         d = self.to_dict()
+        if d["evaluation"]["dtype"] == "auto":  # hashed as what it means on this device: on a CPU
+            from interp.devices import resolve_analysis_dtype  # fp32, the old default's key
+
+            d["evaluation"]["dtype"] = resolve_analysis_dtype("auto", self.study.device).dtype
         for (sec, key), default in NOT_HASHED.items():  # how a run executes, not what it computes
             if sec in d and key in d[sec]:
                 d[sec][key] = default  # hashed as the default: existing runs keep their keys
@@ -135,6 +140,7 @@ class Config:
 NOT_HASHED: dict[tuple[str, str], Any] = {("study", "threads"): 0}
 
 #: (section, key) -> default of keys that enter a cache key only when changed from the default
+#: (``evaluation.dtype`` "auto" is first resolved for the device: fp32 on a CPU, which is dropped)
 HASH_NEW_DEFAULTS: dict[tuple[str, str], Any] = {("evaluation", "dtype"): "fp32", ("study", "seeds"): [],
                                                   ("training", "min_accuracy"): 0.0}
 
@@ -242,10 +248,11 @@ def validate(cfg: Config) -> Config:
                               "math.n_patching_pairs >= 0")
     if cfg.study.device not in ("cpu", "cuda") and not cfg.study.device.startswith("cuda:"):
         raise ConfigError(f"study.device must be cpu or cuda[:N], got {cfg.study.device!r}")
-    from interp.devices import ANALYSIS_DTYPES
+    from interp.devices import ANALYSIS_CHOICES
 
-    if cfg.evaluation.dtype not in ANALYSIS_DTYPES:
-        raise ConfigError(f"evaluation.dtype must be one of {', '.join(ANALYSIS_DTYPES)}, got {cfg.evaluation.dtype!r}")
+    if cfg.evaluation.dtype not in ANALYSIS_CHOICES:
+        raise ConfigError(f"evaluation.dtype must be one of {', '.join(ANALYSIS_CHOICES)}, "
+                          f"got {cfg.evaluation.dtype!r}")
     if cfg.evaluation.dtype == "tf32" and not cfg.study.device.startswith("cuda"):
         raise ConfigError(f"evaluation.dtype 'tf32' needs study.device cuda (TF32 is a GPU matmul mode), "
                           f"got device {cfg.study.device!r}")

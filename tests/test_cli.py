@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
     (["--device", "gpu"], "study.device must be cpu or cuda"),
     (["--threads", "two"], "--threads must be an integer"),
     (["--precision", "fp16"], "training.precision='fp16'"),
-    (["--dtype", "fp16"], "evaluation.dtype must be one of fp32, tf32, bf16"),
+    (["--dtype", "fp16"], "evaluation.dtype must be one of auto, fp32, tf32, bf16"),
     (["--dtype", "tf32"], "'tf32' needs study.device cuda"),
     (["--model", "/no/such/model"], "neither a registered name"),
 ])

@@ -15,25 +15,126 @@ from interp.hardware import GpuMonitor
 
 
 def test_dtype_key_default_choices_and_refusals():
-    assert load_config(None).evaluation.dtype == "fp32"
+    assert load_config(None).evaluation.dtype == "auto"
+    assert load_config("experiments/two_hop.toml").evaluation.dtype == "auto"
     assert load_config(None, {"evaluation.dtype": "bf16"}).evaluation.dtype == "bf16"
-    with pytest.raises(ConfigError, match="evaluation.dtype must be one of fp32, tf32, bf16"):
+    assert load_config(None, {"evaluation.dtype": "tf32", "study.device": "cuda"}).evaluation.dtype == "tf32"
+    with pytest.raises(ConfigError, match="evaluation.dtype must be one of auto, fp32, tf32, bf16, got 'fp16'"):
         load_config(None, {"evaluation.dtype": "fp16"})
     with pytest.raises(ConfigError, match="'tf32' needs study.device cuda"):
         load_config(None, {"evaluation.dtype": "tf32"})
 
 
+def test_auto_resolves_to_tf32_on_cuda_and_fp32_on_the_cpu():
+    """The resolution depends on the device type only (no GPU needed to resolve for one); an
+    explicit name is kept on either; tf32 on a CPU and unknown names are refused."""
+    from interp.devices import resolve_analysis_dtype
+
+    for dev in ("cpu", torch.device("cpu")):
+        c = resolve_analysis_dtype("auto", dev)
+        assert (c.dtype, c.requested, c.device) == ("fp32", "auto", "cpu") and "auto" in c.reason
+    for dev in ("cuda", "cuda:1", torch.device("cuda", 0)):
+        c = resolve_analysis_dtype("auto", dev)
+        assert (c.dtype, c.requested, c.device) == ("tf32", "auto", "cuda") and "TF32" in c.reason
+    for name in ("fp32", "bf16"):
+        assert resolve_analysis_dtype(name, "cpu").dtype == resolve_analysis_dtype(name, "cuda").dtype == name
+    assert resolve_analysis_dtype("tf32", "cuda").dtype == "tf32"
+    with pytest.raises(HardwareError, match="'tf32' needs a CUDA device"):
+        resolve_analysis_dtype("tf32", "cpu")
+    with pytest.raises(HardwareError, match="must be one of auto, fp32, tf32, bf16, got 'fp16'"):
+        resolve_analysis_dtype("fp16", "cuda")
+    with pytest.raises(HardwareError, match="device must be"):
+        resolve_analysis_dtype("auto", "gpu")
+
+
+def test_run_resolves_auto_for_its_device(monkeypatch, tmp_path):
+    """A Run's analysis precision: fp32 (float32 weights) on the CPU, tf32 (float32 weights, TF32
+    matmuls) on CUDA, bf16 when forced; the runner writes the resolved value into the config
+    before any key, with its reason, and a forced value is kept."""
+    import interp.hardware as hw
+    from interp.study.runner import Run, _resolve_machine
+
+    cpu = Run(load_config(None), tmp_path, timings={})
+    assert (cpu.analysis_dtype, cpu.dtype) == ("fp32", torch.float32)
+    gpu = Run(load_config(None, {"study.device": "cuda"}), tmp_path, timings={})  # a device name: no GPU used
+    assert (gpu.analysis_dtype, gpu.dtype) == ("tf32", torch.float32)
+    forced = Run(load_config(None, {"study.device": "cuda", "evaluation.dtype": "bf16"}), tmp_path, timings={})
+    assert (forced.analysis_dtype, forced.dtype) == ("bf16", torch.bfloat16)
+
+    monkeypatch.setattr(hw, "check_device", lambda device: str(device))  # a CUDA run, on this CPU
+    for device, requested, want in (("cuda", "auto", "tf32"), ("cuda", "fp32", "fp32"), ("cpu", "auto", "fp32"),
+                                    ("cpu", "bf16", "bf16")):
+        cfg = load_config(None, {"study.device": device, "evaluation.dtype": requested,
+                                 "training.precision": "fp32", "study.threads": 1})
+        machine = _resolve_machine(cfg)
+        assert cfg.evaluation.dtype == want
+        got = machine["analysis_dtype"]
+        assert (got["dtype"], got["requested"], got["device"]) == (want, requested, device), got
+
+
 def test_dtype_enters_cache_keys_only_off_its_default():
-    """fp32 runs cached before the key existed keep their keys; bf16 gets its own."""
+    """fp32 runs cached before the key existed keep their keys; auto hashes as fp32 on a CPU and
+    as tf32 on CUDA; bf16 gets its own key."""
     import hashlib
 
-    fp32, bf16 = load_config(None), load_config(None, {"evaluation.dtype": "bf16"})
+    fp32, bf16, auto = (load_config(None, {"evaluation.dtype": d}) for d in ("fp32", "bf16", "auto"))
     d = fp32.to_dict()["evaluation"]
     d.pop("dtype")
     old = hashlib.sha256(json.dumps({"evaluation": d}, sort_keys=True).encode()).hexdigest()[:16]
-    assert fp32.section_hash("evaluation") == old
+    assert fp32.section_hash("evaluation") == auto.section_hash("evaluation") == old
     assert bf16.section_hash("evaluation") != old
     assert fp32.section_hash("study", "world") == bf16.section_hash("study", "world")  # experts not retrained
+    on_gpu = {n: load_config(None, {"study.device": "cuda", "evaluation.dtype": n}).section_hash("study", "evaluation")
+              for n in ("auto", "tf32", "fp32")}
+    assert on_gpu["auto"] == on_gpu["tf32"] != on_gpu["fp32"]
+
+
+#: step keys of CPU runs computed by main at 95ff6c5, before ``evaluation.dtype = "auto"`` existed
+#: (training.precision forced to fp32, so that no processor's bf16 probe enters them)
+PINNED_CPU_KEYS = {
+    None: {"world": "5d4b5ccd17563dce", "experts": "f7329bd3b2711d41", "evaluate": "296d1783b89671a7",
+           "mechanisms": "a61dfd6fa84af7cb", "subspace": "f2e4a7fb3974cfb1", "figures": "db200ae1ce101050",
+           "report": "2ce21aad2af010d5", "mechanism_unit": "2a0197ca325a828d"},
+    "experiments/two_hop.toml": {"world": "5d4b5ccd17563dce", "experts": "f7329bd3b2711d41",
+                                 "evaluate": "296d1783b89671a7", "mechanisms": "a61dfd6fa84af7cb",
+                                 "subspace": "f2e4a7fb3974cfb1", "figures": "db200ae1ce101050",
+                                 "report": "2ce21aad2af010d5", "mechanism_unit": "2a0197ca325a828d"},
+    "experiments/tiny.toml": {"world": "b945a259c4fb35ab", "experts": "3dd9255629be0efe",
+                              "evaluate": "d9ce93918fa28e4a", "mechanisms": "89038a1bd523c9a0",
+                              "subspace": "4a2d5062eb2b52bc", "figures": "0618e529b9e1225f",
+                              "report": "523c6e541eb145fb", "mechanism_unit": "5737a419fa2b2b62"},
+    "experiments/math.toml": {"world": "7074c10b085089d8", "experts": "0c42c0a5afe5899e",
+                              "evaluate": "6140ba26eaae61eb", "mechanisms": "34c942a374fb3138",
+                              "subspace": "b7bed374fd7487b1", "report": "08671d5939d70370",
+                              "mechanism_unit": "d2365708cc06fe50"},
+}
+
+
+@pytest.mark.parametrize("path", list(PINNED_CPU_KEYS))
+def test_cpu_runs_keep_their_cache_keys(tmp_path, path):
+    """With ``evaluation.dtype = "auto"`` (the default) a CPU run's step keys and mechanism unit
+    keys are exactly those its config had before auto existed, so no cached step re-runs;
+    run.json records the resolved precision and why. Fails if any key of these configs moves."""
+    from interp.study.math import PIPELINE as MATH
+    from interp.study.runner import Run, Step, resolve_config, run_pipeline
+    from interp.study.steps.math_mechanisms import math_mechanism_key
+    from interp.study.steps.mechanisms import mechanism_key
+    from interp.study.two_hop import PIPELINE
+
+    cfg = resolve_config(path, {"training.precision": "fp32", "study.threads": 1})
+    assert cfg.evaluation.dtype == "auto"
+    math = path == "experiments/math.toml"
+    pipeline = [Step(s.name, lambda run: None, s.deps, analysis=s.analysis) for s in (MATH if math else PIPELINE)]
+    run_pipeline(pipeline, cfg, tmp_path)
+    rj = json.loads((tmp_path / "run.json").read_text())
+    unit = (math_mechanism_key if math else lambda r: mechanism_key(r, "uniform"))(Run(cfg, tmp_path, timings={}))
+    assert {**rj["step_keys"], "mechanism_unit": unit} == PINNED_CPU_KEYS[path]
+    assert rj["config"]["evaluation"]["dtype"] == "fp32"  # resolved before any key, as run.json keeps it
+    a = rj["machine"]["analysis_dtype"]
+    assert (a["dtype"], a["requested"], a["device"]) == ("fp32", "auto", "cpu") and a["reason"]
+    forced = resolve_config(path, {"training.precision": "fp32", "study.threads": 1, "evaluation.dtype": "fp32"})
+    run_pipeline(pipeline, forced, tmp_path / "forced")
+    assert json.loads((tmp_path / "forced" / "run.json").read_text())["step_keys"] == rj["step_keys"]
 
 
 def test_analysis_precision_sets_and_restores_tf32_flags():
@@ -53,6 +154,10 @@ def test_analysis_precision_sets_and_restores_tf32_flags():
         analysis_precision("tf32", "cpu")
     with pytest.raises(HardwareError, match="analysis dtype must be one of"):
         analysis_precision("fp8")
+    with analysis_precision("auto", "cuda") as p:  # auto: resolved for the device
+        assert p.name == "tf32" and torch.backends.cuda.matmul.allow_tf32
+    with analysis_precision("auto", "cpu") as p:
+        assert p.name == "fp32" and not torch.backends.cuda.matmul.allow_tf32
     assert ANALYSIS_DTYPES["bf16"] is torch.bfloat16 and ANALYSIS_DTYPES["tf32"] is torch.float32
 
 

@@ -29,9 +29,9 @@ from interp.study.steps import evaluate as evaluate_step
 PIPELINE: tuple[Step, ...] = (
     Step("world", math_world.run, ("study", "math")),
     Step("experts", per_condition(experts.run), ("training",)),
-    Step("evaluate", per_condition(evaluate_step.run), ("methods", "evaluation")),
-    Step("mechanisms", per_condition(math_mechanisms.run), ("mechanisms",)),
-    Step("subspace", per_condition(subspace.run)),
+    Step("evaluate", per_condition(evaluate_step.run), ("methods", "evaluation"), analysis=True),
+    Step("mechanisms", per_condition(math_mechanisms.run), ("mechanisms",), analysis=True),
+    Step("subspace", per_condition(subspace.run), analysis=True),
     Step("report", math_report.run),
 )
 STEPS = [s.name for s in PIPELINE]

@@ -167,12 +167,22 @@ class Run:
         return self.dist.device(self.cfg.study.device)
 
     @property
+    def analysis_dtype(self) -> str:
+        """The precision of evaluation and every analysis: ``evaluation.dtype`` with ``"auto"``
+        resolved for :attr:`device` (``"tf32"`` on CUDA, ``"fp32"`` on the CPU); ``"fp32"`` for
+        pipelines whose config has no such section, e.g. ``interp diagnose``."""
+        from interp.devices import resolve_analysis_dtype
+
+        return resolve_analysis_dtype(getattr(getattr(self.cfg, "evaluation", None), "dtype", "fp32"),
+                                      self.device).dtype
+
+    @property
     def dtype(self):
-        """The torch dtype of the models in evaluation and every analysis (``evaluation.dtype``;
-        float32 for pipelines whose config has no such section, e.g. ``interp diagnose``)."""
+        """The torch dtype of the models in evaluation and every analysis (of :attr:`analysis_dtype`:
+        float32 for fp32 and tf32, bfloat16 for bf16)."""
         from interp.devices import ANALYSIS_DTYPES
 
-        return ANALYSIS_DTYPES[getattr(getattr(self.cfg, "evaluation", None), "dtype", "fp32")]
+        return ANALYSIS_DTYPES[self.analysis_dtype]
 
     def base(self, dtype=None):
         """The base model as a HookedModel in ``dtype`` (default :attr:`dtype`), loaded once; asking
@@ -405,8 +415,7 @@ def _step_context(run: Run, step: Step):
     from interp.devices import analysis_precision
     from interp.hardware import GpuMonitor
 
-    prec = (analysis_precision(run.cfg.evaluation.dtype, run.device) if step.analysis
-            else contextlib.nullcontext())
+    prec = analysis_precision(run.analysis_dtype, run.device) if step.analysis else contextlib.nullcontext()
     if run.gpu is None:
         with prec:
             yield
@@ -417,16 +426,20 @@ def _step_context(run: Run, step: Step):
 
 
 def _resolve_machine(cfg: Config, world: World = World()) -> dict[str, Any]:
-    """Set torch's thread count and resolve ``training.precision = "auto"`` for this machine.
+    """Set torch's thread count and resolve ``training.precision = "auto"`` and
+    ``evaluation.dtype = "auto"`` for this machine.
 
-    The resolved precision replaces ``"auto"`` in ``cfg`` before any cache key is computed, so
-    experts trained in bf16 on one processor are not reused as if fp32 on another. The choice and
-    its reason are printed once and written to ``run.json``. With several processes on the host
+    The resolved precisions replace ``"auto"`` in ``cfg`` before any cache key is computed, so
+    experts trained in bf16 on one processor are not reused as if fp32 on another, and analyses
+    run in TF32 on a GPU are not reused as fp32 ones (on a CPU ``auto`` is fp32, whose key is the
+    one runs had before ``auto`` existed). Each choice and its reason are printed once and
+    written to ``run.json`` (``machine.precision``, ``machine.analysis_dtype``). With several processes on the host
     (torchrun), automatic threads are rank 0's free cores divided among them, and rank 0's
     precision choice is every rank's (experts trained by different ranks agree).
     """
     import torch
 
+    from interp.devices import resolve_analysis_dtype
     from interp.hardware import check_device, choose_precision, cpu_description, oversubscription, resolve_threads
 
     device = world.device(cfg.study.device)
@@ -442,13 +455,20 @@ def _resolve_machine(cfg: Config, world: World = World()) -> dict[str, Any]:
         console.print(f"[yellow]warning[/yellow]: {warn}")
     choice = world.broadcast(choose_precision(cfg.training.precision, device) if world.is_main else None)
     cfg.training.precision = choice.precision
+    evaluation = getattr(cfg, "evaluation", None)  # absent from interp diagnose's config
+    analysis = resolve_analysis_dtype(evaluation.dtype, device) if evaluation is not None else None
+    if analysis is not None:
+        evaluation.dtype = analysis.dtype
     why_threads = "as configured" if cfg.study.threads else "the cores not busy with other work"
     if shared:
         why_threads += f", shared by {world.local_size} processes"
     console.print(f"[bold]machine[/bold]: {threads} torch thread(s) ({why_threads}); "
-                  f"training precision {choice.precision}: {choice.reason}")
+                  f"training precision {choice.precision}: {choice.reason}"
+                  + (f"; analyses {analysis.dtype}: {analysis.reason}" if analysis is not None else ""))
     out = {"threads": threads, "threads_requested": cfg.study.threads or "auto",
            "precision": choice.to_json(), "cpu": cpu_description()}
+    if analysis is not None:
+        out["analysis_dtype"] = analysis.to_json()
     if world.size > 1:
         out["processes"] = {"world_size": world.size, "per_host": world.local_size, "backend": "gloo"}
     return out

@@ -188,14 +188,24 @@ def variant_tables(run, v: str, hm, exs: list) -> dict[str, pd.DataFrame]:
     return {k: d for k, d in parts.items() if len(d)}
 
 
+def math_mechanism_key(run) -> str:
+    """Cache key of one condition's per-variant mechanism tables: the study, world, experts and
+    merges, the ``[mechanisms]`` table, and the analysis precision when it is not fp32 (fp32
+    runs cached before the precision switch keep their keys)."""
+    inputs = {"up": run.cfg.section_hash("study", "math", "training", "methods"),
+              "mech": run.cfg.to_dict()["mechanisms"]}
+    if run.analysis_dtype != "fp32":
+        inputs["dtype"] = run.analysis_dtype
+    return unit_key(inputs)
+
+
 def run(run) -> None:
     """Write ``math_lens``, ``math_patching``, ``math_contributions`` for one condition."""
     world = run.world()
     m = run.cfg.mechanisms
     exs = world.get(split="test")[: m.n_examples]
     cache = run.cache / "mechanisms"
-    key = unit_key({"up": run.cfg.section_hash("study", "math", "training", "methods"),
-                    "mech": run.cfg.to_dict()["mechanisms"]})
+    key = math_mechanism_key(run)
     tables: dict[str, list[pd.DataFrame]] = {k: [] for k in TABLES}
     for v in tqdm(m.variants, desc=f"mechanisms {world.condition}"):
         if VARIANTS[v].scored_from:

@@ -142,8 +142,8 @@ def mechanism_key(run, variant: str) -> str:
     mech["patching"] = variant in mech.pop("patching_variants")
     mech.pop("variants")
     inputs = {"up": run.cfg.section_hash("study", "world", "training", "methods"), "mech": mech}
-    if run.cfg.evaluation.dtype != "fp32":  # (fp32 runs cached before the switch keep their keys)
-        inputs["dtype"] = run.cfg.evaluation.dtype
+    if run.analysis_dtype != "fp32":  # (fp32 runs cached before the switch keep their keys)
+        inputs["dtype"] = run.analysis_dtype
     return unit_key(inputs)
 
 
