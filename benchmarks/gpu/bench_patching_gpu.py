@@ -8,7 +8,9 @@
    copies whose clean activation equals the corrupted one skipped), again with every copy
    recomputed (``skip_unchanged=False``), with TF32 matmuls, and with the model in bf16; those
    are compared with the fp32 TransformerLens grid (tolerance: the max abs difference relative to
-   the largest |value| of the grid, documented, not asserted).
+   the largest |value| of the grid, documented, not asserted). TransformerLens is also timed in
+   TF32 (the GPU default precision, ``interp.devices.analysis_precision``), for a like-for-like
+   speed-up, with its own error against the fp32 grid.
 2. Scaling of ours: time and peak memory over layers × positions × prompts, and a log-linear fit
    ``t = k · L^a · T^b · B^c``. ``patch_layer_pos`` caches the clean and corrupted runs of the
    prompts of one chunk, so its memory grows with the chunk; the largest point is also run in
@@ -78,7 +80,7 @@ def timed_sweep(device, reps, fn):
 
 
 def head_to_head(shape: str, device: str, B: int, T: int, bf16: bool = True, reps: int = 3,
-                 tf32: bool = True, tl: bool = True) -> dict:
+                 tf32: bool = True, tl: bool = True, smoke: bool = False) -> dict:
     hm = arch.hooked(shape, device)
     V = hm.d_vocab
     clean, corr, ca, xa = arch.random_pairs(V, B, T)
@@ -110,16 +112,30 @@ def head_to_head(shape: str, device: str, B: int, T: int, bf16: bool = True, rep
     if tl:
         row["speedup"] = row["tl_s"] / row["ours_s"]
         row["noskip_speedup"] = row["tl_s"] / row["ours_noskip_s"]
-    if tf32 and torch.device(device).type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        try:
+    cuda = torch.device(device).type == "cuda"
+    if tf32 and (cuda or smoke):
+        from interp.devices import analysis_precision
+
+        # TF32 for both (interp's switch: matmuls and cuDNN), so both run in the GPU default
+        # precision; the errors are against the fp32 reference grid. (--small on a CPU runs this
+        # path in fp32, to check the script.)
+        with analysis_precision("tf32" if cuda else "fp32", device):
+            if tl:
+                with Peak(device) as pk:
+                    t = time.perf_counter()
+                    tl_tf32 = tl_sweep(hm, clean, corr, ca, xa).float()
+                    sync(device)
+                    row["tl_tf32_s"] = time.perf_counter() - t
+                d = float((tl_tf32 - ref).abs().max())
+                row.update(tl_tf32_peak_mib=pk.mib, tl_tf32_max_abs_diff_vs_fp32=d,
+                           tl_tf32_rel_diff_vs_grid_max=d / max(grid_max, 1e-12))
             sweep(hm, clean[:2], corr[:2], ca[:2], xa[:2])
             s, mib, got = timed_sweep(device, reps, lambda: sweep(hm, clean, corr, ca, xa))
             d = float((got.float() - ref).abs().max())
             row.update(ours_tf32_s=s, ours_tf32_peak_mib=mib, tf32_max_abs_diff_vs_fp32=d,
                        tf32_rel_diff_vs_grid_max=d / max(grid_max, 1e-12))
-        finally:
-            torch.backends.cuda.matmul.allow_tf32 = False
+            if tl:
+                row["tf32_speedup"] = row["tl_tf32_s"] / s
     if bf16:
         hm.hf_model.to(torch.bfloat16)
         try:
@@ -226,9 +242,10 @@ def main(argv=None) -> dict:
                   (24, 16, 32), (24, 16, 128), (24, 16, 512)]    # prompts
         chunk = a.prompt_chunk
     res = {"benchmark": "bench_patching_gpu", "device": device_name(a.device), "torch": torch.__version__,
-           "head_to_head": [], "scaling": []}
+           "when": f"{time.strftime('%Y-%m-%d')}, one {device_name(a.device)}, torch {torch.__version__}, "
+                   "random-init weights of real shapes", "head_to_head": [], "scaling": []}
     for s in shapes:
-        row = head_to_head(s, a.device, B, T, reps=a.reps, tl=not a.no_tl)
+        row = head_to_head(s, a.device, B, T, reps=a.reps, tl=not a.no_tl, smoke=a.small)
         res["head_to_head"].append(row)
         print(json.dumps(row), flush=True)
     if not a.no_scaling:

@@ -14,6 +14,12 @@ a second copy), fold_static_update, score_examples of ``--n-prompts`` prompts, t
     python benchmarks/gpu/device_smoke.py smoke --out $OUT/smoke.json
     python benchmarks/gpu/device_smoke.py bench --out $OUT/bench8b.json
     python benchmarks/gpu/device_smoke.py smoke --device cpu --shape tiny-shape   # CPU check
+
+``score``: scoring throughput of ``score_examples`` (base; Uniform merge folded and hooked) vs a
+plain transformers loop computing the same answer log-probs, at ``--shapes`` in ``--precisions``.
+
+    python benchmarks/gpu/device_smoke.py score --out $OUT/score.json
+    python benchmarks/gpu/device_smoke.py score --device cpu --shapes tiny-shape --n-prompts 16 --reps 1
 """
 
 from __future__ import annotations
@@ -175,9 +181,123 @@ def bench(a) -> dict:
     return rows
 
 
+def plain_answer_logprobs(model, tok, examples, batch_size: int, device) -> list[float]:
+    """The baseline a user writes with transformers alone: per batch of ``prompt + answer`` ids
+    (right-padded, batched in the order ``score_examples`` uses: by length), the full logits,
+    ``log_softmax``, and the answer tokens' log-probs summed per example (nats)."""
+    P = [tok(e.prompt, add_special_tokens=False)["input_ids"] for e in examples]
+    A = [tok(e.answer, add_special_tokens=False)["input_ids"] for e in examples]
+    order = sorted(range(len(examples)), key=lambda i: len(P[i]) + len(A[i]))
+    out = [0.0] * len(examples)
+    with torch.no_grad():
+        for b in range(0, len(order), batch_size):
+            idx = order[b:b + batch_size]
+            ids = torch.full((len(idx), max(len(P[i]) + len(A[i]) for i in idx)), tok.pad_token_id or 0)
+            rows, cols, gold = [], [], []
+            for j, i in enumerate(idx):
+                ids[j, :len(P[i]) + len(A[i])] = torch.tensor(P[i] + A[i])
+                rows += [j] * len(A[i])
+                cols += range(len(P[i]) - 1, len(P[i]) - 1 + len(A[i]))
+                gold += A[i]
+            logp = model(input_ids=ids.to(device)).logits.float().log_softmax(-1)
+            r = torch.tensor(rows, device=device)
+            lp = logp[r, torch.tensor(cols, device=device), torch.tensor(gold, device=device)]
+            sums = torch.zeros(len(idx), device=device, dtype=lp.dtype).index_add_(0, r, lp)
+            for i, v in zip(idx, sums.tolist()):
+                out[i] = v
+    return out
+
+
+def plain_uniform_merge(hf, adapter_dirs) -> None:
+    """Add the Uniform merge ``ΔW = Σ_e (1/n) · (alpha/r) · B_e A_e`` of peft adapter directories
+    to ``hf``'s weights in place, read straight from the safetensors files (float64 products): an
+    independent path to the merged model, for the baseline and the error check."""
+    from safetensors.torch import load_file
+
+    params = dict(hf.named_parameters())
+    for d in map(Path, adapter_dirs):
+        cfg = json.loads((d / "adapter_config.json").read_text())
+        scale = cfg["lora_alpha"] / cfg["r"] / len(adapter_dirs)
+        t = load_file(str(d / "adapter_model.safetensors"))
+        for k, a in t.items():
+            if ".lora_A." in k:
+                b = t[k.replace(".lora_A.", ".lora_B.")]
+                w = params[k.split("base_model.model.", 1)[1].rsplit(".lora_A.", 1)[0] + ".weight"]
+                w.data += (scale * (b.double() @ a.double())).to(w.device, w.dtype)
+
+
+def score(a) -> dict:
+    """Scoring throughput: ``score_examples`` on the base and on a Uniform merge of two rank-16
+    all-linear adapters (folded, and hooked), vs :func:`plain_answer_logprobs` on a plain
+    transformers model with the same weights (the merge added by :func:`plain_uniform_merge`),
+    in each precision of ``--precisions`` (``auto``: the GPU default, TF32). Median of ``--reps``
+    runs after one warm-up; max |Δ answer log-prob| of ours against the plain loop."""
+    import statistics
+
+    from interp.adapters import fold_static_update, load_hooked
+    from interp.devices import analysis_precision
+    from interp.evaluate import score_examples
+    from interp.models import load_model
+
+    dev = a.device
+    res = {"device": device_name(dev), "torch": torch.__version__,
+           "when": f"{time.strftime('%Y-%m-%d')}, one {device_name(dev)}, torch {torch.__version__}, "
+                   "random-init weights of real shapes", "n_prompts": a.n_prompts, "tokens": 26,
+           "batch_size": a.batch_size, "reps": a.reps, "rank": 16, "targets": "all-linear", "shapes": {}}
+
+    def timed(fn):
+        fn()
+        ts = []
+        for _ in range(a.reps):
+            sync(dev)
+            t = time.perf_counter()
+            out = fn()
+            sync(dev)
+            ts.append(time.perf_counter() - t)
+        return statistics.median(ts), out
+
+    for shape in a.shapes:
+        key = arch.register(shape, dev)  # float32, built on the device
+        ads = _adapters(shape, key, torch.float32, Path(tempfile.mkdtemp(prefix="score-")))
+        V = arch.config(shape).vocab_size
+        exs = [type("Ex", (), {"prompt": p, "answer": ans})() for p, ans in arch.word_examples(V, a.n_prompts, 24, 2)]
+        base = load_model(key, device=dev)
+        hm = load_hooked(key, ads, combine="uniform", device=dev)
+        plain, tok = arch.build(shape, dev)  # the same seeded weights, no interp wrapper
+        merged, _ = arch.build(shape, dev)
+        plain_uniform_merge(merged, list(ads.values()))
+        per: dict = {}
+        for prec in a.precisions:
+            with analysis_precision(prec, dev) as ap:
+                bs = a.batch_size
+                r: dict = {"precision": ap.name}
+                r["ours_base_s"], ob = timed(lambda: score_examples(base, exs, batch_size=bs))
+                r["plain_base_s"], pb = timed(lambda: plain_answer_logprobs(plain, tok, exs, bs, dev))
+                t = time.perf_counter()
+                with fold_static_update(hm) as folded:
+                    sync(dev)
+                    r["fold_s"] = time.perf_counter() - t
+                    r["folded"] = bool(folded)
+                    r["ours_uniform_folded_s"], of = timed(lambda: score_examples(hm, exs, batch_size=bs))
+                r["ours_uniform_hooked_s"], oh = timed(lambda: score_examples(hm, exs, batch_size=bs))
+                r["plain_uniform_s"], pu = timed(lambda: plain_answer_logprobs(merged, tok, exs, bs, dev))
+                for name, ours, ref in (("base", ob, pb), ("uniform_folded", of, pu), ("uniform_hooked", oh, pu)):
+                    r[f"{name}_max_abs_logprob_diff"] = float(max(abs(x - y) for x, y in zip(ours["answer_logprob"], ref)))
+                r["base_ratio"] = r["plain_base_s"] / r["ours_base_s"]  # ours throughput / plain throughput
+                r["uniform_folded_ratio"] = r["plain_uniform_s"] / r["ours_uniform_folded_s"]
+                r["uniform_hooked_ratio"] = r["plain_uniform_s"] / r["ours_uniform_hooked_s"]
+            per[prec] = r
+            print(shape, prec, json.dumps(r), flush=True)
+        res["shapes"][shape] = per
+        del base, hm, plain, merged
+        if dev.startswith("cuda"):
+            torch.cuda.empty_cache()
+    return res
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("what", choices=("smoke", "bench"))
+    ap.add_argument("what", choices=("smoke", "bench", "score"))
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--shape", default=None)
     ap.add_argument("--dtype", default=None)
@@ -186,9 +306,19 @@ def main() -> None:
     ap.add_argument("--patch-prompts", type=int, default=8)
     ap.add_argument("--layers", type=int, default=None, help="smoke: layers of the shape (default all)")
     ap.add_argument("--fold-only", action="store_true", help="bench: only load + fold + scoring (for fp32)")
+    ap.add_argument("--shapes", nargs="+", default=["qwen2.5-0.5b-shape", "qwen2.5-1.5b-shape"], help="score: shapes")
+    ap.add_argument("--precisions", nargs="+", default=["auto", "fp32"], help="score: analysis precisions")
+    ap.add_argument("--batch-size", type=int, default=32, help="score: prompts per forward (the study's default)")
+    ap.add_argument("--reps", type=int, default=5, help="score: timed runs (median)")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     a.combines = a.combines.split(",")
+    if a.what == "score":
+        res = score(a)
+        if a.out:
+            Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(a.out).write_text(json.dumps(res, indent=1))
+        return
     if a.what == "smoke":
         a.shape, a.dtype = a.shape or "llama-3.2-1b-shape", a.dtype or "float32"
         res = smoke(a)
