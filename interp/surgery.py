@@ -15,6 +15,10 @@ here, so a version bump has one place to look (pinned: transformer-lens 4.3.0, t
 - transformers model configs select their attention kernel with ``config._attn_implementation``.
 - A module's ``forward`` is replaced per instance (never on the class) to insert the per-adapter
   hook points; the original bound method is kept by the replacement.
+- A bridge component's hooks live on its ``HookPoint`` children; every bridge component is a
+  ``GeneralizedComponent`` child of the HF module it replaced (``_modules[name]``), so putting
+  ``_original_component`` back in that slot runs the HF module tree as transformers wrote it
+  (:func:`bridge_bypassed`).
 - Bridge components for fused projections (``JointQKVAttentionBridge`` and subclasses,
   ``JointGateUpMLPBridge``) split the fused weight once, at boot, with their ``split_qkv_matrix``
   / ``split_gate_up_matrix`` callable, into plain ``nn.Linear`` copies held as the
@@ -25,8 +29,9 @@ here, so a version bump has one place to look (pinned: transformer-lens 4.3.0, t
 
 from __future__ import annotations
 
+import contextlib
 import types
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -193,3 +198,47 @@ def fused_splits(bridge: Any, select: Callable[[torch.nn.Module], bool] | None =
                 continue
             out.append(FusedSplit(kind, fname, fused, [(n, lin, r) for n, lin, r in zip(names, linears, rows)]))
     return out
+
+
+def bridge_hooks_in_use(bridge: Any) -> bool:
+    """Whether any hook point of ``bridge`` (its own and those interp registered) has a forward or
+    backward hook, or torch has a global module hook: then a forward must go through the bridge."""
+    from torch.nn.modules import module as nn_module
+
+    if any(getattr(nn_module, g, None) for g in ("_global_forward_hooks", "_global_forward_pre_hooks",
+                                                 "_global_backward_hooks", "_global_backward_pre_hooks")):
+        return True
+    return any(hp._forward_hooks or hp._forward_pre_hooks or hp._backward_hooks or hp._backward_pre_hooks
+               for hp in bridge._hook_registry.values())
+
+
+def runs_split_copies(hf_model: torch.nn.Module) -> bool:
+    """Whether a bridge component of ``hf_model`` runs a fused projection as split copies (the HF
+    module tree would call the fused module instead, without interp's per-copy LoRA sites)."""
+    return any(hasattr(m, attr) for m in hf_model.modules() for attr, _, _ in _SPLITTERS)
+
+
+@contextlib.contextmanager
+def bridge_bypassed(hf_model: torch.nn.Module) -> Iterator[int]:
+    """Inside the block, ``hf_model`` runs its own modules, not the ``TransformerBridge``'s
+    wrappers around them: each bridge component is replaced, in its parent's slot, by the HF
+    module it wraps (peft LoRA layers and interp's LoRA sites are those modules or inside them,
+    so adapters still apply). The wrappers' Python work per module (hook points, device
+    alignment) is skipped, which on a GPU is most of a small model's forward; no hook point
+    fires. The components are put back on exit, also on an error. Yields the number replaced.
+
+    Only for callers that checked :func:`bridge_hooks_in_use` and :func:`runs_split_copies`
+    (and, as :func:`interp.evaluate.score_examples` does, that the logits are unchanged).
+    """
+    from transformer_lens.model_bridge.generalized_components.base import GeneralizedComponent
+
+    swaps = [(m, name, c) for m in hf_model.modules() if not isinstance(m, GeneralizedComponent)
+             for name, c in m._modules.items()
+             if isinstance(c, GeneralizedComponent) and c._modules.get("_original_component") is not None]
+    try:
+        for m, name, c in swaps:
+            m._modules[name] = c._modules["_original_component"]
+        yield len(swaps)
+    finally:
+        for m, name, c in reversed(swaps):
+            m._modules[name] = c

@@ -173,3 +173,75 @@ def test_length_sorted_batches_score_each_example_as_alone(tiny_llama):
     alone = pd.concat([score_examples(tiny_llama, [e]) for e in exs], ignore_index=True)
     assert np.allclose(got["answer_logprob"], alone["answer_logprob"], atol=1e-5)
     assert list(got["exact_match"]) == list(alone["exact_match"])
+
+
+def _score_through_the_bridge(monkeypatch, hm, exs, **kw):
+    import interp.evaluate as ev
+
+    with monkeypatch.context() as m:
+        m.setattr(ev, "_bridge_bypass_ok", lambda *a: False)
+        return score_examples(hm, exs, **kw)
+
+
+def _bypass_entries(monkeypatch):
+    """Count the entries into interp.surgery.bridge_bypassed (score_examples imports it per call)."""
+    import interp.surgery as surgery
+
+    entered, real = [], surgery.bridge_bypassed
+
+    @contextlib.contextmanager
+    def spy(model):
+        with real(model) as n:
+            entered.append(n)
+            yield n
+
+    monkeypatch.setattr(surgery, "bridge_bypassed", spy)
+    return entered
+
+
+@pytest.mark.parametrize("combine", [None, "uniform", "uniform_folded", "arrow"])
+def test_scoring_without_the_bridge_wrappers_is_bit_identical(tmp_path, monkeypatch, combine):
+    """After the first batch, scoring runs the transformers modules without the bridge's wrappers
+    (checked bit-identical once per model): every column equals scoring through the bridge, for a
+    base model, a hooked Uniform merge, a folded one and an input-dependent router (Arrow)."""
+    from interp.adapters import fold_static_update, load_hooked, make_random_adapter
+    from interp.models import load_model
+
+    if combine is None:
+        hm = load_model("tiny-llama")
+    else:
+        ads = {n: str(make_random_adapter("tiny-llama", tmp_path / n, r=4, seed=s)) for n, s in (("ab", 1), ("bc", 2))}
+        hm = load_hooked("tiny-llama", ads, combine=combine.removesuffix("_folded"))
+    exs = [Ex(f"The city of K{'e' * (i % 5)}l is in", f" Ar{'o' * (i % 3)}n") for i in range(11)]
+    entered = _bypass_entries(monkeypatch)
+    with fold_static_update(hm) if combine == "uniform_folded" else contextlib.nullcontext():
+        want = _score_through_the_bridge(monkeypatch, hm, exs, batch_size=3)
+        got = score_examples(hm, exs, batch_size=3)
+    assert hm.info["bridge_bypass_exact"] is True
+    assert len(entered) == 2 and entered[-1] > 0  # the exactness check, then batches 2..4
+    pd.testing.assert_frame_equal(got, want)
+    assert type(hm.hf_model.model.layers[0]).__name__ == "BlockBridge"  # the wrappers are back
+
+
+def test_hooks_or_fused_projections_keep_scoring_on_the_bridge(tiny_llama, monkeypatch):
+    """A hook on any hook point fires for every batch (no bypass); a model whose bridge runs a
+    fused projection as split copies (GPT-2) is never bypassed; bridge_bypassed puts the
+    wrappers back on an error."""
+    from interp.models import load_model
+    from interp.surgery import bridge_bypassed, runs_split_copies
+
+    entered = _bypass_entries(monkeypatch)
+    calls = []
+    with tiny_llama.bridge.hooks(fwd_hooks=[("blocks.0.hook_resid_pre", lambda x, hook: calls.append(1))]):
+        score_examples(tiny_llama, [Ex("ab", " c")] * 5, batch_size=2)
+    assert len(calls) == 3 and entered == []
+    gpt2 = load_model("tiny-gpt2")
+    assert runs_split_copies(gpt2.hf_model) and not runs_split_copies(tiny_llama.hf_model)
+    score_examples(gpt2, [Ex("ab", " c")] * 5, batch_size=2)
+    assert entered == [] and "bridge_bypass_exact" not in gpt2.info
+    layers = tiny_llama.hf_model.model.layers
+    with pytest.raises(RuntimeError, match="boom"):
+        with bridge_bypassed(tiny_llama.hf_model) as n:
+            assert n > 0 and type(layers[0]).__name__ == "LlamaDecoderLayer"
+            raise RuntimeError("boom")
+    assert type(layers[0]).__name__ == "BlockBridge"
