@@ -283,6 +283,9 @@ def score(a) -> dict:
                 r["plain_uniform_s"], pu = timed(lambda: plain_answer_logprobs(merged, tok, exs, bs, dev))
                 for name, ours, ref in (("base", ob, pb), ("uniform_folded", of, pu), ("uniform_hooked", oh, pu)):
                     r[f"{name}_max_abs_logprob_diff"] = float(max(abs(x - y) for x, y in zip(ours["answer_logprob"], ref)))
+                # whether score_examples ran the transformers modules without the bridge's wrappers
+                r["bridge_bypassed"] = {"base": base.info.get("bridge_bypass_exact"),
+                                        "uniform": hm.info.get("bridge_bypass_exact")}
                 r["base_ratio"] = r["plain_base_s"] / r["ours_base_s"]  # ours throughput / plain throughput
                 r["uniform_folded_ratio"] = r["plain_uniform_s"] / r["ours_uniform_folded_s"]
                 r["uniform_hooked_ratio"] = r["plain_uniform_s"] / r["ours_uniform_hooked_s"]
