@@ -152,12 +152,13 @@ def score_examples(hm: Any, examples: Sequence[Any], batch_size: int = 16,
     return pd.DataFrame(rows).sort_values("idx", ignore_index=True)
 
 
-def _bridge_bypass_ok(hm: Any, tokens: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
-                      read: torch.Tensor) -> bool:
+def _bridge_bypass_ok(hm: Any, batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None
+                      = None) -> bool | None:
     """Whether scoring may run ``hm``'s transformers modules without the bridge's wrappers
     (:func:`interp.surgery.bridge_bypassed`): no hook set on any hook point, no fused projection
-    run as split copies, and the logits of a real batch (``read``, through the bridge) bit-identical
-    without it — checked once per model, the verdict kept in ``hm.info``."""
+    run as split copies, and the logits of a real batch bit-identical without the wrappers —
+    checked once per model on ``batch = (tokens, rows, cols, logits read through the bridge)``,
+    the verdict kept in ``hm.info``. ``None`` when that check is still to be made and no batch is given."""
     from interp.surgery import bridge_bypassed, bridge_hooks_in_use, runs_split_copies
 
     bridge = getattr(hm, "bridge", None)
@@ -166,6 +167,9 @@ def _bridge_bypass_ok(hm: Any, tokens: torch.Tensor, rows: torch.Tensor, cols: t
     info = getattr(hm, "info", None)
     if isinstance(info, dict) and "bridge_bypass_exact" in info:
         return info["bridge_bypass_exact"]
+    if batch is None:
+        return None
+    tokens, rows, cols, read = batch
     with bridge_bypassed(hm.hf_model):
         ok = bool(torch.equal(logits_at(hm, tokens, rows, cols), read))
     if isinstance(info, dict):
@@ -174,13 +178,16 @@ def _bridge_bypass_ok(hm: Any, tokens: torch.Tensor, rows: torch.Tensor, cols: t
 
 
 def _score_batches(hm, examples, batch_size, route, enc_p, enc_a, order, starts, n_ctx, rows, bypass) -> None:
-    """The batch loop of :func:`score_examples` (rows appended to ``rows``). After the first
-    batch, without a ``route`` and where :func:`_bridge_bypass_ok`, the rest run with the bridge's
-    wrappers bypassed (``bypass``, an ExitStack the caller closes): the same logits, without the
-    wrappers' per-module Python work, which bounds a small model's forward on a GPU."""
+    """The batch loop of :func:`score_examples` (rows appended to ``rows``). Without a ``route``
+    and where :func:`_bridge_bypass_ok` (known from an earlier call, else checked on the first
+    batch), the batches run with the bridge's wrappers bypassed (``bypass``, an ExitStack the
+    caller closes): the same logits, without the wrappers' per-module Python work, which bounds
+    a small model's forward on a GPU."""
     from interp.surgery import bridge_bypassed
 
-    decided = route is not None  # a route's context may add hooks per batch: always the bridge
+    ok = False if route is not None else _bridge_bypass_ok(hm)  # a route's context may add hooks per batch
+    if ok:
+        bypass.enter_context(bridge_bypassed(hm.hf_model))
     for b in starts:
         picked = order[b:b + batch_size]  # example indices of this batch
         batch = [examples[j] for j in picked]
@@ -199,9 +206,9 @@ def _score_batches(hm, examples, batch_size, route, enc_p, enc_a, order, starts,
         tk, r, c = toks.to(hm.device), torch.tensor(rows_), torch.tensor(cols_)
         with _route_ctx(route, batch):
             read = logits_at(hm, tk, r, c)
-        if not decided:
-            decided = True
-            if _bridge_bypass_ok(hm, tk, r, c, read):
+        if ok is None:  # the first batch of a model not checked yet
+            ok = _bridge_bypass_ok(hm, (tk, r, c, read))
+            if ok:
                 bypass.enter_context(bridge_bypassed(hm.hf_model))
         # everything read per example comes to the host in one transfer per batch (on a GPU,
         # per-example reads would be ~5 synchronisations each); sums are taken there, in order

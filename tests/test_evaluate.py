@@ -179,7 +179,7 @@ def _score_through_the_bridge(monkeypatch, hm, exs, **kw):
     import interp.evaluate as ev
 
     with monkeypatch.context() as m:
-        m.setattr(ev, "_bridge_bypass_ok", lambda *a: False)
+        m.setattr(ev, "_bridge_bypass_ok", lambda *a, **k: False)
         return score_examples(hm, exs, **kw)
 
 
@@ -220,6 +220,10 @@ def test_scoring_without_the_bridge_wrappers_is_bit_identical(tmp_path, monkeypa
     assert hm.info["bridge_bypass_exact"] is True
     assert len(entered) == 2 and entered[-1] > 0  # the exactness check, then batches 2..4
     pd.testing.assert_frame_equal(got, want)
+    with fold_static_update(hm) if combine == "uniform_folded" else contextlib.nullcontext():
+        again = score_examples(hm, exs, batch_size=3)  # checked: every batch bypasses the wrappers
+    assert len(entered) == 3
+    pd.testing.assert_frame_equal(again, want)
     assert type(hm.hf_model.model.layers[0]).__name__ == "BlockBridge"  # the wrappers are back
 
 
