@@ -49,6 +49,8 @@ def score_rows(j: dict) -> list[dict]:
                         f"median of {j['reps']} after a warm-up; diff = max |Δ answer log-prob| (nats) vs that loop")
                 if "folded" in model and "hooked" not in model:
                     note += f"; the fold itself {r['fold_s']:.3f} s, once per model"
+                if all((r.get("bridge_bypassed") or {}).values()) and r.get("bridge_bypassed"):
+                    note += "; score_examples ran the transformers modules without the bridge's wrappers (checked bit-identical)"
                 out.append(_row(SCORE, f"score_examples {n} prompts × {j['tokens']} tokens, batch {j['batch_size']}, "
                                 f"{shape} ({prec}), {model}", round(n / r[ours], 1), None, note,
                                 baseline=round(n / r[base], 1), speedup=round(r[ratio], 2), diff=r[diff]))
