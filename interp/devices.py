@@ -95,7 +95,7 @@ def resolve_analysis_dtype(requested: str, device: str | torch.device = "cpu") -
     the cache keys that include it, are the same on every machine of one device type).
 
     ``"auto"``: ``"tf32"`` on CUDA — the weights stay the float32 the user gave, only CUDA
-    matmuls use TF32 (10-bit mantissa inputs, fp32 accumulation): the patching sweep 1.5–4.5×
+    matmuls use TF32 (10-bit mantissa inputs, fp32 accumulation): the patching sweep 1.2–4.9×
     faster than fp32 at the 0.5B–8B shapes on an H200, every grid measured within 1% of its
     fp32 range (README "Precision policy") — and ``"fp32"`` on the CPU, where TF32 does not
     exist. ``"fp32"``, ``"tf32"`` and ``"bf16"`` force that precision.
