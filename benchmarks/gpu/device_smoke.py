@@ -282,7 +282,8 @@ def score(a) -> dict:
                 r["ours_uniform_hooked_s"], oh = timed(lambda: score_examples(hm, exs, batch_size=bs))
                 r["plain_uniform_s"], pu = timed(lambda: plain_answer_logprobs(merged, tok, exs, bs, dev))
                 for name, ours, ref in (("base", ob, pb), ("uniform_folded", of, pu), ("uniform_hooked", oh, pu)):
-                    r[f"{name}_max_abs_logprob_diff"] = float(max(abs(x - y) for x, y in zip(ours["answer_logprob"], ref)))
+                    diffs = (abs(x - y) for x, y in zip(ours["answer_logprob"], ref))
+                    r[f"{name}_max_abs_logprob_diff"] = float(max(diffs))
                 # whether score_examples ran the transformers modules without the bridge's wrappers
                 r["bridge_bypassed"] = {"base": base.info.get("bridge_bypass_exact"),
                                         "uniform": hm.info.get("bridge_bypass_exact")}

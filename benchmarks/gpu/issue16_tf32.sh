@@ -14,7 +14,8 @@ export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 CUDA_VISIBLE_DEVICES=0
 python3 -c "import torch, transformers; print(torch.__version__, transformers.__version__, torch.cuda.get_device_name())"
 t0=$(date +%s)
 step() { echo "== $1 done at $(( $(date +%s) - t0 )) s"; }
-python3 benchmarks/gpu/device_smoke.py score --out "$OUT/score_throughput.json" 2>&1 | grep -v -i warn | tee "$OUT/score.log"
+python3 benchmarks/gpu/device_smoke.py score --n-prompts 1024 --reps 5 --out "$OUT/score_throughput.json" 2>&1 \
+  | grep -v -i warn | tee "$OUT/score.log"
 step score
 python3 benchmarks/gpu/bench_patching_gpu.py --no-scaling --reps 3 --out "$OUT/patching_small_tl.json" 2>&1 \
   | grep -v -i -e warn -e 'it/s' | tee "$OUT/patching_small.log"

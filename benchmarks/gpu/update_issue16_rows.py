@@ -44,8 +44,9 @@ def score_rows(j: dict) -> list[dict]:
                      "plain_uniform_s", "uniform_folded_ratio", "uniform_folded_max_abs_logprob_diff", True),
                     (f"Uniform of 2 r={j['rank']} all-linear adapters, hooked (not folded)", "ours_uniform_hooked_s",
                      "plain_uniform_s", "uniform_hooked_ratio", "uniform_hooked_max_abs_logprob_diff", False)):
+                merge = " + the merge added from the adapter files" if model != "base" else ""
                 note = (f"{j['when']}; baseline: a plain transformers loop (full logits, log_softmax, answer tokens' "
-                        f"log-probs summed) on a model with the same weights{' + the merge added from the adapter files' if model != 'base' else ''}; "
+                        f"log-probs summed) on a model with the same weights{merge}; "
                         f"median of {j['reps']} after a warm-up; diff = max |Δ answer log-prob| (nats) vs that loop")
                 if "folded" in model and "hooked" not in model:
                     note += f"; the fold itself {r['fold_s']:.3f} s, once per model"
