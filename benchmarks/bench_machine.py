@@ -7,6 +7,9 @@
 2. Threads under contention: a SmolLM2 forward (16 prompts x 32 tokens, fp32) with 1 and with 2
    torch threads, on a quiet machine and beside one busy process (a Python spin loop), the setting
    ``interp.hardware.free_cores`` guards against.
+3. Two processes or one: study training throughput (steps a second over the whole machine) of one
+   process with 2 torch threads against two concurrent 1-thread processes (what
+   ``torchrun --nproc_per_node 2`` with one thread each would give the experts step), per precision.
 
 Every row carries the CPU model, torch's capability string and the bf16 flags, so a figure says
 which processor it came from.
@@ -83,6 +86,33 @@ def forward_seconds(model: str, threads: int, busy: bool, reps: int) -> float:
     return float(out.strip().splitlines()[-1])
 
 
+_TRAIN = """
+import statistics, sys, tempfile, time, torch
+torch.set_num_threads(int(sys.argv[3]))
+from interp.adapters.recipe import TrainConfig
+from interp.adapters.train import train_expert
+from interp.tasks.two_hop import make_world
+pairs = make_world(seed=0, n_chains_per_tier=16).train_pairs("d1")
+steps, warmup = int(sys.argv[4]), 2
+cfg = TrainConfig(max_steps=warmup + steps, precision=sys.argv[2], checkpoint_every=0)
+ends = []
+with tempfile.TemporaryDirectory(prefix="bench-machine-") as tmp:
+    train_expert(sys.argv[1], pairs, tmp + "/e", cfg, progress=False, callback=lambda s, l: ends.append(time.perf_counter()))
+print(statistics.median(b - a for a, b in zip(ends[warmup - 1:-1], ends[warmup:])))
+"""
+
+
+def train_throughput(model: str, precision: str, processes: int, threads: int, steps: int) -> float:
+    """Optimiser steps a second summed over ``processes`` concurrent training processes with
+    ``threads`` torch threads each (median step time of each process after a warm-up)."""
+    procs = [subprocess.Popen([sys.executable, "-c", _TRAIN, model, precision, str(threads), str(steps)],
+                              stdout=subprocess.PIPE, text=True, cwd=HERE.parent) for _ in range(processes)]
+    outs = [p.communicate()[0] for p in procs]
+    if any(p.returncode for p in procs):
+        raise RuntimeError(f"a training process failed: {[p.returncode for p in procs]}")
+    return sum(1.0 / float(o.strip().splitlines()[-1]) for o in outs)
+
+
 def main(argv=None) -> dict:
     from interp.hardware import choose_precision, cpu_description
 
@@ -112,6 +142,13 @@ def main(argv=None) -> dict:
                      "two_over_one": fwd[(2, busy)] / fwd[(1, busy)]})
         print(f"forward 16x32 {'busy neighbour' if busy else 'quiet'}: 1 thread {fwd[(1, busy)]:.3f} s, "
               f"2 threads {fwd[(2, busy)]:.3f} s", flush=True)
+    for prec in ("fp32", "bf16"):
+        one = train_throughput(model, prec, 1, 2, steps)
+        two = train_throughput(model, prec, 2, 1, steps)
+        rows.append({"benchmark": "training processes", "model": model, "case": f"{prec}, study recipe, batch 16",
+                     "one_2thread_steps_per_s": one, "two_1thread_steps_per_s": two, "two_over_one": two / one})
+        print(f"training {prec}: one 2-thread process {one:.3f} steps/s, two 1-thread processes {two:.3f} steps/s "
+              f"({two / one:.2f}x)", flush=True)
     return save_json({"benchmark": "bench_machine", "cpu": cpu, "torch": torch.__version__, "rows": rows}, a.out)
 
 

@@ -10,7 +10,7 @@ identically.
 
 Threads: OpenMP threads wait for each other at every parallel region, so a 2-thread torch process
 next to one other busy process on 2 cores runs far slower than a 1-thread one (measured in
-``benchmarks/bench_threads.py``). :func:`default_threads` therefore counts the cores that are
+``benchmarks/bench_machine.py``). :func:`default_threads` therefore counts the cores that are
 *free* (the process's CPU affinity minus the cores other processes keep busy), at least 1.
 """
 

@@ -231,7 +231,7 @@ def score(a) -> dict:
     all-linear adapters (folded, and hooked), vs :func:`plain_answer_logprobs` on a plain
     transformers model with the same weights (the merge added by :func:`plain_uniform_merge`),
     in each precision of ``--precisions`` (``auto``: the GPU default, TF32). Median of ``--reps``
-    runs after one warm-up; max |Δ answer log-prob| of ours against the plain loop."""
+    runs after one warm-up, ours and the plain loop timed alternately; max |Δ answer log-prob| of ours against the plain loop."""
     import statistics
 
     from interp.adapters import fold_static_update, load_hooked
@@ -245,16 +245,24 @@ def score(a) -> dict:
                    "random-init weights of real shapes", "n_prompts": a.n_prompts, "tokens": 26,
            "batch_size": a.batch_size, "reps": a.reps, "rank": 16, "targets": "all-linear", "shapes": {}}
 
-    def timed(fn):
-        fn()
-        ts = []
+    def once(fn):
+        sync(dev)
+        t = time.perf_counter()
+        out = fn()
+        sync(dev)
+        return time.perf_counter() - t, out
+
+    def paired(fn_ours, fn_plain):
+        """Medians of ours and the plain loop, timed alternately (ours, plain, ours, ...) after a
+        warm-up of each, so a drift of the machine (clocks, allocator) falls on both alike."""
+        fn_ours(), fn_plain()
+        ts: dict = {0: [], 1: []}
+        outs: dict = {}
         for _ in range(a.reps):
-            sync(dev)
-            t = time.perf_counter()
-            out = fn()
-            sync(dev)
-            ts.append(time.perf_counter() - t)
-        return statistics.median(ts), out
+            for i, fn in enumerate((fn_ours, fn_plain)):
+                t, outs[i] = once(fn)
+                ts[i].append(t)
+        return statistics.median(ts[0]), outs[0], statistics.median(ts[1]), outs[1]
 
     for shape in a.shapes:
         key = arch.register(shape, dev)  # float32, built on the device
@@ -271,16 +279,17 @@ def score(a) -> dict:
             with analysis_precision(prec, dev) as ap:
                 bs = a.batch_size
                 r: dict = {"precision": ap.name}
-                r["ours_base_s"], ob = timed(lambda: score_examples(base, exs, batch_size=bs))
-                r["plain_base_s"], pb = timed(lambda: plain_answer_logprobs(plain, tok, exs, bs, dev))
+                r["ours_base_s"], ob, r["plain_base_s"], pb = paired(
+                    lambda: score_examples(base, exs, batch_size=bs), lambda: plain_answer_logprobs(plain, tok, exs, bs, dev))
                 t = time.perf_counter()
                 with fold_static_update(hm) as folded:
                     sync(dev)
                     r["fold_s"] = time.perf_counter() - t
                     r["folded"] = bool(folded)
-                    r["ours_uniform_folded_s"], of = timed(lambda: score_examples(hm, exs, batch_size=bs))
-                r["ours_uniform_hooked_s"], oh = timed(lambda: score_examples(hm, exs, batch_size=bs))
-                r["plain_uniform_s"], pu = timed(lambda: plain_answer_logprobs(merged, tok, exs, bs, dev))
+                    r["ours_uniform_folded_s"], of, r["plain_uniform_s"], pu = paired(
+                        lambda: score_examples(hm, exs, batch_size=bs),
+                        lambda: plain_answer_logprobs(merged, tok, exs, bs, dev))
+                r["ours_uniform_hooked_s"], oh, _, _ = paired(lambda: score_examples(hm, exs, batch_size=bs), lambda: None)
                 for name, ours, ref in (("base", ob, pb), ("uniform_folded", of, pu), ("uniform_hooked", oh, pu)):
                     diffs = (abs(x - y) for x, y in zip(ours["answer_logprob"], ref))
                     r[f"{name}_max_abs_logprob_diff"] = float(max(diffs))
