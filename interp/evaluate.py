@@ -290,9 +290,7 @@ def greedy_answers(hm: Any, examples: Sequence[Any], max_new_tokens: int = 8,
     positions from its own first real token), so every row decodes as it would alone; after the
     prompt pass each step feeds one token per row and reads only the last position's logits.
     Runs the transformers model the bridge wraps (same modules, LoRA layers and routers
-    included; its logits equal the bridge's); without the bridge's wrappers when
-    :func:`score_examples` already found ``hm``'s logits bit-identical that way and no ``route``
-    or hook is in play. Used for explicit chaining
+    included; its logits equal the bridge's). Used for explicit chaining
     (``tasks.two_hop.chaining_prompts``).
 
     Args:
@@ -313,24 +311,11 @@ def greedy_answers(hm: Any, examples: Sequence[Any], max_new_tokens: int = 8,
         raise EvaluationError("greedy_answers got an empty list of examples")
     if max_new_tokens < 1:
         raise EvaluationError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    eos = hm.tokenizer.eos_token_id
+    dev = hm.device
     enc = [_encode(hm, e if isinstance(e, str) else e.prompt, "prompt") for e in examples]
     order = _by_length([len(r) for r in enc], route)
     out: list[str] = [""] * len(examples)
-    with contextlib.ExitStack() as bypass:
-        # a model score_examples found bit-identical without the bridge's wrappers decodes without
-        # them too (no route: its context may add hooks per batch); never checked here: no bypass
-        if route is None and _bridge_bypass_ok(hm) is True:
-            from interp.surgery import bridge_bypassed
-
-            bypass.enter_context(bridge_bypassed(hm.hf_model))
-        _decode_batches(hm, examples, enc, order, batch_size, route, max_new_tokens, stop_at_eos, out)
-    return out
-
-
-def _decode_batches(hm, examples, enc, order, batch_size, route, max_new_tokens, stop_at_eos, out) -> None:
-    """The batch loop of :func:`greedy_answers` (decoded texts written into ``out``)."""
-    eos = hm.tokenizer.eos_token_id
-    dev = hm.device
     for b in range(0, len(examples), batch_size):
         rows = order[b:b + batch_size]
         batch = [examples[j] for j in rows]
@@ -366,3 +351,4 @@ def _decode_batches(hm, examples, enc, order, batch_size, route, max_new_tokens,
                                   past_key_values=res.past_key_values, use_cache=True, logits_to_keep=1)
         for j, r in zip(rows, new):
             out[j] = hm.tokenizer.decode(r)
+    return out

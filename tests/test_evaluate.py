@@ -227,35 +227,6 @@ def test_scoring_without_the_bridge_wrappers_is_bit_identical(tmp_path, monkeypa
     assert type(hm.hf_model.model.layers[0]).__name__ == "BlockBridge"  # the wrappers are back
 
 
-@pytest.mark.parametrize("combine", [None, "uniform_folded", "arrow"])
-def test_greedy_decoding_without_the_bridge_wrappers_is_identical(tmp_path, monkeypatch, combine):
-    """Once score_examples has checked a model bit-identical without the bridge's wrappers,
-    greedy_answers decodes without them: the same continuations as through the bridge; before
-    that check, and with a route, it stays on the bridge."""
-    from interp.adapters import fold_static_update, load_hooked, make_random_adapter
-    from interp.models import load_model
-
-    if combine is None:
-        hm = load_model("tiny-llama")
-    else:
-        ads = {n: str(make_random_adapter("tiny-llama", tmp_path / n, r=4, seed=s)) for n, s in (("ab", 1), ("bc", 2))}
-        hm = load_hooked("tiny-llama", ads, combine=combine.removesuffix("_folded"))
-    prompts = [f"The city of K{'e' * (i % 5)}l is in" for i in range(7)]
-    entered = _bypass_entries(monkeypatch)
-    with fold_static_update(hm) if combine == "uniform_folded" else contextlib.nullcontext():
-        want = greedy_answers(hm, prompts, max_new_tokens=4, batch_size=3, stop_at_eos=False)
-        assert entered == []  # not checked yet: through the bridge
-        score_examples(hm, [Ex(p, " a") for p in prompts], batch_size=3)
-        assert hm.info["bridge_bypass_exact"] is True
-        n = len(entered)
-        got = greedy_answers(hm, prompts, max_new_tokens=4, batch_size=3, stop_at_eos=False)
-        assert len(entered) == n + 1 and got == want
-        routed = greedy_answers(hm, prompts, max_new_tokens=4, batch_size=3, stop_at_eos=False,
-                                route=lambda batch: contextlib.nullcontext())
-        assert len(entered) == n + 1 and routed == want
-    assert type(hm.hf_model.model.layers[0]).__name__ == "BlockBridge"
-
-
 def test_hooks_or_fused_projections_keep_scoring_on_the_bridge(tiny_llama, monkeypatch):
     """A hook on any hook point fires for every batch (no bypass); a model whose bridge runs a
     fused projection as split copies (GPT-2) is never bypassed; bridge_bypassed puts the
