@@ -165,7 +165,8 @@ def _bridge_bypass_ok(hm: Any, batch: tuple[torch.Tensor, torch.Tensor, torch.Te
     if bridge is None or bridge_hooks_in_use(bridge) or runs_split_copies(hm.hf_model):
         return False
     info = getattr(hm, "info", None)
-    if isinstance(info, dict) and "bridge_bypass_exact" in info:
+    state = _bypass_state(hm)
+    if isinstance(info, dict) and "bridge_bypass_exact" in info and info.get("bridge_bypass_state") == state:
         return info["bridge_bypass_exact"]
     if batch is None:
         return None
@@ -173,8 +174,21 @@ def _bridge_bypass_ok(hm: Any, batch: tuple[torch.Tensor, torch.Tensor, torch.Te
     with bridge_bypassed(hm.hf_model):
         ok = bool(torch.equal(logits_at(hm, tokens, rows, cols), read))
     if isinstance(info, dict):
-        info["bridge_bypass_exact"] = ok
+        info.update(bridge_bypass_exact=ok, bridge_bypass_state=state)
     return ok
+
+
+def _bypass_state(hm: Any) -> int:
+    """What the bypass verdict was checked under: the module tree (which modules, where), the
+    attention kernel and the bridge's config flags (``set_use_attn_result`` and kin change how
+    its components compute). A verdict checked under another state is checked again."""
+    cfg = getattr(hm.bridge, "cfg", None)
+    flags = sorted((k, v) for k, v in vars(cfg).items() if isinstance(v, (bool, int, float, str, type(None)))) \
+        if cfg is not None and hasattr(cfg, "__dict__") else []
+    from interp.surgery import attention_kernels
+
+    tree = [(n, id(m)) for n, m in hm.hf_model.named_modules()]
+    return hash((tuple(flags), attention_kernels(hm.hf_model), tuple(tree)))
 
 
 def _score_batches(hm, examples, batch_size, route, enc_p, enc_a, order, starts, n_ctx, rows, bypass) -> None:

@@ -89,6 +89,12 @@ def use_eager_attention(config: Any) -> Any:
     return config
 
 
+def attention_kernels(model: torch.nn.Module) -> tuple[str, ...]:
+    """The attention kernels (``config._attn_implementation``) the modules of ``model`` select, sorted."""
+    return tuple(sorted({str(getattr(m.config, "_attn_implementation", None))
+                         for m in model.modules() if getattr(m, "config", None) is not None}))
+
+
 def unembed_linear(bridge: Any) -> torch.nn.Linear | None:
     """The bridge's unembedding as a plain ``nn.Linear`` (``W_U`` rows readable directly), or
     ``None`` when it is anything else (e.g. a LoRA layer on ``lm_head``)."""
@@ -200,16 +206,30 @@ def fused_splits(bridge: Any, select: Callable[[torch.nn.Module], bool] | None =
     return out
 
 
+def _has_hooks(m: torch.nn.Module, own: str | None = None) -> bool:
+    """Whether ``m`` has a torch forward/backward hook (not counting those defined in the module
+    ``own`` or below it)."""
+    hooks = [*m._forward_hooks.values(), *m._forward_pre_hooks.values(), *m._backward_hooks.values(),
+             *m._backward_pre_hooks.values()]
+    return any(own is None or not str(getattr(h, "__module__", "")).startswith(own) for h in hooks)
+
+
 def bridge_hooks_in_use(bridge: Any) -> bool:
-    """Whether any hook point of ``bridge`` (its own and those interp registered) has a forward or
-    backward hook, or torch has a global module hook: then a forward must go through the bridge."""
+    """Whether any hook point of ``bridge`` (its own and those interp registered) or any bridge
+    component itself (a torch hook registered on ``bridge.blocks[0]``, which is also the module in
+    the HF model's slot) has a forward or backward hook, or torch has a global module hook: then a
+    forward must go through the bridge (:func:`bridge_bypassed` would skip those hooks). Torch hooks
+    that TransformerLens wires on its own components (``BlockBridge``'s capture hooks feeding
+    ``hook_resid_mid`` and kin, defined in ``transformer_lens``) are its own work, not counted."""
     from torch.nn.modules import module as nn_module
+    from transformer_lens.model_bridge.generalized_components.base import GeneralizedComponent
 
     if any(getattr(nn_module, g, None) for g in ("_global_forward_hooks", "_global_forward_pre_hooks",
                                                  "_global_backward_hooks", "_global_backward_pre_hooks")):
         return True
-    return any(hp._forward_hooks or hp._forward_pre_hooks or hp._backward_hooks or hp._backward_pre_hooks
-               for hp in bridge._hook_registry.values())
+    return (any(_has_hooks(hp) for hp in bridge._hook_registry.values())
+            or any(_has_hooks(m, own="transformer_lens.") for m in bridge.modules()
+                   if isinstance(m, GeneralizedComponent)))
 
 
 def runs_split_copies(hf_model: torch.nn.Module) -> bool:

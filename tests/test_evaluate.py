@@ -249,3 +249,46 @@ def test_hooks_or_fused_projections_keep_scoring_on_the_bridge(tiny_llama, monke
             assert n > 0 and type(layers[0]).__name__ == "LlamaDecoderLayer"
             raise RuntimeError("boom")
     assert type(layers[0]).__name__ == "BlockBridge"
+
+
+def test_torch_hooks_on_bridge_components_keep_scoring_on_the_bridge(monkeypatch):
+    """A plain torch hook on a bridge component (``bridge.blocks[0]``, also the module in the HF
+    model's slot) is not a hook point, yet the bypass would skip it: set after the verdict was
+    cached, it must still fire and change the scores, as through the bridge."""
+    from interp.models import load_model
+
+    hm = load_model("tiny-llama")
+    exs = [Ex(f"The city of K{'e' * (i % 5)}l is in", f" Ar{'o' * (i % 3)}n") for i in range(7)]
+    before = score_examples(hm, exs, batch_size=3)
+    assert hm.info["bridge_bypass_exact"] is True
+    entered = _bypass_entries(monkeypatch)
+    for register in (lambda f: hm.bridge.blocks[0].register_forward_hook(lambda m, i, o: f(o)),
+                     lambda f: hm.bridge.blocks[1].mlp.register_forward_pre_hook(lambda m, a: (f(a[0]), *a[1:]))):
+        zero = (lambda x: (x[0] * 0, *x[1:]) if isinstance(x, tuple) else x * 0)
+        handle = register(zero)
+        try:
+            want = _score_through_the_bridge(monkeypatch, hm, exs, batch_size=3)
+            got = score_examples(hm, exs, batch_size=3)
+        finally:
+            handle.remove()
+        assert not want["answer_logprob"].equals(before["answer_logprob"])  # the hook matters
+        pd.testing.assert_frame_equal(got, want)
+    assert entered == []
+
+
+def test_a_bypass_verdict_is_checked_again_when_the_bridge_computes_differently(monkeypatch):
+    """The cached verdict belongs to how the model computed when it was checked: after
+    ``set_use_attn_result`` (the bridge sums per-head results) or another attention kernel, the
+    bypassed scores must still equal the bridge's, bit for bit."""
+    from interp.models import load_model
+
+    exs = [Ex(f"The city of K{'e' * (i % 5)}l is in", f" Ar{'o' * (i % 3)}n") for i in range(7)]
+    for change in (lambda hm: hm.bridge.set_use_attn_result(True),
+                   lambda hm: setattr(hm.hf_model.config, "_attn_implementation", "sdpa")):
+        hm = load_model("tiny-llama")
+        score_examples(hm, exs, batch_size=3)
+        assert hm.info["bridge_bypass_exact"] is True
+        change(hm)
+        got = score_examples(hm, exs, batch_size=3)
+        want = _score_through_the_bridge(monkeypatch, hm, exs, batch_size=3)
+        pd.testing.assert_frame_equal(got, want, check_exact=True)
