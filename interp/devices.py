@@ -129,7 +129,8 @@ class analysis_precision:
     ``"tf32"`` turns on TF32 for CUDA matmuls and cuDNN (``torch.backends.cuda.matmul.allow_tf32``,
     ``torch.backends.cudnn.allow_tf32``); ``"fp32"`` turns it off (torch's own default for matmuls)
     and ``"bf16"`` leaves it off (bf16 weights use bf16 kernels). The previous flags are restored
-    on exit, so a study's training step is never affected by its analyses' setting.
+    on exit, so a study's training step is never affected by its analyses' setting, also where the
+    caller set them with torch's per-backend ``fp32_precision`` API (:func:`_tf32_state`).
 
     Attributes:
         name: the resolved precision (``"fp32"``, ``"tf32"`` or ``"bf16"``).
@@ -143,11 +144,31 @@ class analysis_precision:
         self.name = resolve_analysis_dtype(name, device).dtype
 
     def __enter__(self) -> "analysis_precision":
-        self._saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+        self._saved = _tf32_state()
         on = self.name == "tf32"
         torch.backends.cuda.matmul.allow_tf32 = on
         torch.backends.cudnn.allow_tf32 = on
         return self
 
     def __exit__(self, *exc) -> None:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = self._saved
+        _set_tf32_state(self._saved)
+
+
+def _tf32_state() -> tuple[str, tuple]:
+    """The caller's TF32 setting, in the API it was made with: torch's legacy ``allow_tf32`` flags,
+    or, where reading those raises (torch >= 2.9 after a caller used its per-backend
+    ``fp32_precision`` settings: "a mix of the legacy and new APIs"), those settings."""
+    b = torch.backends
+    try:
+        return "legacy", (b.cuda.matmul.allow_tf32, b.cudnn.allow_tf32)
+    except RuntimeError:
+        return "new", (b.cuda.matmul.fp32_precision, b.cudnn.conv.fp32_precision, b.cudnn.rnn.fp32_precision)
+
+
+def _set_tf32_state(state: tuple[str, tuple]) -> None:
+    b = torch.backends
+    api, v = state
+    if api == "legacy":
+        b.cuda.matmul.allow_tf32, b.cudnn.allow_tf32 = v
+    else:
+        b.cuda.matmul.fp32_precision, b.cudnn.conv.fp32_precision, b.cudnn.rnn.fp32_precision = v

@@ -161,6 +161,33 @@ def test_analysis_precision_sets_and_restores_tf32_flags():
     assert ANALYSIS_DTYPES["bf16"] is torch.bfloat16 and ANALYSIS_DTYPES["tf32"] is torch.float32
 
 
+def test_analysis_precision_after_torch_new_tf32_api():
+    """TF32 set with torch's per-backend API (``torch.backends.cuda.matmul.fp32_precision``, the one
+    torch recommends since 2.9) leaves its legacy ``allow_tf32`` flags unreadable (torch raises on
+    a "mix of the legacy and new APIs"): analysis_precision must still set fp32/tf32 and restore
+    the caller's setting exactly."""
+    b = torch.backends
+    state = lambda: (b.fp32_precision, b.cuda.matmul.fp32_precision, b.cudnn.conv.fp32_precision,  # noqa: E731
+                     b.cudnn.rnn.fp32_precision)
+    saved = state()
+    try:
+        for user in ({"matmul": "tf32"}, {"global": "tf32"}):
+            if "matmul" in user:
+                b.cuda.matmul.fp32_precision = user["matmul"]
+            else:
+                b.fp32_precision = user["global"]
+            before = state()
+            with analysis_precision("fp32", "cuda"):
+                assert b.cuda.matmul.fp32_precision == "ieee"
+            assert state() == before
+            with analysis_precision("tf32", "cuda"):
+                assert b.cuda.matmul.fp32_precision == "tf32"
+            assert state() == before
+            b.fp32_precision, b.cuda.matmul.fp32_precision, b.cudnn.conv.fp32_precision, b.cudnn.rnn.fp32_precision = saved
+    finally:
+        b.fp32_precision, b.cuda.matmul.fp32_precision, b.cudnn.conv.fp32_precision, b.cudnn.rnn.fp32_precision = saved
+
+
 def test_run_loads_models_in_the_analysis_dtype(tmp_path):
     """evaluation.dtype = bf16: the base and every variant in bf16; a float32 request (the world
     step's familiarity checks) replaces the base; a bf16 variant agrees with fp32 to bf16 rounding."""
