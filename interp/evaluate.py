@@ -182,11 +182,11 @@ def _bypass_state(hm: Any) -> int:
     """What the bypass verdict was checked under: the module tree (which modules, where), the
     attention kernel and the bridge's config flags (``set_use_attn_result`` and kin change how
     its components compute). A verdict checked under another state is checked again."""
+    from interp.surgery import attention_kernels
+
     cfg = getattr(hm.bridge, "cfg", None)
     flags = sorted((k, v) for k, v in vars(cfg).items() if isinstance(v, (bool, int, float, str, type(None)))) \
         if cfg is not None and hasattr(cfg, "__dict__") else []
-    from interp.surgery import attention_kernels
-
     tree = [(n, id(m)) for n, m in hm.hf_model.named_modules()]
     return hash((tuple(flags), attention_kernels(hm.hf_model), tuple(tree)))
 

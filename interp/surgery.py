@@ -18,7 +18,9 @@ here, so a version bump has one place to look (pinned: transformer-lens 4.3.0, t
 - A bridge component's hooks live on its ``HookPoint`` children; every bridge component is a
   ``GeneralizedComponent`` child of the HF module it replaced (``_modules[name]``), so putting
   ``_original_component`` back in that slot runs the HF module tree as transformers wrote it
-  (:func:`bridge_bypassed`).
+  (:func:`bridge_bypassed`). TransformerLens wires torch hooks of its own on some components
+  (``BlockBridge``'s capture hooks, functions defined in ``transformer_lens``); any other torch
+  hook on a component is a caller's and keeps a forward on the bridge (:func:`bridge_hooks_in_use`).
 - Bridge components for fused projections (``JointQKVAttentionBridge`` and subclasses,
   ``JointGateUpMLPBridge``) split the fused weight once, at boot, with their ``split_qkv_matrix``
   / ``split_gate_up_matrix`` callable, into plain ``nn.Linear`` copies held as the
