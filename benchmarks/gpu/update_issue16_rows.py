@@ -21,6 +21,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 import run_all  # noqa: E402
+from gpu.profile_study import stage_table  # noqa: E402  (one table, as the profile prints it)
 
 MECH, MERGE, PATCH8B, PATCH, SCORE = "mechanisms 8B", "merge on GPU", "patching 8B", "patching", "scoring"
 WHEN = "2026-12-02, one NVIDIA H200, torch 2.11.0+cu130, random-init weights of real shapes"
@@ -123,20 +124,6 @@ def _step_table(j: dict) -> list[str]:
     return lines
 
 
-def _stage_table(stages: dict) -> list[str]:
-    """``step | stage | seconds summed over units | units | slowest unit`` from run.json's ``stages``."""
-    lines = ["| step | stage | seconds, sum over units | units | slowest unit (s) |", "|---|---|---|---|---|"]
-    for step, units in stages.items():
-        per: dict[str, list] = {}
-        for unit, st in units.items():
-            for name, sec in st.items():
-                per.setdefault(name, []).append((sec, unit))
-        for name, xs in per.items():
-            top = max(xs)
-            lines.append(f"| {step} | {name} | {sum(x for x, _ in xs):.1f} | {len(xs)} | {top[1]} ({top[0]:.1f}) |")
-    return lines
-
-
 CONFIG_TEXT = ("the default config (`experiments/two_hop.toml`, full size: 64 chains per tier, 5 experts of "
                "60–310 steps, 13 variants) with familiarity checks off, `study.device = \"cuda\"`, model: "
                "**random-init** Qwen2.5-1.5B shape (28 layers, d_model 1536, d_mlp 8960, vocabulary 151,936) with "
@@ -166,7 +153,7 @@ def profile_section(src: Path) -> dict | None:
         if k.get("stages"):
             md += ("\nStages (run.json `stages`; CUDA synchronised at the end of each; seconds of every process "
                    "summed, so a step's stages add up to more than its wall time when processes share it):\n\n"
-                   + "\n".join(_stage_table(k["stages"])) + "\n")
+                   + stage_table(k["stages"]))
         tp = k.get("train_profile")
         if tp:
             md += (f"\nTraining profile, one process alone (`--profile-train {tp['steps']}`, `torch.profiler`, the D₁ "
