@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -256,6 +256,71 @@ def separation_figure(sep: pd.DataFrame, title: str = "AUC by layer (95% CI)",
     fig.update_xaxes(title_text="layer")
     _integer_ticks(fig, "x", d["layer"])
     fig.update_layout(title=title, height=560)
+    return fig
+
+
+def seeds_accuracy_figure(over: pd.DataFrame, metric: str, hops: Sequence[str], facet: str = "test_set",
+                          order: Sequence[str] | None = None, title: str | None = None) -> go.Figure:
+    """Accuracy over seeds: per method a bar at the mean over seeds, whiskers from the lowest to
+    the highest seed, and one marker per seed (hover: that seed's Wilson 95% interval).
+
+    Args:
+        over: :func:`interp.study.seeds.accuracy_over_seeds` rows (key columns ``method``,
+            ``hop``, ``metric``, ``facet``; ``mean, min, max``; ``accuracy_seed_S``,
+            ``ci_low_seed_S``, ``ci_high_seed_S`` per seed S). Accuracies are fractions.
+        metric: which accuracy (``first_token`` or ``exact``).
+        hops: one facet row per query kind, in this order (``two_hop``, ``hop1``... or
+            ``composed``, ``skill_a``...); kinds absent from ``over`` are skipped.
+        facet: the column of the facet columns (familiarity tier ``test_set``, or ``condition``).
+        order: method order on the x axis (default: first appearance).
+
+    Raises:
+        FigureError: missing columns, no per-seed columns, or no rows for ``metric`` and ``hops``.
+    """
+    from plotly.subplots import make_subplots
+
+    _require(over, ["method", "hop", "metric", facet, "mean", "min", "max"], "seeds_accuracy_figure")
+    seeds = sorted(int(c.rsplit("_", 1)[1]) for c in over.columns if c.startswith("accuracy_seed_"))
+    if not seeds:
+        raise FigureError("seeds_accuracy_figure: no accuracy_seed_S columns")
+    d = over[(over["metric"] == metric) & over["hop"].isin(list(hops))]
+    if d.empty:
+        raise FigureError(f"seeds_accuracy_figure: no rows for metric={metric!r}, hops={list(hops)}")
+    rows = [h for h in hops if (d["hop"] == h).any()]
+    cols = sorted(d[facet].dropna().astype(str).unique())
+    methods = [m for m in (order or dict.fromkeys(d["method"])) if m in set(d["method"])]
+    fig = make_subplots(rows=len(rows), cols=len(cols), shared_xaxes=True, shared_yaxes=True,
+                        subplot_titles=[f"{h} · {c}" for h in rows for c in cols],
+                        vertical_spacing=min(0.12, 0.35 / len(rows)), horizontal_spacing=0.03)
+    symbols = ["circle", "diamond", "square", "triangle-up", "x", "star", "cross", "pentagon"]
+    for i, h in enumerate(rows):
+        for j, c in enumerate(cols):
+            sub = d[(d["hop"] == h) & (d[facet].astype(str) == c)].drop_duplicates("method").set_index("method")
+            sub = sub.reindex([m for m in methods if m in sub.index])
+            first = i == 0 and j == 0
+            fig.add_trace(go.Bar(
+                x=list(sub.index), y=sub["mean"], marker_color="#c9d4e8", name="mean over seeds (whiskers: min–max)",
+                legendgroup="mean", showlegend=first,
+                error_y=dict(type="data", symmetric=False, array=sub["max"] - sub["mean"],
+                             arrayminus=sub["mean"] - sub["min"], thickness=1.2, width=4, color="#555"),
+                hovertemplate="%{x}: mean %{y:.3f}<extra></extra>"), row=i + 1, col=j + 1)
+            for k, s in enumerate(seeds):
+                lo, hi = sub.get(f"ci_low_seed_{s}"), sub.get(f"ci_high_seed_{s}")
+                custom = np.stack([lo, hi], axis=-1) if lo is not None and hi is not None else None
+                fig.add_trace(go.Scatter(
+                    x=list(sub.index), y=sub[f"accuracy_seed_{s}"], mode="markers", name=f"seed {s}",
+                    legendgroup=f"seed {s}", showlegend=first, customdata=custom,
+                    marker=dict(symbol=symbols[k % len(symbols)], size=8, color=PALETTE[k % len(PALETTE)],
+                                line=dict(width=0.5, color="white")),
+                    hovertemplate=f"%{{x}}, seed {s}: %{{y:.3f}}"
+                                  + (" (Wilson 95%: %{customdata[0]:.3f}–%{customdata[1]:.3f})" if custom is not None
+                                     else "") + "<extra></extra>"), row=i + 1, col=j + 1)
+    fig.update_yaxes(range=[0, 1.05])
+    for i in range(len(rows)):
+        fig.update_yaxes(title_text="accuracy", row=i + 1, col=1)
+    fig.update_xaxes(tickangle=-35, categoryorder="array", categoryarray=methods)
+    fig.update_layout(title=title or f"Accuracy ({metric.replace('_', ' ')}) over seeds {', '.join(map(str, seeds))}",
+                      height=250 * len(rows) + 200, barmode="overlay")
     return fig
 
 

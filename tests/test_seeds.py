@@ -53,6 +53,33 @@ def test_accuracy_over_seeds_hand_computed():
         accuracy_over_seeds({0: per_seed[0], 1: per_seed[1].drop(columns="library")})
 
 
+def test_seeds_figure_draws_each_seed_and_the_mean():
+    from interp.errors import FigureError
+    from interp.figures import seeds_accuracy_figure
+
+    per_seed = {0: _acc([("uniform", "2-comb", 2, 10), ("base", float("nan"), 0, 10)]),
+                1: _acc([("uniform", "2-comb", 4, 10), ("base", float("nan"), 10, 10)]),
+                2: _acc([("uniform", "2-comb", 9, 10)])}
+    over = accuracy_over_seeds(per_seed)
+    fig = seeds_accuracy_figure(over, "first_token", ["two_hop", "hop1"], order=["base", "uniform"])
+    bars = [t for t in fig.data if t.type == "bar"]
+    assert len(bars) == 1 and list(bars[0].x) == ["base", "uniform"]  # one facet: two_hop × F
+    assert list(bars[0].y) == pytest.approx([0.5, 0.5])
+    assert list(bars[0].error_y.array) == pytest.approx([0.5, 0.4])  # max − mean
+    assert list(bars[0].error_y.arrayminus) == pytest.approx([0.5, 0.3])  # mean − min
+    dots = {t.name: t for t in fig.data if t.type == "scatter"}
+    assert sorted(dots) == ["seed 0", "seed 1", "seed 2"]
+    assert list(dots["seed 1"].y) == pytest.approx([1.0, 0.4])
+    assert math.isnan(dots["seed 2"].y[0]) and dots["seed 2"].y[1] == pytest.approx(0.9)
+    got = [float(v) for c in dots["seed 1"].customdata for v in c]
+    assert got == pytest.approx([*wilson_interval(10, 10), *wilson_interval(4, 10)])
+    with pytest.raises(FigureError, match="no rows"):
+        seeds_accuracy_figure(over, "exact", ["two_hop"])
+    with pytest.raises(FigureError, match="accuracy_seed_S"):
+        seeds_accuracy_figure(over.drop(columns=[c for c in over if c.startswith("accuracy_seed_")]),
+                              "first_token", ["two_hop"])
+
+
 def test_findings_disagreement_is_marked():
     f = lambda claim, verdict: {"claim": claim, "verdict": verdict, "evidence": f"{claim}={verdict}"}  # noqa: E731
     per_seed = {0: [f("A", "yes"), f("B", "no")], 1: [f("A", "yes"), f("B", "mixed")], 2: [f("A", "yes")]}
@@ -141,6 +168,9 @@ def test_tiny_two_seed_study_from_the_command_line(tmp_path):
     page = (out / "report.html").read_text()
     assert "over seeds 0, 1" in page and 'href="seed-1/report.html"' in page
     assert ("seeds disagree" in page) == (not fs["agree"].all())
+    # the figure over seeds: in the report, as HTML; no PNG as the seeds' runs made no figures
+    assert 'id="fig-accuracy_seeds"' in page and (out / "figures" / "accuracy_seeds.html").is_file()
+    assert not (out / "figures" / "accuracy_seeds.png").exists()
     # a second invocation: every seed's steps cached, the tables over seeds unchanged
     before = (out / "results" / "accuracy_seeds.csv").read_text()
     res = CliRunner().invoke(app, ["run", "--config", str(cfg), "--out", str(out), "--steps", "report"])

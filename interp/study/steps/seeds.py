@@ -1,8 +1,9 @@
 """Step ``seeds`` of a run over several seeds: ``DIR/results/accuracy_seeds.csv``,
-``DIR/results/findings_seeds.csv`` and ``DIR/report.html`` from the sub-runs ``DIR/seed-S``.
+``DIR/results/findings_seeds.csv``, ``DIR/figures/accuracy_seeds.{html,png}`` and
+``DIR/report.html`` from the sub-runs ``DIR/seed-S``.
 
 Runs after every seed's pipeline (:func:`interp.study.runner.run_over_seeds`); reads only their
-tables, so it takes a second and is recomputed on every invocation.
+tables, so it takes seconds and is recomputed on every invocation.
 """
 
 from __future__ import annotations
@@ -49,8 +50,11 @@ def run(run: Run) -> None:
         main = (over[over["metric"] == "exact"] if run.cfg.study_kind == "math"
                 else over[(over["hop"] == "two_hop") & (over["metric"] == "first_token")])
         what = "exact match" if run.cfg.study_kind == "math" else "two-hop, first answer token"
+        # a PNG needs headless Chromium: made when every seed's run made its own figures
+        fig = seeds_figure(run, over, png=all((r.out / "figures" / "index.json").is_file() for r in subs.values()))
         sections.append({
             "title": "Accuracy over seeds",
+            "figures": [("fig-accuracy_seeds", fig.to_json(), SEEDS_CAPTION)],
             "text": f"Per variant and query set: mean, sample standard deviation (ddof 1), min and max of the "
                     f"accuracy over seeds {', '.join(map(str, sorted(acc)))}, then each seed's accuracy with its "
                     "own Wilson 95% interval. Every seed answers the same queries; a seed changes the LoRA "
@@ -75,6 +79,32 @@ def run(run: Run) -> None:
     build_report(run.out, f"{title} — {run.model}, over seeds {', '.join(map(str, seeds))}", found, sections,
                  runjson.get("config", run.cfg.to_dict()), runjson.get("versions", versions()),
                  _seed_timings(subs), warnings=_warnings(run, subs))
+
+
+SEEDS_CAPTION = ("Accuracy per variant: bar = mean over seeds, whiskers = lowest to highest seed, "
+                 "one marker per seed (hover: that seed's Wilson 95% interval).")
+
+
+def seeds_figure(run: Run, over, png: bool) -> Any:
+    """The accuracy-over-seeds figure of a run over seeds, also written to
+    ``DIR/figures/accuracy_seeds.html`` (and ``.png`` if ``png``): the two-hop study's first-token accuracy of the
+    two-hop query and both single hops per familiarity tier, or the shared-template study's exact
+    match on the composed test and each skill per condition (:func:`interp.figures.seeds_accuracy_figure`).
+
+    Args:
+        over: :func:`interp.study.seeds.accuracy_over_seeds`'s table of this run.
+    """
+    from interp.figures import save_figures, seeds_accuracy_figure
+
+    order = list(run.cfg.methods.variants)
+    if run.cfg.study_kind == "math":
+        fig = seeds_accuracy_figure(over, "exact", ["composed", "skill_a", "skill_b"], facet="condition",
+                                    order=order, title="Shared-template study over seeds: exact match")
+    else:
+        fig = seeds_accuracy_figure(over, "first_token", ["two_hop", "hop1", "hop2"], facet="test_set",
+                                    order=order, title="Two-hop study over seeds: first-token accuracy")
+    save_figures({"accuracy_seeds": fig}, run.out / "figures", png=png)
+    return fig
 
 
 def _seed_timings(subs: dict[int, Run]) -> dict[str, float]:
