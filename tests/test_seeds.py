@@ -197,3 +197,46 @@ def test_tiny_math_study_over_seeds_keeps_its_conditions(tmp_path):
     fs = pd.read_csv(out / "results" / "findings_seeds.csv")
     assert fs["claim"].str.contains("skill").any() and set(fs["seed"]) == {0, 1}
     assert "Shared vs separate" in (out / "report.html").read_text()
+
+
+def _fake_seeds_run(path: Path, config: str | None) -> Path:
+    """A run directory over seeds 0, 1 holding only what figures/make_figures.py reads."""
+    overrides = {"study.seeds": [0, 1]}
+    cfg = load_config(ROOT / config if config else None, overrides)
+    (path / "results").mkdir(parents=True)
+    (path / "run.json").write_text(json.dumps({"config": cfg.to_dict()}))
+    per = {s: _acc([("uniform", "2-comb", 1 + 3 * s, 10), ("expert_ab", "none", 5, 10)]) for s in (0, 1)}
+    if cfg.study_kind == "math":
+        per = {s: df.assign(condition="shared", test_set="shared", hop="composed", metric="exact")
+               for s, df in per.items()}
+    accuracy_over_seeds(per).to_csv(path / "results" / "accuracy_seeds.csv", index=False)
+    return path
+
+
+@pytest.mark.browser
+@pytest.mark.skipif(__import__("browser").chromium() is None, reason="Debian chromium not installed")
+def test_make_figures_keeps_one_group_per_run_kind(tmp_path, monkeypatch):
+    """figures/make_figures.py on runs over seeds: each study's group replaces only itself."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("make_figures", ROOT / "figures" / "make_figures.py")
+    mf = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mf)
+    here = tmp_path / "figures"
+    here.mkdir()
+    monkeypatch.setattr(mf, "HERE", here)
+    monkeypatch.setattr(mf, "MANIFEST", here / "index.json")
+    two = _fake_seeds_run(tmp_path / "two", None)
+    math_run = _fake_seeds_run(tmp_path / "math", "experiments/math.toml")
+    assert mf.main(str(two)) == 0 and mf.main(str(math_run)) == 0
+    man = json.loads((here / "index.json").read_text())
+    assert set(man) == {"two_hop over seeds", "math over seeds"}
+    assert str(math_run) in man["math over seeds"]["run"]
+    pngs = {"seeds_two_hop_accuracy.png", "seeds_math_accuracy.png"}
+    assert {p.name for p in here.glob("*.png")} == pngs
+    assert all((here / p).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
+    page = (here / "index.html").read_text()
+    assert all(f'src="{p}"' in page for p in pngs) and str(two) in page
+    assert mf.main(str(two)) == 0  # regenerating one group keeps the other
+    assert set(json.loads((here / "index.json").read_text())) == set(man)
+    assert {p.name for p in here.glob("*.png")} == pngs
