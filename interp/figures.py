@@ -300,7 +300,7 @@ def seeds_accuracy_figure(over: pd.DataFrame, metric: str, hops: Sequence[str], 
             first = i == 0 and j == 0
             fig.add_trace(go.Bar(
                 x=list(sub.index), y=sub["mean"], marker_color="#c9d4e8", name="mean over seeds (whiskers: min–max)",
-                legendgroup="mean", showlegend=first,
+                legendgroup="mean", showlegend=first, width=0.8, offset=-0.4,  # not grouped with the markers
                 error_y=dict(type="data", symmetric=False, array=sub["max"] - sub["mean"],
                              arrayminus=sub["mean"] - sub["min"], thickness=1.2, width=4, color="#555"),
                 hovertemplate="%{x}: mean %{y:.3f}<extra></extra>"), row=i + 1, col=j + 1)
@@ -309,7 +309,7 @@ def seeds_accuracy_figure(over: pd.DataFrame, metric: str, hops: Sequence[str], 
                 custom = np.stack([lo, hi], axis=-1) if lo is not None and hi is not None else None
                 fig.add_trace(go.Scatter(
                     x=list(sub.index), y=sub[f"accuracy_seed_{s}"], mode="markers", name=f"seed {s}",
-                    legendgroup=f"seed {s}", showlegend=first, customdata=custom,
+                    legendgroup=f"seed {s}", showlegend=first, customdata=custom, offsetgroup=f"seed {s}",
                     marker=dict(symbol=symbols[k % len(symbols)], size=8, color=PALETTE[k % len(PALETTE)],
                                 line=dict(width=0.5, color="white")),
                     hovertemplate=f"%{{x}}, seed {s}: %{{y:.3f}}"
@@ -320,8 +320,20 @@ def seeds_accuracy_figure(over: pd.DataFrame, metric: str, hops: Sequence[str], 
         fig.update_yaxes(title_text="accuracy", row=i + 1, col=1)
     fig.update_xaxes(tickangle=-35, categoryorder="array", categoryarray=methods)
     fig.update_layout(title=title or f"Accuracy ({metric.replace('_', ' ')}) over seeds {', '.join(map(str, seeds))}",
-                      height=250 * len(rows) + 200, barmode="overlay")
+                      height=250 * len(rows) + 200, barmode="overlay",
+                      scattermode="group", scattergap=0.55)  # seeds side by side within a variant
     return fig
+
+
+def png_export_possible() -> bool:
+    """Whether kaleido can find a headless Chromium for PNG export: ``$BROWSER_PATH`` (which
+    kaleido's browser finder honours) or ``chromium`` / ``chromium-browser`` / ``google-chrome``
+    on the PATH (Debian's ``chromium``: ``make browser``)."""
+    import shutil
+
+    env = os.environ.get("BROWSER_PATH", "")
+    return bool(env and os.path.isfile(env)) or any(
+        shutil.which(b) for b in ("chromium", "chromium-browser", "google-chrome"))
 
 
 def write_png(fig: go.Figure, path: str | os.PathLike, attempts: int = 3, **kw) -> None:

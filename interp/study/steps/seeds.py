@@ -12,6 +12,7 @@ import html
 import json
 from typing import Any
 
+from interp.figures import png_export_possible
 from interp.report import build_report
 from interp.study import seeds as S
 from interp.study.runner import Run, versions
@@ -50,8 +51,7 @@ def run(run: Run) -> None:
         main = (over[over["metric"] == "exact"] if run.cfg.study_kind == "math"
                 else over[(over["hop"] == "two_hop") & (over["metric"] == "first_token")])
         what = "exact match" if run.cfg.study_kind == "math" else "two-hop, first answer token"
-        # a PNG needs headless Chromium: made when every seed's run made its own figures
-        fig = seeds_figure(run, over, png=all((r.out / "figures" / "index.json").is_file() for r in subs.values()))
+        fig = seeds_figure(run, over, png=png_export_possible())
         sections.append({
             "title": "Accuracy over seeds",
             "figures": [("fig-accuracy_seeds", fig.to_json(), SEEDS_CAPTION)],
@@ -87,7 +87,7 @@ SEEDS_CAPTION = ("Accuracy per variant: bar = mean over seeds, whiskers = lowest
 
 def seeds_figure(run: Run, over, png: bool) -> Any:
     """The accuracy-over-seeds figure of a run over seeds, also written to
-    ``DIR/figures/accuracy_seeds.html`` (and ``.png`` if ``png``): the two-hop study's first-token accuracy of the
+    ``DIR/figures/accuracy_seeds.html`` (and ``.png`` if ``png``; it needs headless Chromium): the two-hop study's first-token accuracy of the
     two-hop query and both single hops per familiarity tier, or the shared-template study's exact
     match on the composed test and each skill per condition (:func:`interp.figures.seeds_accuracy_figure`).
 
