@@ -61,6 +61,7 @@ def main(run_dir: str = "runs/demo") -> int:
     for name, (fig, _) in figs.items():
         write_png(fig, HERE / f"{name}.png", width=900, height=max(450, int(fig.layout.height or 450)), scale=1)
     manifest[group] = {"run": f"{run_dir} ({run.model})", "figures": {k: c for k, (_, c) in figs.items()}}
+    manifest = dict(sorted(manifest.items(), key=lambda kv: (kv[0] != "two_hop", kv[0])))  # the demo's first
     MANIFEST.write_text(json.dumps(manifest, indent=1) + "\n")
     body = []
     for g, entry in manifest.items():
