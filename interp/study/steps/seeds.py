@@ -12,7 +12,7 @@ import html
 import json
 from typing import Any
 
-from interp.figures import png_export_possible
+from interp.figures import png_export_possible, save_figures, seeds_accuracy_figure
 from interp.report import build_report
 from interp.study import seeds as S
 from interp.study.runner import Run, versions
@@ -87,15 +87,14 @@ SEEDS_CAPTION = ("Accuracy per variant: bar = mean over seeds, whiskers = lowest
 
 def seeds_figure(run: Run, over, png: bool) -> Any:
     """The accuracy-over-seeds figure of a run over seeds, also written to
-    ``DIR/figures/accuracy_seeds.html`` (and ``.png`` if ``png``; it needs headless Chromium): the two-hop study's first-token accuracy of the
-    two-hop query and both single hops per familiarity tier, or the shared-template study's exact
-    match on the composed test and each skill per condition (:func:`interp.figures.seeds_accuracy_figure`).
+    ``DIR/figures/accuracy_seeds.html`` (and ``.png`` if ``png``; it needs headless Chromium):
+    the two-hop study's first-token accuracy of the two-hop query and both single hops per
+    familiarity tier, or the shared-template study's exact match on the composed test and each
+    skill per condition (:func:`interp.figures.seeds_accuracy_figure`).
 
     Args:
         over: :func:`interp.study.seeds.accuracy_over_seeds`'s table of this run.
     """
-    from interp.figures import save_figures, seeds_accuracy_figure
-
     order = list(run.cfg.methods.variants)
     if run.cfg.study_kind == "math":
         fig = seeds_accuracy_figure(over, "exact", ["composed", "skill_a", "skill_b"], facet="condition",
