@@ -318,7 +318,9 @@ def seeds_accuracy_figure(over: pd.DataFrame, metric: str, hops: Sequence[str], 
     fig.update_yaxes(range=[0, 1.05])
     for i in range(len(rows)):
         fig.update_yaxes(title_text="accuracy", row=i + 1, col=1)
-    fig.update_xaxes(tickangle=-35, categoryorder="array", categoryarray=methods)
+    # every variant labelled (plotly thins crowded category ticks)
+    fig.update_xaxes(tickangle=-40, categoryorder="array", categoryarray=methods, tickmode="array",
+                     tickvals=methods, tickfont=dict(size=10))
     fig.update_layout(title=title or f"Accuracy ({metric.replace('_', ' ')}) over seeds {', '.join(map(str, seeds))}",
                       height=250 * len(rows) + 200, barmode="overlay",
                       scattermode="group", scattergap=0.55)  # seeds side by side within a variant
