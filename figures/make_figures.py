@@ -30,19 +30,19 @@ def _figures(run, run_dir: Path) -> tuple[str, dict]:
     """(group name, {figure name: (figure, caption)}) of the run."""
     from interp.study.figures import build_figures
 
+    if len(run.cfg.study.seeds) > 1:
+        from interp.study.steps.seeds import SEEDS_CAPTION, seeds_figure
+
+        fig = seeds_figure(run, run.read_csv("accuracy_seeds"))
+        kind = run.cfg.study_kind
+        return f"{kind} over seeds", {f"seeds_{kind}_accuracy": (fig, SEEDS_CAPTION)}
+    if run.cfg.study_kind != "two_hop":
+        raise SystemExit(f"{run_dir}: only the two-hop study's one-seed figures are kept here; "
+                         "for the shared-template study give a run over seeds")
     with tempfile.TemporaryDirectory() as tmp:
-        # build into a scratch copy of the run's folder, so the run itself is untouched
+        # build_figures writes into the run's figures/: a scratch copy keeps the run untouched
         scratch = type(run)(run.cfg, Path(tmp), run.timings)
         (Path(tmp) / "results").symlink_to((run_dir / "results").resolve())
-        if len(run.cfg.study.seeds) > 1:
-            from interp.study.steps.seeds import SEEDS_CAPTION, seeds_figure
-
-            fig = seeds_figure(scratch, run.read_csv("accuracy_seeds"), png=False)
-            kind = run.cfg.study_kind
-            return f"{kind} over seeds", {f"seeds_{kind}_accuracy": (fig, SEEDS_CAPTION)}
-        if run.cfg.study_kind != "two_hop":
-            raise SystemExit(f"{run_dir}: only the two-hop study's one-seed figures are kept here; "
-                             "for the shared-template study give a run over seeds")
         figs = build_figures(scratch)
         captions = json.loads((Path(tmp) / "figures" / "index.json").read_text())
         return "two_hop", {k: (f, captions.get(k, "")) for k, f in figs.items()}

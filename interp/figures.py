@@ -275,7 +275,8 @@ def seeds_accuracy_figure(over: pd.DataFrame, metric: str, hops: Sequence[str], 
         order: method order on the x axis (default: first appearance).
 
     Raises:
-        FigureError: missing columns, no per-seed columns, or no rows for ``metric`` and ``hops``.
+        FigureError: missing columns, no per-seed columns, no rows for ``metric`` and ``hops``, or
+            several rows for one method, hop and facet value.
     """
     from plotly.subplots import make_subplots
 
@@ -286,6 +287,8 @@ def seeds_accuracy_figure(over: pd.DataFrame, metric: str, hops: Sequence[str], 
     d = over[(over["metric"] == metric) & over["hop"].isin(list(hops))]
     if d.empty:
         raise FigureError(f"seeds_accuracy_figure: no rows for metric={metric!r}, hops={list(hops)}")
+    if d.duplicated(["method", "hop", facet]).any():
+        raise FigureError(f"seeds_accuracy_figure: several rows per method, hop and {facet}")
     rows = [h for h in hops if (d["hop"] == h).any()]
     cols = sorted(d[facet].dropna().astype(str).unique())
     methods = [m for m in (order or dict.fromkeys(d["method"])) if m in set(d["method"])]
@@ -295,7 +298,7 @@ def seeds_accuracy_figure(over: pd.DataFrame, metric: str, hops: Sequence[str], 
     symbols = ["circle", "diamond", "square", "triangle-up", "x", "star", "cross", "pentagon"]
     for i, h in enumerate(rows):
         for j, c in enumerate(cols):
-            sub = d[(d["hop"] == h) & (d[facet].astype(str) == c)].drop_duplicates("method").set_index("method")
+            sub = d[(d["hop"] == h) & (d[facet].astype(str) == c)].set_index("method")
             sub = sub.reindex([m for m in methods if m in sub.index])
             first = i == 0 and j == 0
             fig.add_trace(go.Bar(

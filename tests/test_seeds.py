@@ -75,6 +75,8 @@ def test_seeds_figure_draws_each_seed_and_the_mean():
     assert got == pytest.approx([*wilson_interval(10, 10), *wilson_interval(4, 10)])
     with pytest.raises(FigureError, match="no rows"):
         seeds_accuracy_figure(over, "exact", ["two_hop"])
+    with pytest.raises(FigureError, match="several rows"):
+        seeds_accuracy_figure(pd.concat([over, over]), "first_token", ["two_hop"])
     with pytest.raises(FigureError, match="accuracy_seed_S"):
         seeds_accuracy_figure(over.drop(columns=[c for c in over if c.startswith("accuracy_seed_")]),
                               "first_token", ["two_hop"])

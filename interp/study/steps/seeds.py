@@ -51,7 +51,8 @@ def run(run: Run) -> None:
         main = (over[over["metric"] == "exact"] if run.cfg.study_kind == "math"
                 else over[(over["hop"] == "two_hop") & (over["metric"] == "first_token")])
         what = "exact match" if run.cfg.study_kind == "math" else "two-hop, first answer token"
-        fig = seeds_figure(run, over, png=png_export_possible())
+        fig = seeds_figure(run, over)
+        save_figures({"accuracy_seeds": fig}, run.out / "figures", png=png_export_possible())
         sections.append({
             "title": "Accuracy over seeds",
             "figures": [("fig-accuracy_seeds", fig.to_json(), SEEDS_CAPTION)],
@@ -85,10 +86,10 @@ SEEDS_CAPTION = ("Accuracy per variant: bar = mean over seeds, whiskers = lowest
                  "one marker per seed (hover: that seed's Wilson 95% interval).")
 
 
-def seeds_figure(run: Run, over, png: bool) -> Any:
-    """The accuracy-over-seeds figure of a run over seeds, also written to
-    ``DIR/figures/accuracy_seeds.html`` (and ``.png`` if ``png``; it needs headless Chromium):
-    the two-hop study's first-token accuracy of the two-hop query and both single hops per
+def seeds_figure(run: Run, over) -> Any:
+    """The accuracy-over-seeds figure of a run over seeds (the step writes it to
+    ``DIR/figures/accuracy_seeds.html``, and ``.png`` where headless Chromium is installed): the
+    two-hop study's first-token accuracy of the two-hop query and both single hops per
     familiarity tier, or the shared-template study's exact match on the composed test and each
     skill per condition (:func:`interp.figures.seeds_accuracy_figure`).
 
@@ -102,7 +103,6 @@ def seeds_figure(run: Run, over, png: bool) -> Any:
     else:
         fig = seeds_accuracy_figure(over, "first_token", ["two_hop", "hop1", "hop2"], facet="test_set",
                                     order=order, title="Two-hop study over seeds: first-token accuracy")
-    save_figures({"accuracy_seeds": fig}, run.out / "figures", png=png)
     return fig
 
 
