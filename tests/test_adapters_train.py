@@ -258,3 +258,66 @@ def test_training_with_fewer_host_syncs_equals_the_step_by_step_loop(tmp_path, m
     assert len(new["losses"]) == 40 and new["losses"] == old["losses"] == seen
     a, b = read_adapter(tmp_path / "new"), read_adapter(tmp_path / "old")
     assert set(a) == set(b) and all(torch.equal(a[m].A, b[m].A) and torch.equal(a[m].B, b[m].B) for m in a)
+
+
+def test_continue_from_a_finished_expert(tmp_path, monkeypatch):
+    """``start_from``: the trained factors replace the init, the batches go on with the next
+    epochs, the continuation resumes after a crash (continuing in place) to the same weights,
+    a finished continuation is cached under its own identity, and a foreign start is refused."""
+    import shutil
+
+    import interp.adapters.train as train_mod
+    from interp.errors import TrainingError
+
+    cfg = dataclasses.replace(CFG, max_steps=None, epochs=2, min_steps=0)  # 12 examples / 6: 2 steps an epoch
+    first = train_expert("tiny-llama", EX, tmp_path / "first", cfg, progress=False, expert="ab")
+    assert first["steps"] == 4 and first["start_from"] is None
+    start = read_adapter(tmp_path / "first")
+    # with a vanishing rate the continuation ends where it started (a fresh init would have B = 0)
+    still = train_expert("tiny-llama", EX, tmp_path / "still", dataclasses.replace(cfg, lr=1e-12),
+                         progress=False, expert="ab", start_from=tmp_path / "first")
+    got = read_adapter(tmp_path / "still")
+    assert any(float(start[m].B.abs().max()) > 1e-3 for m in start)
+    for m in start:
+        torch.testing.assert_close(got[m].A, start[m].A, rtol=0, atol=1e-9)
+        torch.testing.assert_close(got[m].B, start[m].B, rtol=0, atol=1e-9)
+    assert still["start_from"] == hashlib.sha256((tmp_path / "first" / "adapter_model.safetensors").read_bytes()).hexdigest()
+    assert still["start_from_steps"] == 4
+    # the batch order goes on with epochs 2 and 3
+    seen = []
+    real = train_mod.epoch_batches
+    monkeypatch.setattr(train_mod, "epoch_batches", lambda n, b, s, e: seen.append(e) or real(n, b, s, e))
+    shutil.copytree(tmp_path / "first", tmp_path / "full")
+    full = train_expert("tiny-llama", EX, tmp_path / "full", cfg, progress=False, expert="ab",
+                        start_from=tmp_path / "full")
+    assert seen == [2, 3] and full["steps"] == 4
+    assert full["losses"][0] < first["losses"][0]  # starts from trained factors, not the init
+
+    class Crash(Exception):
+        pass
+
+    def crash(step, loss):
+        if step == 3:
+            raise Crash
+
+    shutil.copytree(tmp_path / "first", tmp_path / "res")
+    with pytest.raises(Crash):
+        train_expert("tiny-llama", EX, tmp_path / "res", dataclasses.replace(cfg, checkpoint_every=2), progress=False,
+                     expert="ab", start_from=tmp_path / "res", callback=crash)
+    assert (tmp_path / "res.partial").is_dir()
+    resumed = train_expert("tiny-llama", EX, tmp_path / "res", dataclasses.replace(cfg, checkpoint_every=2),
+                           progress=False, expert="ab", start_from=tmp_path / "res")
+    assert resumed["resumed_from_step"] == 2 and resumed["losses"] == full["losses"]
+    a, b = read_adapter(tmp_path / "full"), read_adapter(tmp_path / "res")
+    assert all(torch.equal(a[m].A, b[m].A) and torch.equal(a[m].B, b[m].B) for m in a)
+    # a finished continuation is returned as is
+    again = train_expert("tiny-llama", EX, tmp_path / "still", dataclasses.replace(cfg, lr=1e-12), progress=False,
+                         expert="ab", start_from=tmp_path / "first", callback=lambda s, l: pytest.fail("retrained"))
+    assert again["final_loss"] == still["final_loss"]
+    with pytest.raises(TrainingError, match="data_sha256"):
+        train_expert("tiny-llama", EX[:6], tmp_path / "x", cfg, progress=False, start_from=tmp_path / "first")
+    with pytest.raises(TrainingError, match="r = 4"):
+        train_expert("tiny-llama", EX, tmp_path / "x", dataclasses.replace(cfg, r=2), progress=False,
+                     start_from=tmp_path / "first")
+    with pytest.raises(TrainingError, match="not a finished expert"):
+        train_expert("tiny-llama", EX, tmp_path / "x", cfg, progress=False, start_from=tmp_path / "nothing")

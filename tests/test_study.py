@@ -1,6 +1,7 @@
 """The main job end to end on a random-init tiny Llama: every step, resume, determinism, the
 notebook, and the report rendered in headless Chromium."""
 
+import hashlib
 import json
 import os
 import re
@@ -236,8 +237,8 @@ def test_mechanisms_finding_states_the_tables_numbers():
 
 
 def test_expert_below_the_accuracy_floor_is_trained_again(tiny_run, tmp_path, monkeypatch):
-    """``[training] min_accuracy``: an expert below it on its own facts is trained once more from
-    the same init with twice the epochs; a rerun keeps that expert without training anything."""
+    """``[training] min_accuracy``: an expert below it on its own facts is trained as many epochs
+    again, continuing from its first attempt; a rerun keeps that expert without training anything."""
     cfg = tmp_path / "floor.toml"
     text = Path(TINY).read_text().replace("min_accuracy = 0.0", "min_accuracy = 1.0")
     # two experts (ab, and ac of the subspace step) keep it short
@@ -257,10 +258,13 @@ def test_expert_below_the_accuracy_floor_is_trained_again(tiny_run, tmp_path, mo
         assert bool(row["retrained"]) == (name in below)
         assert row["steps"] == plain.loc[name, "steps"] * (2 if name in below else 1)
         meta = json.loads((out / "adapters" / name / "interp_meta.json").read_text())
-        assert meta["config"]["epochs"] == (4 if name in below else 2)
+        assert meta["config"]["epochs"] == 2 and (meta["start_from"] is not None) == (name in below)
+        if name in below:  # continued from the first attempt, which is the floor-free run's expert
+            plain_sha = hashlib.sha256((tiny_run / "adapters" / name / "adapter_model.safetensors").read_bytes())
+            assert meta["start_from"] == plain_sha.hexdigest()
     from interp.study.steps.report import evidence_warnings
 
-    warned = [w for w in evidence_warnings(open_run(out)) if "trained again" in w]
+    warned = [w for w in evidence_warnings(open_run(out)) if "as many epochs again" in w]
     assert len(warned) == 1 and all(f"{n} (" in warned[0] for n in below)
     import interp.adapters.train as train_mod
 

@@ -70,9 +70,9 @@ class TrainConfig:
             ~1.5x faster in bf16, on an AVX2-only CPU bf16 is ~5x *slower*). The adapter is
             saved in fp32 and its reported training accuracy is measured on the fp32 base.
         min_accuracy: the study's floor on an expert's first-token accuracy on its own training
-            facts (0: none). The experts step trains an expert below it once more from the same
-            init with :meth:`longer` (twice the epochs) and keeps that one; ``train_expert``
-            itself ignores it. Not part of :meth:`identity`.
+            facts (0: none). The experts step trains an expert below it for as many epochs
+            again, continuing from its weights (``train_expert(start_from=...)``, a warm restart)
+            and keeps that one; ``train_expert`` itself ignores it. Not part of :meth:`identity`.
     """
 
     r: int = 8
@@ -147,7 +147,8 @@ class TrainConfig:
         return d
 
     def longer(self) -> "TrainConfig":
-        """The retraining recipe of an expert below :attr:`min_accuracy`: twice the epochs (and
-        twice ``min_steps`` / ``max_steps``), everything else, the init included, unchanged."""
+        """Twice the epochs (and twice ``min_steps`` / ``max_steps``), everything else, the init
+        included, unchanged: the floor's retraining recipe before continuation replaced it (runs
+        made then are still recognised by it)."""
         return dataclasses.replace(self, epochs=2 * self.epochs, min_steps=2 * self.min_steps,
                                    max_steps=2 * self.max_steps if self.max_steps else None)

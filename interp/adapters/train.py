@@ -216,6 +216,43 @@ def _load_checkpoint(partial: Path, pm: Any, opt: Any, ident: dict) -> tuple[int
     return int(state["step"]), list(state["losses"])
 
 
+def _start_point(start_from: str | os.PathLike, ident: dict) -> dict:
+    """What :func:`train_expert` continues from: ``{"sha256", "weights", "steps", "epochs_done"}``
+    of a finished expert directory, read once (its weights in memory, so ``out_dir`` may be it)."""
+    from safetensors.torch import load
+
+    src = Path(start_from)
+    ok, why = verify_manifest(src) if (src / META).is_file() else (False, f"no {META} in {src}")
+    if not ok:
+        raise TrainingError(f"start_from={str(src)!r} is not a finished expert: {why}")
+    meta = json.loads((src / META).read_text())
+    cfg = meta.get("config") or {}
+    for key in ("base_model", "data_sha256"):
+        if meta.get(key) != ident[key]:
+            raise TrainingError(f"start_from={str(src)!r} was trained with {key} {meta.get(key)!r}, "
+                                f"not this training's {ident[key]!r}")
+    for key in ("r", "lora_alpha", "target_modules", "batch_size"):
+        if cfg.get(key) != ident["config"].get(key):
+            raise TrainingError(f"start_from={str(src)!r} has {key} = {cfg.get(key)!r}, this training "
+                                f"{ident['config'].get(key)!r}: only the same LoRA shape and batches can continue")
+    blob = (src / "adapter_model.safetensors").read_bytes()
+    steps_per_epoch = math.ceil(int(meta["n_examples"]) / int(cfg["batch_size"]))
+    return {"sha256": hashlib.sha256(blob).hexdigest(), "weights": load(blob), "steps": int(meta["steps"]),
+            "epochs_done": math.ceil(int(meta["steps"]) / steps_per_epoch)}
+
+
+def _load_start_weights(pm: Any, weights: dict[str, torch.Tensor], src: Any) -> None:
+    """Copy a saved adapter's LoRA factors into ``pm``'s trainable ones (names as peft saves them)."""
+    from peft import set_peft_model_state_dict
+
+    result = set_peft_model_state_dict(pm, weights)
+    missing = [k for k in getattr(result, "missing_keys", []) if "lora_" in k]
+    unexpected = list(getattr(result, "unexpected_keys", []))
+    if missing or unexpected:
+        raise TrainingError(f"start_from={str(src)!r}: its weights do not fit this LoRA "
+                            f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+
+
 def check_target_modules(hf: torch.nn.Module, target_modules: Sequence[str], label: str) -> None:
     """Refuse LoRA targets the model lacks, or fused projections the bridge bypasses.
 
@@ -254,7 +291,8 @@ def check_training_targets(model: str, target_modules: Sequence[str]) -> None:
 def train_expert(base: str | os.PathLike, examples: Sequence[tuple[str, str]], out_dir: str | os.PathLike,
                  config: TrainConfig = TrainConfig(), progress: bool = True,
                  callback: Callable[[int, float], None] | None = None,
-                 device: str | torch.device = "cpu", expert: str | None = None) -> dict:
+                 device: str | torch.device = "cpu", expert: str | None = None,
+                 start_from: str | os.PathLike | None = None) -> dict:
     """Train a LoRA expert on ``(prompt, answer)`` pairs and save it as a PEFT directory.
 
     Input text per example is ``prompt + answer`` (answers carry their own leading space, e.g.
@@ -276,6 +314,14 @@ def train_expert(base: str | os.PathLike, examples: Sequence[tuple[str, str]], o
             by ``expert_init_seed(config.seed, expert)`` (the batch order keeps ``config.seed``);
             ``None`` (or ``init="shared"``): seeded by ``config.seed``, as every expert was
             before per-expert inits.
+        start_from: a finished expert directory of this function (same base, data, r, α and
+            targets) to continue from: its LoRA weights replace the fresh init, AdamW starts
+            afresh and the learning-rate schedule (warm-up, decay) runs again over ``config``'s
+            steps, a warm restart; the batch order goes on with the epochs after the ones it was
+            trained for. The study's accuracy floor uses it to give an expert below the floor
+            ``config.epochs`` more epochs at the cost of those epochs alone. Its adapter
+            weights' SHA-256 enters the identity (``start_from`` in the metadata), so it may be
+            ``out_dir`` itself: that is read once, before the first step, and replaced at the end.
 
     Returns:
         The metadata written to ``interp_meta.json``: ``base_model, data_sha256, n_examples,
@@ -288,6 +334,8 @@ def train_expert(base: str | os.PathLike, examples: Sequence[tuple[str, str]], o
             values, target modules the model does not have.
         interp.models.FusedProjectionError: a fused projection is targeted.
         interp.models.ModelLoadError: unknown base.
+        interp.errors.TrainingError: ``start_from`` is not a complete expert directory (manifest,
+            metadata) trained on the same base and data with the same LoRA shape.
     """
     from peft import LoraConfig, get_peft_model
     from tqdm.auto import tqdm
@@ -305,10 +353,13 @@ def train_expert(base: str | os.PathLike, examples: Sequence[tuple[str, str]], o
     data_sha = _data_sha256(examples)
     init_seed = config.init_seed(expert)
     ident = {"base_model": str(base), "data_sha256": data_sha, "config": config.identity(), "init_seed": init_seed}
+    start = _start_point(start_from, ident) if start_from is not None else None
+    if start is not None:
+        ident["start_from"] = start["sha256"]
+    keys = ("base_model", "data_sha256", "init_seed", "start_from")
     if (out / META).is_file() and verify_manifest(out)[0]:
         meta = json.loads((out / META).read_text())
-        if {k: meta.get(k) for k in ("base_model", "data_sha256", "init_seed")} == \
-                {k: ident[k] for k in ("base_model", "data_sha256", "init_seed")} \
+        if {k: meta.get(k) for k in keys} == {k: ident.get(k) for k in keys} \
                 and meta.get("config_identity") == ident["config"]:
             return meta
     t0 = time.perf_counter()
@@ -324,6 +375,9 @@ def train_expert(base: str | os.PathLike, examples: Sequence[tuple[str, str]], o
                       lora_dropout=config.lora_dropout, bias="none", task_type="CAUSAL_LM")
     pm = get_peft_model(hf, lcfg)
     pm.peft_config["default"].base_model_name_or_path = str(base)
+    if start is not None:  # a warm restart: the trained factors replace the fresh init
+        _load_start_weights(pm, start["weights"], start_from)
+    epoch_offset = start["epochs_done"] if start is not None else 0
     if config.loraplus_lr_ratio:
         from peft.optimizers import create_loraplus_optimizer
 
@@ -363,7 +417,7 @@ def train_expert(base: str | os.PathLike, examples: Sequence[tuple[str, str]], o
     while step < total:
         epoch, k = divmod(step, steps_per_epoch)
         if epoch != batches_epoch:
-            batches = epoch_batches(n, config.batch_size, config.seed, epoch)
+            batches = epoch_batches(n, config.batch_size, config.seed, epoch + epoch_offset)
             batches_epoch = epoch
         idx = batches[k]
         ids, mask, labels = _batch(encoded, idx, pad)
@@ -410,7 +464,8 @@ def train_expert(base: str | os.PathLike, examples: Sequence[tuple[str, str]], o
             "train_first_token_acc": first, "train_exact_match": exact,
             "wall_time_s": time.perf_counter() - t0,
             "steps_per_s": (step - start_step) / train_s if train_s > 0 and step > start_step else None,
-            "resumed_from_step": start_step, "precision": choice.to_json()}
+            "resumed_from_step": start_step, "precision": choice.to_json(),
+            "start_from": ident.get("start_from"), "start_from_steps": start["steps"] if start else None}
     with atomic_directory(out) as tmp:
         pm.save_pretrained(str(tmp), safe_serialization=True)
         atomic_write_text(tmp / META, json.dumps(meta, indent=1))

@@ -12,17 +12,25 @@ from interp.study.variants import EXPERT_DATA, needed_experts
 
 
 def retrained_meta(out: Path, tc) -> dict | None:
-    """The metadata of an expert in ``out`` that was retrained with ``tc.longer()`` (complete,
-    manifest verified), with ``retrained`` and ``first_attempt_acc``; else ``None``."""
+    """The metadata of an expert in ``out`` that was trained again under the floor (complete,
+    manifest verified): continued from its first attempt with ``tc`` (a warm restart, the current
+    rule) or, in runs made before that, retrained from its init with ``tc.longer()``. Carries
+    ``retrained``, ``first_attempt_acc`` and, for a continued expert, ``steps`` and
+    ``wall_time_s`` of both trainings together; else ``None``."""
     from interp.adapters.train import META
 
     first = out.parent / f"{out.name}.first_attempt.json"
     if not (first.is_file() and (out / META).is_file() and verify_manifest(out)[0]):
         return None
     meta = json.loads((out / META).read_text())
-    if meta.get("config_identity") != tc.longer().identity():
+    attempt = json.loads(first.read_text())
+    continued = meta.get("config_identity") == tc.identity() and meta.get("start_from") is not None
+    if not continued and meta.get("config_identity") != tc.longer().identity():
         return None
-    return {**meta, "retrained": True, "first_attempt_acc": json.loads(first.read_text())["train_first_token_acc"]}
+    if continued:
+        meta = {**meta, "steps": meta["steps"] + attempt["steps"],
+                "wall_time_s": meta["wall_time_s"] + attempt.get("wall_time_s", 0.0)}
+    return {**meta, "retrained": True, "first_attempt_acc": attempt["train_first_token_acc"]}
 
 
 def run(run) -> None:
@@ -52,11 +60,13 @@ def run(run) -> None:
         if meta["train_first_token_acc"] >= tc.min_accuracy:
             return {**meta, "retrained": False, "first_attempt_acc": meta["train_first_token_acc"]}
         print(f"expert {name}: {meta['train_first_token_acc']:.1%} on its own facts, below the floor "
-              f"min_accuracy = {tc.min_accuracy:.0%}: trained again from the same init with twice the epochs")
-        first = {"steps": meta["steps"], "train_first_token_acc": meta["train_first_token_acc"]}
+              f"min_accuracy = {tc.min_accuracy:.0%}: trained {tc.epochs} epochs more from where it stands")
+        first = {k: meta[k] for k in ("steps", "train_first_token_acc", "wall_time_s")}
         atomic_write_text(out.parent / f"{name}.first_attempt.json", json.dumps(first))
-        meta = train_expert(run.model, pairs, out, tc.longer(), progress=True, device=run.device, expert=name)
-        return {**meta, "retrained": True, "first_attempt_acc": first["train_first_token_acc"]}
+        # a warm restart from the first attempt: twice the epochs in all, at the cost of one more run
+        # of the recipe (retraining from the init with twice the epochs cost two)
+        train_expert(run.model, pairs, out, tc, progress=True, device=run.device, expert=name, start_from=out)
+        return retrained_meta(out, tc)
 
     def timed(name: str) -> dict:
         with run.stage(name, "train"):  # load, steps, training accuracy, save (a cached expert: a read)

@@ -108,8 +108,8 @@ def evidence_warnings(run) -> list[str]:
                                   for r in again.itertuples())
                 out.append(f"Expert(s) {html.escape(names)} fell short of the floor "
                            f"<code>training.min_accuracy = {run.cfg.training.min_accuracy:.0%}</code> at first "
-                           "and were trained again from the same init with twice the epochs; the table shows "
-                           "the kept expert.")
+                           "and were trained as many epochs again, continuing from where they stood; the "
+                           "table shows the kept expert.")
     return out
 
 
