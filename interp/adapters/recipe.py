@@ -138,6 +138,13 @@ class TrainConfig:
             return int(self.seed)
         return expert_init_seed(self.seed, expert)
 
+    def total_steps(self, n_examples: int) -> int:
+        """Optimiser steps of one training on ``n_examples`` pairs: :attr:`max_steps` if set,
+        else ``epochs · ⌈n / batch_size⌉``, at least :attr:`min_steps`."""
+        if self.max_steps:
+            return int(self.max_steps)
+        return max(self.epochs * -(-int(n_examples) // self.batch_size), self.min_steps)
+
     def identity(self) -> dict:
         """The fields that determine the trained weights of one training (checkpoint cadence and
         the study's accuracy floor excluded)."""

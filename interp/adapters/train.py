@@ -388,7 +388,7 @@ def train_expert(base: str | os.PathLike, examples: Sequence[tuple[str, str]], o
     peak = [g["lr"] for g in opt.param_groups]
     n = len(encoded)
     steps_per_epoch = math.ceil(n / config.batch_size)
-    total = int(config.max_steps) if config.max_steps else max(config.epochs * steps_per_epoch, config.min_steps)
+    total = config.total_steps(n)
     partial = Path(str(out) + ".partial")
     step, losses = 0, []
     resumed = _load_checkpoint(partial, pm, opt, ident) if partial.is_dir() else None

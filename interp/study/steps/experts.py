@@ -72,9 +72,9 @@ def run(run) -> None:
         with run.stage(name, "train"):  # load, steps, training accuracy, save (a cached expert: a read)
             return train(name)
 
-    # cost: training examples (steps scale with them at a fixed number of epochs)
-    n_pairs = {n: sum(len(world.train_pairs(s)) for s in EXPERT_DATA[n]) for n in names}
-    metas = {name: timed(name) for name in run.dist.shard(names, cost=n_pairs.get)}
+    # cost: the optimiser steps of the first attempt (a small set still gets min_steps)
+    steps = {n: tc.total_steps(sum(len(world.train_pairs(s)) for s in EXPERT_DATA[n])) for n in names}
+    metas = {name: timed(name) for name in run.dist.shard(names, cost=steps.get)}
     run.dist.barrier()
     if not run.dist.is_main:
         return
