@@ -8,6 +8,8 @@ and leaves every finished unit cached, so the same command resumes.
 
 from __future__ import annotations
 
+import signal
+import subprocess
 import sys
 from pathlib import Path
 from typing import Callable, Optional
@@ -102,6 +104,10 @@ def run_cmd(
         None, "--dtype", help="precision of evaluation and every analysis: auto (default: tf32 on CUDA, fp32 "
                               "on the CPU), fp32, tf32 (CUDA) or bf16 (config evaluation.dtype; errors in "
                               "the README's precision policy)"),
+    procs: str = typer.Option(
+        "1", "--procs", help="processes sharing the study's units (experts, variants) on this host, under "
+                             "torchrun: N, or 'auto' (one per free CPU core, each with one thread; one per "
+                             "GPU with --device cuda); 1: this process alone"),
 ) -> None:
     """Run the two-hop reuse study end to end (world -> experts -> merges/routes -> evaluation ->
     mechanisms -> subspace -> figures -> report), or with a config holding a [math] table
@@ -135,6 +141,28 @@ def run_cmd(
         from interp.hardware import check_device
 
         check_device(cfg.study.device)  # before the run directory is created
+        import os
+
+        from interp.study.distributed import launch_command, resolve_procs
+
+        n = resolve_procs(_int_option("--procs", procs), cfg.study.device) if "RANK" not in os.environ else 1
+        if n > 1:  # the same command, every option checked above, as n torchrun processes
+            args = (["--debug"] if _state["debug"] else []) + ["run", "--config", str(config), "--out", str(out)]
+            for flag, value in (("--model", model), ("--steps", steps), ("--device", device),
+                                ("--threads", threads), ("--precision", precision), ("--dtype", dtype)):
+                if value:
+                    args += [flag, str(value)]
+            print(f"interp run: {n} processes (torchrun)", flush=True)
+            proc = subprocess.Popen(launch_command(n, args))
+            try:
+                code = proc.wait()
+            except KeyboardInterrupt:  # torchrun passes the signal on to every rank, which saves its units
+                proc.send_signal(signal.SIGINT)
+                proc.wait()
+                raise
+            if code:
+                raise typer.Exit(code)
+            return
         run_study(config=cfg, out=out, steps=step_list)
 
     _guarded(body)

@@ -23,6 +23,9 @@ ROOT = Path(__file__).resolve().parent.parent
     (["--dtype", "fp16"], "evaluation.dtype must be one of auto, fp32, tf32, bf16"),
     (["--dtype", "tf32"], "'tf32' needs study.device cuda"),
     (["--model", "/no/such/model"], "neither a registered name"),
+    (["--procs", "many"], "--procs must be an integer"),
+    (["--procs", "-1"], "--procs must be a positive integer"),
+    (["--procs", "4096"], "--procs 4096: this machine has"),
 ])
 def test_user_errors_are_one_line_before_any_work(tmp_path, args, message):
     out = tmp_path / "run"
@@ -151,3 +154,40 @@ def test_known_library_warnings_quiet_unless_debug(recwarn):
     recwarn.clear()
     body()
     assert len(recwarn) == 3
+
+
+def test_procs_relaunches_the_same_run_under_torchrun(tmp_path, monkeypatch):
+    """``--procs N`` runs the checked command as N torchrun processes (``--procs auto``: one per
+    free core on a CPU); the relaunched command carries every option, and really runs."""
+    import interp.cli as cli
+    import interp.hardware as hardware
+    from interp.study.distributed import resolve_procs
+
+    monkeypatch.setattr(hardware, "free_cores", lambda: 64)
+    assert resolve_procs(0, "cpu") == 4  # auto: at most 4 processes on a CPU
+    monkeypatch.setattr(hardware, "free_cores", lambda: 2)
+    assert resolve_procs(0, "cpu") == 2 and resolve_procs(1, "cpu") == 1
+    seen = []
+
+    class Fake:
+        def __init__(self, cmd):
+            seen.append(cmd)
+
+        def wait(self):
+            return 0
+
+    monkeypatch.setattr(cli.subprocess, "Popen", Fake)
+    out = tmp_path / "run"
+    res = CliRunner().invoke(app, ["--debug", "run", "-c", "experiments/tiny.toml", "-o", str(out), "--procs", "auto",
+                                   "--steps", "world", "--threads", "1", "--precision", "fp32"])
+    assert res.exit_code == 0, res.output
+    assert seen == [[sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                     "-m", "interp.cli", "--debug", "run", "--config", "experiments/tiny.toml", "--out", str(out),
+                     "--steps", "world", "--threads", "1", "--precision", "fp32"]]
+    monkeypatch.undo()
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    proc = subprocess.run([sys.executable, "-m", "interp.cli", "run", "-c", "experiments/tiny.toml", "-o", str(out),
+                           "--procs", "2", "--steps", "world"], cwd=ROOT, env={**env, "OMP_NUM_THREADS": "1"},
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "2 processes" in proc.stdout and (out / "world.json").is_file()

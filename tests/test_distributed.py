@@ -72,6 +72,7 @@ def test_two_gloo_processes_write_the_tables_of_one(runs):
 
     machine = json.loads((runs / "two" / "run.json").read_text())["machine"]
     assert machine["processes"] == {"world_size": 2, "per_host": 2, "backend": "gloo"}
+    assert machine["threads_alone"] == 2 * machine["threads"]  # rank 0's threads for the world, figures, report
     variants = ["base", "expert_ab", "expert_bc", "expert_ac", "uniform", "ties", "peft_linear", "arrow",
                 "mixture", "uniform+ac", "joint_all"]  # tiny.toml's, the oracle derived by rank 0
     r0, r1 = rank_log(runs / "logs", 0), rank_log(runs / "logs", 1)

@@ -203,6 +203,49 @@ def init_world(configured_device: str = "cpu") -> World:
     return world
 
 
+#: ``--procs auto`` on a CPU starts one process per free core, up to this many
+AUTO_CPU_PROCS = 4
+
+
+def resolve_procs(value: int, device: str) -> int:
+    """Processes for ``interp run --procs``: ``value`` if positive, else (``0``: auto) one per
+    free core on a CPU, at most :data:`AUTO_CPU_PROCS` (each process holds its own models, and
+    a step has 5-12 units to share), each then running one torch thread; one per visible GPU
+    on CUDA. On 2 cores two 1-thread processes beat one 2-thread process (README "Processors,
+    precision and threads").
+
+    Raises:
+        StudyError: a negative count, or more processes than the CPU's cores / the GPUs.
+    """
+    from interp.hardware import free_cores
+
+    if value < 0:
+        raise StudyError(f"--procs must be a positive integer or 'auto', got {value}")
+    on_gpu = device.startswith("cuda")
+    if on_gpu:
+        import torch
+
+        limit, what = torch.cuda.device_count(), "GPUs"
+    else:
+        limit = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        what = "CPU cores"
+    if value == 0:
+        return max(1, limit if on_gpu else min(free_cores(), AUTO_CPU_PROCS))
+    if value > max(1, limit):
+        raise StudyError(f"--procs {value}: this machine has {limit} {what}; more processes than that "
+                         "only wait on each other")
+    return value
+
+
+def launch_command(procs: int, cli_args: Sequence[str]) -> list[str]:
+    """The command that runs ``interp <cli_args>`` as ``procs`` torchrun processes on this host
+    (``python -m torch.distributed.run --standalone``), with this interpreter."""
+    import sys
+
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(procs),
+            "-m", "interp.cli", *cli_args]
+
+
 def _destroy() -> None:
     import torch.distributed as dist
 

@@ -364,7 +364,10 @@ def run_pipeline(pipeline: Sequence[Step], cfg: Config, out: str | Path,
         run.stages.pop(step.name, None)
         ran = step.sharded or world.is_main
         if ran:
-            with _step_context(run, step):
+            # the other ranks wait at the barrier below (blocked in a socket read, not spinning), so
+            # rank 0 alone may use the threads they were given
+            alone = run.machine.get("threads_alone") if not step.sharded else None
+            with _step_context(run, step), _threads(alone):
                 step.run(run)
         world.barrier()  # every shard written, and rank 0's tables, before anyone reads them
         dt = time.perf_counter() - t0
@@ -471,7 +474,23 @@ def _resolve_machine(cfg: Config, world: World = World()) -> dict[str, Any]:
         out["analysis_dtype"] = analysis.to_json()
     if world.size > 1:
         out["processes"] = {"world_size": world.size, "per_host": world.local_size, "backend": "gloo"}
+    if shared and world.is_main:  # a step rank 0 runs alone (world, figures, report) takes every shared thread
+        out["threads_alone"] = threads * world.local_size
     return out
+
+
+@contextlib.contextmanager
+def _threads(n: int | None):
+    """Run the block with ``n`` torch threads (``None``: unchanged), then restore the count."""
+    import torch
+
+    before = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _gather_step_records(run: Run, step: str, ran: bool) -> None:
