@@ -30,7 +30,7 @@ browser:
 	  { echo "installing Debian chromium"; (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) >/dev/null; }
 
 demo: setup browser
-	$(BIN)/interp run --out $(RUN_DIR)
+	$(BIN)/interp run --out $(RUN_DIR) --procs auto
 
 test: setup browser
 	$(BIN)/python -m pytest -q

@@ -72,7 +72,7 @@ def test_two_gloo_processes_write_the_tables_of_one(runs):
 
     machine = json.loads((runs / "two" / "run.json").read_text())["machine"]
     assert machine["processes"] == {"world_size": 2, "per_host": 2, "backend": "gloo"}
-    assert machine["threads_alone"] == 2 * machine["threads"]  # rank 0's threads for the world, figures, report
+    assert "threads_alone" not in machine  # tiny.toml fixes threads = 1: no shared threads to pool
     variants = ["base", "expert_ab", "expert_bc", "expert_ac", "uniform", "ties", "peft_linear", "arrow",
                 "mixture", "uniform+ac", "joint_all"]  # tiny.toml's, the oracle derived by rank 0
     r0, r1 = rank_log(runs / "logs", 0), rank_log(runs / "logs", 1)
@@ -233,3 +233,52 @@ def test_two_gloo_ranks_shard_gather_and_refuse_different_lists():
     assert [o["costly"] for o in got] == [["c"], ["a", "b"]]
     assert [o["bcast"] for o in got] == ["from 0", "from 0"] and got[1]["gather"] == [10, 11]
     assert all("disagree on the list of work units" in o.get("error", "") for o in got)
+
+
+def test_claim_hands_each_unit_to_exactly_one_rank_longest_first(tmp_path, monkeypatch):
+    """World.claim: a work queue. Two ranks asking in turn (one of them slower) split the units
+    between them, every unit once, each rank's in decreasing cost; one process gets them all."""
+    from interp.study.distributed import World
+
+    costs = {"ab": 150, "bc": 120, "ac": 60, "joint_12": 270, "joint_all": 300}
+    assert list(World().claim(costs, costs.get, tmp_path)) == ["joint_all", "joint_12", "ab", "bc", "ac"]
+    monkeypatch.setattr(World, "gather", lambda self, obj: [obj, obj])
+    monkeypatch.setattr(World, "broadcast", lambda self, obj: "launch")
+    r0, r1 = World(rank=0, size=2), World(rank=1, size=2)
+    q0, q1 = r0.claim(costs, costs.get, tmp_path), r1.claim(costs, costs.get, tmp_path)
+    got0, got1 = [next(q0)], [next(q1)]          # both start: the two longest
+    got0.append(next(q0))                          # rank 0 is free first: the next longest
+    got0.append(next(q0))
+    got1 += list(q1)                               # rank 1 finishes the queue
+    got0 += list(q0)
+    assert (got0, got1) == (["joint_all", "ab", "bc"], ["joint_12", "ac"])
+    claims = {p.name: p.read_text() for p in (tmp_path / "launch").iterdir()}  # queue position: rank
+    assert claims == {"0": "0", "1": "1", "2": "0", "3": "0", "4": "1"}
+    r1.release_claims()
+    assert (tmp_path / "launch").is_dir()          # only rank 0 removes them
+    r0.release_claims()
+    assert not (tmp_path / "launch").exists()
+
+
+def test_rank0_alone_gets_every_shared_thread(monkeypatch):
+    """With automatic threads shared by 2 processes, each takes half the free cores, and rank 0
+    runs the steps it runs alone (world, figures, report) with all of them, then gives them back."""
+    import torch
+
+    import interp.hardware as hardware
+    from interp.config import load_config
+    from interp.study.runner import _resolve_machine, _threads
+
+    monkeypatch.setattr(hardware, "free_cores", lambda: 4)
+    monkeypatch.delenv("INTERP_THREADS", raising=False)
+    monkeypatch.setattr(World, "broadcast", lambda self, obj: obj)
+    before = torch.get_num_threads()
+    try:
+        cfg = load_config(TINY, {"study.threads": 0})
+        machine = _resolve_machine(cfg, World(rank=0, size=2, local_rank=0, local_size=2))
+        assert machine["threads"] == 2 and machine["threads_alone"] == 4 and torch.get_num_threads() == 2
+        with _threads(machine["threads_alone"]):
+            assert torch.get_num_threads() == 4
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

@@ -21,9 +21,10 @@ import atexit
 import hashlib
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any, Callable, Sequence
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
 
 from interp.errors import StudyError
 
@@ -49,6 +50,7 @@ class World:
     size: int = 1
     local_rank: int = 0
     local_size: int = 1
+    _claims: list = field(default_factory=list, compare=False, repr=False)
 
     @property
     def is_main(self) -> bool:
@@ -82,6 +84,52 @@ class World:
                              "they must run the same config and code")
         owners = assign(costs, self.size) if costs is not None else [i % self.size for i in range(len(items))]
         return [x for x, r in zip(items, owners) if r == self.rank]
+
+    def claim(self, items: Sequence[Any], cost: Callable[[Any], float], scratch: str | os.PathLike) -> Iterator[Any]:
+        """The items this rank computes, handed out as the ranks get free: a work queue, for
+        units whose cost is only known once they run (an expert under the accuracy floor trains
+        twice). Items go out by decreasing ``cost`` (ties: list order); a rank asking for its
+        next item claims the first unclaimed one by creating its claim file with ``O_EXCL`` in
+        a directory of ``scratch`` that is new for this call (rank 0 names it), so each item goes to exactly
+        one rank. Which rank takes an item depends on timing; nothing a unit computes may
+        depend on the rank (seeds come from the config and the unit's name). One process: every
+        item, in cost order. Call :meth:`barrier` after the loop; rank 0 removes the claims there
+        (:meth:`release_claims`).
+
+        Raises:
+            StudyError: the ranks were given different lists.
+        """
+        items = list(items)
+        order = sorted(range(len(items)), key=lambda i: (-float(cost(items[i])), i))
+        if self.size == 1:
+            yield from (items[i] for i in order)
+            return
+        digest = hashlib.sha256(json.dumps([str(items[i]) for i in order]).encode()).hexdigest()
+        if len(set(self.gather(digest))) != 1:
+            raise StudyError("the ranks of a distributed run disagree on the list of work units to share; "
+                             "they must run the same config and code")
+        import uuid
+
+        where = Path(scratch) / self.broadcast(uuid.uuid4().hex if self.is_main else None)
+        where.mkdir(parents=True, exist_ok=True)
+        self._claims.append(where)
+        for k, i in enumerate(order):
+            try:
+                fd = os.open(where / str(k), os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                continue  # another rank took it
+            os.write(fd, str(self.rank).encode())
+            os.close(fd)
+            yield items[i]
+
+    def release_claims(self) -> None:
+        """Rank 0 removes the claim directories of :meth:`claim` (after a barrier: every rank is past them)."""
+        import shutil
+
+        for where in self._claims:
+            if self.is_main:
+                shutil.rmtree(where, ignore_errors=True)
+        self._claims.clear()
 
     def barrier(self) -> None:
         """Wait until every rank gets here (no-op in a one-process run)."""

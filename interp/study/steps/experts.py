@@ -36,8 +36,9 @@ def retrained_meta(out: Path, tc) -> dict | None:
 def run(run) -> None:
     """Train (or reuse) each expert of :func:`needed_experts`; write the ``experts`` table.
     Training itself resumes mid-way (``train_expert`` checkpoints). Sharded: in a distributed
-    run each rank trains its experts (one directory each) on its own device, and rank 0 then
-    reads every expert's metadata back (``train_expert`` returns a finished expert's as is)."""
+    run the ranks take experts from a queue (:meth:`World.claim`), each training its experts (one
+    directory each) on its own device, and rank 0 then reads every expert's metadata back
+    (``train_expert`` returns a finished expert's as is)."""
     import torch
 
     from interp.adapters.train import train_expert
@@ -72,10 +73,12 @@ def run(run) -> None:
         with run.stage(name, "train"):  # load, steps, training accuracy, save (a cached expert: a read)
             return train(name)
 
-    # cost: the optimiser steps of the first attempt (a small set still gets min_steps)
+    # a work queue, longest first (cost: the first attempt's optimiser steps; a small set still
+    # gets min_steps): an expert trained again under the floor is known to cost twice only then
     steps = {n: tc.total_steps(sum(len(world.train_pairs(s)) for s in EXPERT_DATA[n])) for n in names}
-    metas = {name: timed(name) for name in run.dist.shard(names, cost=steps.get)}
+    metas = {name: timed(name) for name in run.dist.claim(names, steps.get, run.out / "cache" / "claims")}
     run.dist.barrier()
+    run.dist.release_claims()
     if not run.dist.is_main:
         return
     rows = []
