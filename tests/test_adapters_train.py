@@ -251,7 +251,8 @@ def test_training_with_fewer_host_syncs_equals_the_step_by_step_loop(tmp_path, m
     assert cfg.max_steps > T.LOSS_READ_EVERY  # a block boundary is crossed
     new = train_expert("tiny-llama", EX, tmp_path / "new", cfg, progress=False)
     orig = T.answer_loss
-    monkeypatch.setattr(T, "answer_loss", lambda pm, ids, mask, labels, positions=None: orig(pm, ids, mask, labels))
+    monkeypatch.setattr(T, "answer_loss", lambda pm, ids, mask, labels, positions=None, position_ids=None:
+                        orig(pm, ids, mask, labels, position_ids=position_ids))
     seen = []
     old = train_expert("tiny-llama", EX, tmp_path / "old", cfg, progress=False,
                        callback=lambda s, loss: seen.append(loss))
@@ -321,3 +322,76 @@ def test_continue_from_a_finished_expert(tmp_path, monkeypatch):
                      start_from=tmp_path / "first")
     with pytest.raises(TrainingError, match="not a finished expert"):
         train_expert("tiny-llama", EX, tmp_path / "x", cfg, progress=False, start_from=tmp_path / "nothing")
+
+
+def test_packed_batch_layout_by_hand():
+    """First-fit decreasing into rows of 2x the longest (5 tokens -> capacity 10); positions
+    restart per example; the pad tail is a segment of its own; labels only on answers."""
+    from interp.adapters.train import _packed_batch
+
+    enc = [([5, 6, 7], [8, 9]), ([5], [9]), ([4, 4], [3]), ([7, 7, 7], [1])]  # lengths 5, 2, 3, 4
+    ids, pos, labels, example = _packed_batch(enc, [0, 1, 2, 3], pad=0)
+    # longest first: 0 (5) row 0; 3 (4) row 0 at 5; 2 (3) row 1; 1 (2) row 1 at 3
+    assert ids.tolist() == [[5, 6, 7, 8, 9, 7, 7, 7, 1, 0], [4, 4, 3, 5, 9, 0, 0, 0, 0, 0]]
+    assert pos.tolist() == [[0, 1, 2, 3, 4, 0, 1, 2, 3, 0], [0, 1, 2, 0, 1, 0, 1, 2, 3, 4]]
+    assert labels.tolist() == [[-100, -100, -100, 8, 9, -100, -100, -100, 1, -100],
+                               [-100, -100, 3, -100, 9, -100, -100, -100, -100, -100]]
+    assert example.tolist() == [[0, 0, 0, 0, 0, 3, 3, 3, 3, -1], [2, 2, 2, 1, 1, -1, -1, -1, -1, -1]]
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-qwen2"])
+def test_packed_rows_give_the_padded_loss_and_gradients(name):
+    """The packed layout is the padded one rearranged: same answer loss, same LoRA gradients,
+    and packing_error at rounding level."""
+    from peft import LoraConfig, get_peft_model
+
+    from interp.adapters.train import _packed_batch, answer_loss, answer_positions, packing_error
+    from interp.models import load_hf
+
+    hf, tok = load_hf(name)
+    pairs = [("Zorb works in", " Vexmoor"), ("A b", " Qlm oo"), ("The city of Ulm is in", " X"), ("Q", " r s")]
+    enc = [(tok(p, add_special_tokens=False)["input_ids"], tok(a, add_special_tokens=False)["input_ids"])
+           for p, a in pairs]
+    assert packing_error(hf, enc, [0, 1, 2, 3], 0) < 1e-5
+    pm = get_peft_model(hf, LoraConfig(r=2, target_modules=["q_proj", "down_proj"], init_lora_weights=False))
+    grads = []
+    for packed in (False, True):
+        pm.zero_grad()
+        if packed:
+            ids, pos, labels, _ = _packed_batch(enc, [0, 1, 2, 3], 0)
+            assert ids.shape[0] < len(pairs)  # some row does hold two examples
+            loss = answer_loss(pm, ids, None, labels, answer_positions(labels), position_ids=pos)
+        else:
+            ids, mask, labels = _batch(enc, [0, 1, 2, 3], 0)
+            loss = answer_loss(pm, ids, mask, labels)
+        loss.backward()
+        grads.append((loss.detach(), {n: p.grad.clone() for n, p in pm.named_parameters() if p.requires_grad}))
+    (l0, g0), (l1, g1) = grads
+    torch.testing.assert_close(l1, l0, atol=1e-6, rtol=1e-5)
+    for n in g0:
+        torch.testing.assert_close(g1[n], g0[n], atol=1e-6, rtol=1e-4)
+
+
+def test_packing_is_checked_and_turned_off_where_examples_would_see_each_other(tmp_path, monkeypatch):
+    """A model that does not keep packed examples apart (transformers' packed-sequence detection
+    disabled: every row is one causal sequence) is caught by packing_error, and train_expert then
+    right-pads: its expert equals the one trained with packing=False."""
+    import transformers.masking_utils as mu
+
+    from interp.adapters.train import PACKING_ATOL, packing_error
+    from interp.models import load_hf
+
+    packed = train_expert("tiny-llama", EX, tmp_path / "packed", CFG, progress=False)
+    assert packed["packed"] is True
+    monkeypatch.setattr(mu, "find_packed_sequence_indices", lambda position_ids: None)
+    hf, tok = load_hf("tiny-llama")
+    enc = [(tok(p, add_special_tokens=False)["input_ids"], tok(a, add_special_tokens=False)["input_ids"]) for p, a in EX]
+    assert packing_error(hf, enc, list(range(6)), 0) > PACKING_ATOL
+    leaky = train_expert("tiny-llama", EX, tmp_path / "leaky", CFG, progress=False)
+    monkeypatch.undo()
+    padded = train_expert("tiny-llama", EX, tmp_path / "padded", dataclasses.replace(CFG, packing=False),
+                          progress=False)
+    assert leaky["packed"] is False and padded["packed"] is False
+    assert leaky["losses"] == padded["losses"]
+    # packing changes the arithmetic's shapes, not the mathematics: the same losses to rounding
+    assert packed["losses"] == pytest.approx(padded["losses"], rel=1e-4, abs=1e-5)

@@ -69,6 +69,13 @@ class TrainConfig:
             (:func:`interp.hardware.choose_precision`; on an AVX512-BF16 CPU a SmolLM2 step is
             ~1.5x faster in bf16, on an AVX2-only CPU bf16 is ~5x *slower*). The adapter is
             saved in fp32 and its reported training accuracy is measured on the fp32 base.
+        packing: pack each batch's examples into rows of twice its longest example (first-fit
+            decreasing; each example's positions restart at 0, attention kept within it by
+            transformers' packed-sequence mask) instead of right-padding every example to the
+            longest: the same loss and gradient with ~30% fewer tokens (1.34x faster a step
+            on an AVX2 CPU in fp32, 1.22x in bf16 on AVX512-BF16, the study's data).
+            ``train_expert`` checks on the first batch, in fp32, that the model gives packed
+            and padded examples the same answer log-probabilities, and pads if not.
         min_accuracy: the study's floor on an expert's first-token accuracy on its own training
             facts (0: none). The experts step trains an expert below it for as many epochs
             again, continuing from its weights (``train_expert(start_from=...)``, a warm restart)
@@ -94,6 +101,7 @@ class TrainConfig:
     precision: str = "auto"
     max_grad_norm: float = 1.0
     loraplus_lr_ratio: float = 8.0
+    packing: bool = True
     min_accuracy: float = 0.9
 
     def __post_init__(self) -> None:

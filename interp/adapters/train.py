@@ -2,7 +2,8 @@
 
 :func:`train_expert` fine-tunes a LoRA (Hu et al., ICLR 2022: ``W x + s·B·A x``, ``s = α/r``) on
 a base model with the next-token cross-entropy on the *answer tokens only* (prompt and padding
-labels are −100), batches right-padded to their own longest sequence, AdamW (optionally LoRA+)
+labels are −100), each batch's examples packed into rows of twice its longest example (or
+right-padded to it), AdamW (optionally LoRA+)
 with linear warm-up and decay, and gradient-norm clipping. The result is a standard PEFT directory (``adapter_config.json`` + ``adapter_model.safetensors``) plus ``interp_meta.json``
 and ``manifest.json``, written atomically.
 
@@ -38,12 +39,20 @@ from interp.errors import TrainingError
 from interp.hardware import check_device, choose_precision
 from interp.models import (atomic_directory, atomic_write_text, check_fused_targets, decoder_and_head, load_hf,
                            model_skeleton, verify_manifest, write_manifest)
+from interp.packing import first_fit_decreasing
 
 CKPT_WEIGHTS = "lora_weights.safetensors"
 CKPT_OPTIM = "optimizer.pt"
 CKPT_STATE = "state.json"
 #: training losses are copied to the host in blocks of this many steps (one device sync each)
 LOSS_READ_EVERY = 32
+#: packed rows hold this many times a batch's longest example: on the study's data (8-22 tokens)
+#: 1x packs few pairs, 2x and 3x cut a step by a quarter on an AVX2 CPU, and one row for the whole
+#: batch is slower than padding (attention over the row; benchmarks/bench_packing.py)
+PACK_ROW_FACTOR = 2
+#: largest |difference| of an answer token's log-probability, packed against padded, in fp32:
+#: rounding is ~1e-6; a model that let packed examples see each other is off by far more
+PACKING_ATOL = 1e-4
 
 
 def _data_sha256(examples: Sequence[tuple[str, str]]) -> str:
@@ -82,6 +91,70 @@ def _batch(encoded: list[tuple[list[int], list[int]]], idx: Sequence[int], pad: 
     return ids, mask, labels
 
 
+def _packed_batch(encoded: list[tuple[list[int], list[int]]], idx: Sequence[int], pad: int,
+                  factor: int | None = None):
+    """The examples ``idx`` packed first-fit decreasing into rows of ``factor`` (default
+    :data:`PACK_ROW_FACTOR`) × the longest:
+    ``input_ids``, ``position_ids``, ``labels`` and ``example`` (the position in ``idx`` of the
+    example each token belongs to, −1 on padding), each ``[rows, capacity]`` long.
+
+    Each example's positions restart at 0, which is how transformers recognises packed
+    sequences and keeps attention within each one (``masking_utils.find_packed_sequence_indices``,
+    used when no attention mask is given); the pad tokens that end a row form a segment of their
+    own (positions from 0 again, labels −100), so no example attends to them.
+    """
+    lens = [len(encoded[i][0]) + len(encoded[i][1]) for i in idx]
+    cap = (factor or PACK_ROW_FACTOR) * max(lens)
+    rows = first_fit_decreasing(lens, cap)
+    ids = torch.full((len(rows), cap), pad, dtype=torch.long)
+    pos = torch.zeros((len(rows), cap), dtype=torch.long)
+    labels = torch.full((len(rows), cap), -100, dtype=torch.long)
+    example = torch.full((len(rows), cap), -1, dtype=torch.long)
+    for r, row in enumerate(rows):
+        end = 0
+        for j, off in row:
+            p, a = encoded[idx[j]]
+            end = off + len(p) + len(a)
+            ids[r, off:end] = torch.tensor(p + a)
+            pos[r, off:end] = torch.arange(end - off)
+            labels[r, off + len(p):end] = torch.tensor(a)
+            example[r, off:end] = j
+        pos[r, end:] = torch.arange(cap - end)
+    return ids, pos, labels, example
+
+
+def _answer_logprobs(model: Any, ids: torch.Tensor, labels: torch.Tensor, example: torch.Tensor,
+                     mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """Log-probabilities of the answer tokens, ordered by (example, token): ``[n_answer_tokens]``."""
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=False).logits
+    rows, cols, targets = answer_positions(labels)
+    lp = torch.log_softmax(logits[rows, cols].float(), -1).gather(-1, targets[:, None])[:, 0]
+    order = torch.argsort(example[rows, cols + 1] * ids.shape[1] + cols, stable=True)
+    return lp[order]
+
+
+@torch.no_grad()
+def packing_error(model: Any, encoded: list[tuple[list[int], list[int]]], idx: Sequence[int], pad: int) -> float:
+    """The largest |difference| (nats) between an answer token's log-probability with the
+    examples ``idx`` packed (:func:`_packed_batch`) and right-padded (:func:`_batch`), the model
+    as it is (``train_expert`` calls it on the fp32 base before LoRA is attached: the adapters
+    act on each token alone, so only attention and positions can tell the layouts apart).
+    ``inf`` when the layouts do not even give the same answer tokens."""
+    was_training = model.training
+    model.eval()
+    try:
+        ids, mask, labels = _batch(encoded, idx, pad)
+        rows = torch.arange(len(idx))[:, None].expand_as(ids)
+        padded = _answer_logprobs(model, ids, labels, rows, mask=mask)
+        pids, pos, plabels, example = _packed_batch(encoded, idx, pad)
+        packed = _answer_logprobs(model, pids, plabels, example, position_ids=pos)
+    finally:
+        model.train(was_training)
+    if packed.shape != padded.shape:
+        return math.inf
+    return float((packed - padded).abs().max()) if len(padded) else 0.0
+
+
 def answer_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Where the answer tokens are predicted: ``(rows, cols, targets)``, each ``[n_answer_tokens]``
     (long), in row-major order, with ``hidden[rows, cols]`` the states that predict ``targets``.
@@ -95,8 +168,9 @@ def answer_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, 
     return rows, cols, target[rows, cols]
 
 
-def answer_loss(pm: Any, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor,
-                positions: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+def answer_loss(pm: Any, ids: torch.Tensor, mask: torch.Tensor | None, labels: torch.Tensor,
+                positions: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+                position_ids: torch.Tensor | None = None) -> torch.Tensor:
     """Mean next-token cross-entropy (nats/token) over answer tokens, as HF's causal-LM loss.
 
     Only the positions that predict an answer token go through the unembedding: with answers of
@@ -106,15 +180,16 @@ def answer_loss(pm: Any, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Te
 
     Args:
         pm: the PEFT model (LoRA layers active). ids, mask, labels: ``[batch, pos]`` (labels −100
-            outside answers).
+            outside answers); ``mask`` ``None`` with ``position_ids`` for packed rows
+            (:func:`_packed_batch`).
         positions: :func:`answer_positions` of ``labels``, on the model's device (default: taken
             from ``labels`` by a boolean mask: the same values, with a host sync on a GPU).
     """
     split = decoder_and_head(pm.get_base_model())
     if split is None:
-        return pm(input_ids=ids, attention_mask=mask, labels=labels, use_cache=False).loss
+        return pm(input_ids=ids, attention_mask=mask, position_ids=position_ids, labels=labels, use_cache=False).loss
     decoder, head = split
-    hidden = decoder(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+    hidden = decoder(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=False).last_hidden_state
     if positions is None:
         target = labels[:, 1:]
         keep = target != -100
@@ -326,8 +401,8 @@ def train_expert(base: str | os.PathLike, examples: Sequence[tuple[str, str]], o
     Returns:
         The metadata written to ``interp_meta.json``: ``base_model, data_sha256, n_examples,
         config, seed, init_seed, steps, final_loss, losses, train_first_token_acc, train_exact_match,
-        wall_time_s, steps_per_s, resumed_from_step``. If ``out_dir`` is already complete (manifest
-        verifies) with the same data hash and config, that metadata is returned without training.
+        wall_time_s, steps_per_s, resumed_from_step, packed`` (whether batches were packed). If
+        ``out_dir`` is already complete (manifest verifies) with the same data hash and config, that metadata is returned without training.
 
     Raises:
         interp.errors.TrainingError (a ValueError): no examples, malformed examples, bad config
@@ -364,12 +439,20 @@ def train_expert(base: str | os.PathLike, examples: Sequence[tuple[str, str]], o
             return meta
     t0 = time.perf_counter()
     hf, tok = load_hf(base)
+    encoded = _encode(tok, examples, config.add_eos)
+    pad = next(c for c in (tok.pad_token_id, tok.eos_token_id, 0) if c is not None)
+    n = len(encoded)
+    packing = config.packing
+    if packing:  # checked on the fp32 base, on this device, with a batch of the first examples
+        err = packing_error(hf.to(device), encoded, range(min(n, config.batch_size)), pad)
+        packing = err <= PACKING_ATOL
+        if not packing:
+            print(f"packing off for {base}: packed and padded examples differ by {err:.3g} nats "
+                  f"(> {PACKING_ATOL}) in answer log-probability; batches are right-padded")
     # bf16: the frozen base is held in bf16 (no per-step weight casts); LoRA weights, AdamW state
     # and the loss stay fp32 (peft keeps adapters in fp32), matmuls run under bf16 autocast.
     hf = hf.to(device, dtype=torch.bfloat16 if config.precision == "bf16" else None)
     check_target_modules(hf, config.target_modules, str(base))
-    encoded = _encode(tok, examples, config.add_eos)
-    pad = next(c for c in (tok.pad_token_id, tok.eos_token_id, 0) if c is not None)
     torch.manual_seed(init_seed)  # draws the LoRA init (A Kaiming-uniform, B = 0), then any dropout
     lcfg = LoraConfig(r=config.r, lora_alpha=config.lora_alpha, target_modules=list(config.target_modules),
                       lora_dropout=config.lora_dropout, bias="none", task_type="CAUSAL_LM")
@@ -386,7 +469,6 @@ def train_expert(base: str | os.PathLike, examples: Sequence[tuple[str, str]], o
     else:
         opt = torch.optim.AdamW(list(_trainable(pm).values()), lr=config.lr, weight_decay=config.weight_decay)
     peak = [g["lr"] for g in opt.param_groups]
-    n = len(encoded)
     steps_per_epoch = math.ceil(n / config.batch_size)
     total = config.total_steps(n)
     partial = Path(str(out) + ".partial")
@@ -420,13 +502,18 @@ def train_expert(base: str | os.PathLike, examples: Sequence[tuple[str, str]], o
             batches = epoch_batches(n, config.batch_size, config.seed, epoch + epoch_offset)
             batches_epoch = epoch
         idx = batches[k]
-        ids, mask, labels = _batch(encoded, idx, pad)
+        if packing:
+            ids, pos, labels, _ = _packed_batch(encoded, idx, pad)
+            mask, pos = None, to_device(pos)
+        else:
+            (ids, mask, labels), pos = _batch(encoded, idx, pad), None
+            mask = to_device(mask)
         positions = tuple(to_device(t) for t in answer_positions(labels))
-        ids, mask, labels = to_device(ids), to_device(mask), to_device(labels)
+        ids, labels = to_device(ids), to_device(labels)
         for group, lr in zip(opt.param_groups, peak):
             group["lr"] = lr * lr_scale(config, step, total)
         with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=config.precision == "bf16"):
-            loss = answer_loss(pm, ids, mask, labels, positions)
+            loss = answer_loss(pm, ids, mask, labels, positions, position_ids=pos)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if config.max_grad_norm:
@@ -464,7 +551,7 @@ def train_expert(base: str | os.PathLike, examples: Sequence[tuple[str, str]], o
             "train_first_token_acc": first, "train_exact_match": exact,
             "wall_time_s": time.perf_counter() - t0,
             "steps_per_s": (step - start_step) / train_s if train_s > 0 and step > start_step else None,
-            "resumed_from_step": start_step, "precision": choice.to_json(),
+            "resumed_from_step": start_step, "precision": choice.to_json(), "packed": packing,
             "start_from": ident.get("start_from"), "start_from_steps": start["steps"] if start else None}
     with atomic_directory(out) as tmp:
         pm.save_pretrained(str(tmp), safe_serialization=True)

@@ -9,6 +9,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from interp.errors import PatchingError, UnsupportedHookError
+from interp.packing import first_fit_decreasing
 from interp.surgery import unembed_linear
 
 
@@ -217,25 +218,9 @@ def forward_packed(hm: Any, start_layer: int, resid: torch.Tensor,
 
 
 def _pack(suffixes: tuple[int, ...], capacity: int, max_copies: int) -> list[list[tuple[int, int]]]:
-    """First-fit-decreasing packing of segments (lengths ``suffixes``) into rows of ``capacity``.
-
-    Returns rows as lists of ``(segment index, offset in row)``; a row holds at most
-    ``max_copies`` segments.
-    """
-    order = sorted(range(len(suffixes)), key=lambda i: -suffixes[i])
-    rows: list[list[tuple[int, int]]] = []
-    used: list[int] = []
-    for i in order:
-        s = suffixes[i]
-        for r in range(len(rows)):
-            if used[r] + s <= capacity and len(rows[r]) < max_copies:
-                rows[r].append((i, used[r]))
-                used[r] += s
-                break
-        else:
-            rows.append([(i, 0)])
-            used.append(s)
-    return rows
+    """First-fit-decreasing packing of segments (lengths ``suffixes``) into rows of ``capacity``,
+    at most ``max_copies`` per row (:func:`interp.packing.first_fit_decreasing`)."""
+    return first_fit_decreasing(suffixes, capacity, max_copies)
 
 
 STACKED_MODEL_TYPES = frozenset({"llama", "qwen2"})
