@@ -143,10 +143,11 @@ def compare(model: str, device: str = "cpu", steps: int = 4, warmup: int = 1, ba
 
     base = arch.register(model, device) if model in arch.SHAPES else model
     examples = examples_for(model, n_examples, prompt_words)
-    # the plain loop's recipe: constant lr, no clipping, fp32 (the study's defaults differ)
+    # the plain loop's recipe: constant lr, no clipping, fp32, right-padded batches (the study's
+    # defaults differ; packed rows are timed against padding by bench_packing.py)
     cfg = TrainConfig(r=r, lora_alpha=2 * r, batch_size=batch, max_steps=warmup + steps, seed=0,
                       checkpoint_every=checkpoint_every, schedule="constant", max_grad_norm=0.0,
-                      loraplus_lr_ratio=0.0, precision="fp32")
+                      loraplus_lr_ratio=0.0, precision="fp32", packing=False)
     plain_tps, ours_tps, plain_step, ours_step, e2es, loss_d, w_d = [], [], [], [], [], [], []
     ckpt_extra, mem_plain, mem_ours = [], [], []
     tokens = None

@@ -168,6 +168,20 @@ def rows_machine(j: dict) -> list[dict]:
     return out
 
 
+def rows_packing(j: dict) -> list[dict]:
+    out = []
+    for prec in dict.fromkeys(x["precision"] for x in j["rows"]):
+        rs = {x["layout"]: x for x in j["rows"] if x["precision"] == prec}
+        pad, ours = rs["padded"], rs["packed 2x"]
+        cpu = ours["cpu"]
+        out.append(row("training", f"training step {ours['base_model']} {prec}, joint_all's data: packed rows (2x the "
+                                   f"longest) vs right padding on {cpu['model']}, torch capability {cpu['capability']}",
+                       ours["step_s"], pad["step_s"], "s/step", pad["step_s"] / ours["step_s"], None, None, None, "",
+                       "tokens computed / real: " + ", ".join(f"{k} {v['tokens_computed_over_real']:.2f} "
+                                                              f"({v['step_s']:.3g} s)" for k, v in rs.items())))
+    return out
+
+
 def rows_inference(j: dict) -> list[dict]:
     sc, bp = j["scoring"], j["backpatch"]
     return [
@@ -330,6 +344,8 @@ def cpu_suite(quick: bool, out_dir: Path, reuse: tuple[str, ...] = ()) -> dict:
          "bench_training.json", lambda j, mem: rows_training(j)),
         ("machine", ["benchmarks/bench_machine.py"] + (["--quick"] if quick else []), "bench_machine.json",
          lambda j, mem: rows_machine(j)),
+        ("packing", ["benchmarks/bench_packing.py"] + (["--quick"] if quick else []), "bench_packing.json",
+         lambda j, mem: rows_packing(j)),
         ("inference", ["benchmarks/bench_inference.py"] + (["--n", "32", "--n-backpatch", "4", "--stride", "6"] if quick else []),
          "bench_inference.json", lambda j, mem: rows_inference(j)),
     ]

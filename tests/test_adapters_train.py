@@ -326,14 +326,14 @@ def test_continue_from_a_finished_expert(tmp_path, monkeypatch):
 
 def test_packed_batch_layout_by_hand():
     """First-fit decreasing into rows of 2x the longest (5 tokens -> capacity 10); positions
-    restart per example; the pad tail is a segment of its own; labels only on answers."""
+    restart per example; each pad token is a one-token segment at position 0; labels only on answers."""
     from interp.adapters.train import _packed_batch
 
     enc = [([5, 6, 7], [8, 9]), ([5], [9]), ([4, 4], [3]), ([7, 7, 7], [1])]  # lengths 5, 2, 3, 4
     ids, pos, labels, example = _packed_batch(enc, [0, 1, 2, 3], pad=0)
     # longest first: 0 (5) row 0; 3 (4) row 0 at 5; 2 (3) row 1; 1 (2) row 1 at 3
     assert ids.tolist() == [[5, 6, 7, 8, 9, 7, 7, 7, 1, 0], [4, 4, 3, 5, 9, 0, 0, 0, 0, 0]]
-    assert pos.tolist() == [[0, 1, 2, 3, 4, 0, 1, 2, 3, 0], [0, 1, 2, 0, 1, 0, 1, 2, 3, 4]]
+    assert pos.tolist() == [[0, 1, 2, 3, 4, 0, 1, 2, 3, 0], [0, 1, 2, 0, 1, 0, 0, 0, 0, 0]]
     assert labels.tolist() == [[-100, -100, -100, 8, 9, -100, -100, -100, 1, -100],
                                [-100, -100, 3, -100, 9, -100, -100, -100, -100, -100]]
     assert example.tolist() == [[0, 0, 0, 0, 0, 3, 3, 3, 3, -1], [2, 2, 2, 1, 1, -1, -1, -1, -1, -1]]
@@ -381,13 +381,21 @@ def test_packing_is_checked_and_turned_off_where_examples_would_see_each_other(t
     from interp.adapters.train import PACKING_ATOL, packing_error
     from interp.models import load_hf
 
+    import interp.adapters.train as T
+
+    layouts = []  # what the training loop fed the model: position_ids given (packed) or not
+    real_loss = T.answer_loss
+    monkeypatch.setattr(T, "answer_loss", lambda *a, position_ids=None, **k: layouts.append(position_ids is not None)
+                        or real_loss(*a, position_ids=position_ids, **k))
     packed = train_expert("tiny-llama", EX, tmp_path / "packed", CFG, progress=False)
-    assert packed["packed"] is True
+    assert packed["packed"] is True and layouts == [True] * CFG.max_steps
     monkeypatch.setattr(mu, "find_packed_sequence_indices", lambda position_ids: None)
     hf, tok = load_hf("tiny-llama")
     enc = [(tok(p, add_special_tokens=False)["input_ids"], tok(a, add_special_tokens=False)["input_ids"]) for p, a in EX]
     assert packing_error(hf, enc, list(range(6)), 0) > PACKING_ATOL
+    layouts.clear()
     leaky = train_expert("tiny-llama", EX, tmp_path / "leaky", CFG, progress=False)
+    assert layouts == [False] * CFG.max_steps
     monkeypatch.undo()
     padded = train_expert("tiny-llama", EX, tmp_path / "padded", dataclasses.replace(CFG, packing=False),
                           progress=False)
@@ -395,3 +403,21 @@ def test_packing_is_checked_and_turned_off_where_examples_would_see_each_other(t
     assert leaky["losses"] == padded["losses"]
     # packing changes the arithmetic's shapes, not the mathematics: the same losses to rounding
     assert packed["losses"] == pytest.approx(padded["losses"], rel=1e-4, abs=1e-5)
+
+
+def test_packing_check_fails_safe_on_a_model_that_refuses_position_ids():
+    """An architecture whose forward raises on the packed layout gets ``inf`` (pad), not a crash."""
+    from interp.adapters.train import packing_error
+    from interp.models import load_hf
+
+    hf, tok = load_hf("tiny-llama")
+    enc = [(tok(p, add_special_tokens=False)["input_ids"], tok(a, add_special_tokens=False)["input_ids"]) for p, a in EX]
+    forward = hf.forward
+
+    def no_positions(*a, position_ids=None, **k):
+        if position_ids is not None:
+            raise TypeError("forward() got an unexpected keyword argument 'position_ids'")
+        return forward(*a, **k)
+
+    hf.forward = no_positions
+    assert packing_error(hf, enc, range(4), 0) == float("inf")

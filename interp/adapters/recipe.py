@@ -72,10 +72,13 @@ class TrainConfig:
         packing: pack each batch's examples into rows of twice its longest example (first-fit
             decreasing; each example's positions restart at 0, attention kept within it by
             transformers' packed-sequence mask) instead of right-padding every example to the
-            longest: the same loss and gradient with ~30% fewer tokens (1.34x faster a step
+            longest: the same loss and gradient (with dropout off; with dropout, masks of another
+            shape) with ~30% fewer tokens (1.34x faster a step
             on an AVX2 CPU in fp32, 1.22x in bf16 on AVX512-BF16, the study's data).
-            ``train_expert`` checks on the first batch, in fp32, that the model gives packed
-            and padded examples the same answer log-probabilities, and pads if not.
+            ``train_expert`` checks on its first examples, in fp32, that the model gives packed
+            and padded examples the same answer log-probabilities, and pads if not. Part of
+            :meth:`identity`: experts trained before it existed are trained again. On CUDA,
+            transformers' packed-sequence detection reads one flag from the GPU per step.
         min_accuracy: the study's floor on an expert's first-token accuracy on its own training
             facts (0: none). The experts step trains an expert below it for as many epochs
             again, continuing from its weights (``train_expert(start_from=...)``, a warm restart)

@@ -53,6 +53,8 @@ PACK_ROW_FACTOR = 2
 #: largest |difference| of an answer token's log-probability, packed against padded, in fp32:
 #: rounding is ~1e-6; a model that let packed examples see each other is off by far more
 PACKING_ATOL = 1e-4
+#: examples in that check (a forward of each layout; on the CPU, before the base moves to its device)
+PACKING_CHECK_EXAMPLES = 4
 
 
 def _data_sha256(examples: Sequence[tuple[str, str]]) -> str:
@@ -100,8 +102,8 @@ def _packed_batch(encoded: list[tuple[list[int], list[int]]], idx: Sequence[int]
 
     Each example's positions restart at 0, which is how transformers recognises packed
     sequences and keeps attention within each one (``masking_utils.find_packed_sequence_indices``,
-    used when no attention mask is given); the pad tokens that end a row form a segment of their
-    own (positions from 0 again, labels −100), so no example attends to them.
+    used when no attention mask is given); each pad token that ends a row is a one-token segment
+    of its own (position 0, label −100), so no example attends to it.
     """
     lens = [len(encoded[i][0]) + len(encoded[i][1]) for i in idx]
     cap = (factor or PACK_ROW_FACTOR) * max(lens)
@@ -119,7 +121,9 @@ def _packed_batch(encoded: list[tuple[list[int], list[int]]], idx: Sequence[int]
             pos[r, off:end] = torch.arange(end - off)
             labels[r, off + len(p):end] = torch.tensor(a)
             example[r, off:end] = j
-        pos[r, end:] = torch.arange(cap - end)
+        # pad tokens at position 0: each its own one-token segment, no position past the
+        # longest example (absolute position tables, dynamic RoPE)
+        pos[r, end:] = 0
     return ids, pos, labels, example
 
 
@@ -139,15 +143,20 @@ def packing_error(model: Any, encoded: list[tuple[list[int], list[int]]], idx: S
     examples ``idx`` packed (:func:`_packed_batch`) and right-padded (:func:`_batch`), the model
     as it is (``train_expert`` calls it on the fp32 base before LoRA is attached: the adapters
     act on each token alone, so only attention and positions can tell the layouts apart).
-    ``inf`` when the layouts do not even give the same answer tokens."""
+    ``inf`` when the layouts do not even give the same answer tokens, or the model fails on the
+    packed one (an architecture that does not take ``position_ids``, say)."""
     was_training = model.training
     model.eval()
+    idx = list(idx)
     try:
         ids, mask, labels = _batch(encoded, idx, pad)
         rows = torch.arange(len(idx))[:, None].expand_as(ids)
         padded = _answer_logprobs(model, ids, labels, rows, mask=mask)
         pids, pos, plabels, example = _packed_batch(encoded, idx, pad)
-        packed = _answer_logprobs(model, pids, plabels, example, position_ids=pos)
+        try:
+            packed = _answer_logprobs(model, pids, plabels, example, position_ids=pos)
+        except Exception:  # noqa: BLE001 - any failure of the packed layout means: pad
+            return math.inf
     finally:
         model.train(was_training)
     if packed.shape != padded.shape:
@@ -443,12 +452,16 @@ def train_expert(base: str | os.PathLike, examples: Sequence[tuple[str, str]], o
     pad = next(c for c in (tok.pad_token_id, tok.eos_token_id, 0) if c is not None)
     n = len(encoded)
     packing = config.packing
-    if packing:  # checked on the fp32 base, on this device, with a batch of the first examples
-        err = packing_error(hf.to(device), encoded, range(min(n, config.batch_size)), pad)
+    if packing:  # checked on the fp32 base as loaded (on the CPU), with the first examples: with
+        # rows of twice the longest, the two longest always share one, so some example is offset
+        err = packing_error(hf, encoded, range(min(n, PACKING_CHECK_EXAMPLES)), pad)
         packing = err <= PACKING_ATOL
         if not packing:
             print(f"packing off for {base}: packed and padded examples differ by {err:.3g} nats "
                   f"(> {PACKING_ATOL}) in answer log-probability; batches are right-padded")
+    # a checkpoint resumes only under the layout it was trained with (the check could go the
+    # other way on another machine or library version)
+    ident["packed"] = packing
     # bf16: the frozen base is held in bf16 (no per-step weight casts); LoRA weights, AdamW state
     # and the loss stay fp32 (peft keeps adapters in fp32), matmuls run under bf16 autocast.
     hf = hf.to(device, dtype=torch.bfloat16 if config.precision == "bf16" else None)
