@@ -7,7 +7,7 @@ into rows of 1x, 2x (the default, ``PACK_ROW_FACTOR``), 3x and 4x the longest. R
 the tokens a step computes (padding included) over the real tokens. Every row carries the CPU
 model, torch's capability string and the bf16 flags.
 
-    python benchmarks/bench_packing.py                    # SmolLM2, fp32 and bf16, ~5 min
+    python benchmarks/bench_packing.py                    # SmolLM2, fp32 and bf16, 1 thread, ~6 min
     python benchmarks/bench_packing.py --precision fp32   # one precision (an AVX2-only CPU)
     python benchmarks/bench_packing.py --quick            # tiny-llama, seconds
 
@@ -80,12 +80,15 @@ def main(argv=None) -> dict:
     ap.add_argument("--model", default=None)
     ap.add_argument("--precision", choices=("fp32", "bf16", "both"), default="both")
     ap.add_argument("--steps", type=int, default=None)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads (default 1: what each of make demo's two processes gets on 2 cores)")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", default=str(HERE / "results" / "bench_packing.json"))
     a = ap.parse_args(argv)
     model = a.model or ("tiny-llama" if a.quick else "smollm2-135m")
     steps = a.steps or (3 if a.quick else 10)
     torch.manual_seed(0)
+    torch.set_num_threads(a.threads)
     world = make_world(seed=0, n_chains_per_tier=64)
     pairs = [p for split in ("d1", "d2", "d_ac") for p in world.train_pairs(split)]
     _, tok = load_hf(model)

@@ -142,7 +142,7 @@ NOT_HASHED: dict[tuple[str, str], Any] = {("study", "threads"): 0}
 #: (section, key) -> default of keys that enter a cache key only when changed from the default
 #: (``evaluation.dtype`` "auto" is first resolved for the device: fp32 on a CPU, which is dropped)
 HASH_NEW_DEFAULTS: dict[tuple[str, str], Any] = {("evaluation", "dtype"): "fp32", ("study", "seeds"): [],
-                                                  ("training", "min_accuracy"): 0.0}
+                                                  ("training", "min_accuracy"): 0.0, ("training", "packing"): False}
 
 
 def _check_type(value: Any, tp: Any, key: str) -> Any:

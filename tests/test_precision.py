@@ -90,7 +90,8 @@ def test_dtype_enters_cache_keys_only_off_its_default():
 
 
 #: step keys of CPU runs computed by main at 95ff6c5, before ``evaluation.dtype = "auto"`` existed
-#: (training.precision forced to fp32, so that no processor's bf16 probe enters them)
+#: (training.precision forced to fp32, so that no processor's bf16 probe enters them, and
+#: training.packing off, as it was then: packing changes the experts' keys, checked below)
 PINNED_CPU_KEYS = {
     None: {"world": "5d4b5ccd17563dce", "experts": "f7329bd3b2711d41", "evaluate": "296d1783b89671a7",
            "mechanisms": "a61dfd6fa84af7cb", "subspace": "f2e4a7fb3974cfb1", "figures": "db200ae1ce101050",
@@ -121,7 +122,8 @@ def test_cpu_runs_keep_their_cache_keys(tmp_path, path):
     from interp.study.steps.mechanisms import mechanism_key
     from interp.study.two_hop import PIPELINE
 
-    cfg = resolve_config(path, {"training.precision": "fp32", "study.threads": 1})
+    old = {"training.precision": "fp32", "study.threads": 1, "training.packing": False}
+    cfg = resolve_config(path, old)
     assert cfg.evaluation.dtype == "auto"
     math = path == "experiments/math.toml"
     pipeline = [Step(s.name, lambda run: None, s.deps, analysis=s.analysis) for s in (MATH if math else PIPELINE)]
@@ -132,9 +134,13 @@ def test_cpu_runs_keep_their_cache_keys(tmp_path, path):
     assert rj["config"]["evaluation"]["dtype"] == "fp32"  # resolved before any key, as run.json keeps it
     a = rj["machine"]["analysis_dtype"]
     assert (a["dtype"], a["requested"], a["device"]) == ("fp32", "auto", "cpu") and a["reason"]
-    forced = resolve_config(path, {"training.precision": "fp32", "study.threads": 1, "evaluation.dtype": "fp32"})
+    forced = resolve_config(path, {**old, "evaluation.dtype": "fp32"})
     run_pipeline(pipeline, forced, tmp_path / "forced")
     assert json.loads((tmp_path / "forced" / "run.json").read_text())["step_keys"] == rj["step_keys"]
+    packed = resolve_config(path, {**old, "training.packing": True})  # the default: experts train again
+    run_pipeline(pipeline, packed, tmp_path / "packed")
+    keys = json.loads((tmp_path / "packed" / "run.json").read_text())["step_keys"]
+    assert keys["world"] == rj["step_keys"]["world"] and keys["experts"] != rj["step_keys"]["experts"]
 
 
 def test_analysis_precision_sets_and_restores_tf32_flags():
