@@ -66,7 +66,8 @@ def runs(tmp_path_factory):
 
 
 def test_two_gloo_processes_write_the_tables_of_one(runs):
-    """Byte-identical tables, and the work was really shared: each rank scored its own variants."""
+    """Byte-identical tables, and the work was really shared: each variant scored by one rank,
+    taken from the queue (which rank depends on timing), and both ranks scored some."""
     assert_same_tables(runs / "one", runs / "two")
     import json
 
@@ -76,15 +77,18 @@ def test_two_gloo_processes_write_the_tables_of_one(runs):
     variants = ["base", "expert_ab", "expert_bc", "expert_ac", "uniform", "ties", "peft_linear", "arrow",
                 "mixture", "uniform+ac", "joint_all"]  # tiny.toml's, the oracle derived by rank 0
     r0, r1 = rank_log(runs / "logs", 0), rank_log(runs / "logs", 1)
-    for i, v in enumerate(variants):  # round robin: rank i mod 2 scores variant i
-        mine, other = (r0, r1) if i % 2 == 0 else (r1, r0)
-        assert f"evaluate {v}:" in mine and f"evaluate {v}:" not in other, v
+    scored_by = {v: [r for r, log in enumerate((r0, r1)) if f"evaluate {v}:" in log] for v in variants}
+    assert all(len(ranks) == 1 for ranks in scored_by.values()), scored_by
+    assert {r for ranks in scored_by.values() for r in ranks} == {0, 1}, scored_by
     # run.json `stages`: rank 0 gathered every rank's units, the same units as one process times
     one, two = (json.loads((runs / d / "run.json").read_text())["stages"] for d in ("one", "two"))
     for stages in (one, two):
-        assert set(stages["evaluate"]) == set(variants)
-        assert all({"load", "score", "chain"} <= set(st) for st in stages["evaluate"].values())
-        assert set(stages["experts"]) == {"ab", "bc", "ac", "joint_all"}
+        # a variant a rank scored while the other still trained is timed in the experts step
+        early = {u for u, st in stages["experts"].items() if "score_while_waiting" in st}
+        assert set(stages["evaluate"]) | early == set(variants)
+        assert all({"load", "score", "chain"} <= set(st) for st in [*stages["evaluate"].values(), *(
+            stages["experts"][u] for u in early)])
+        assert {u for u, st in stages["experts"].items() if "train" in st} == {"ab", "bc", "ac", "joint_all"}
         assert {"adapters", "spectra", "overlap"} <= set(stages["subspace"]["modules"])
         assert all(x >= 0 for step in stages.values() for st in step.values() for x in st.values())
     assert set(one["mechanisms"]) == set(two["mechanisms"]) and set(one) == set(two)
@@ -282,3 +286,26 @@ def test_rank0_alone_gets_every_shared_thread(monkeypatch):
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+def test_a_rank_waiting_on_an_expert_scores_what_is_ready(runs, tmp_path):
+    """``score_while_waiting``: with expert ``ac`` still to train, a rank scores every variant
+    that needs no ``ac`` (base first), into the evaluate step's cache files, byte-identical to
+    what that step wrote; nothing that needs ``ac``; and nothing once every expert is trained."""
+    from interp.study.runner import Run, resolve_config
+    from interp.study.steps.evaluate import scores_path
+    from interp.study.steps.experts import score_while_waiting
+    from interp.study.variants import needed_experts
+
+    out = tmp_path / "copy"
+    shutil.copytree(runs / "one", out)
+    shutil.rmtree(out / "cache" / "scores")
+    run = Run(resolve_config(TINY, {}), out, timings={})
+    names, tc = needed_experts(run.cfg), run.cfg.training
+    assert score_while_waiting(run, names, tc) == []  # every expert trained: nothing to wait for
+    shutil.rmtree(out / "adapters" / "ac")
+    done = score_while_waiting(run, names, tc)
+    assert done[0] == "base" and {"expert_ab", "expert_bc", "uniform", "ties", "arrow"} <= set(done)
+    assert not {"expert_ac", "uniform+ac"} & set(done)
+    for v in done:
+        assert scores_path(run, v).read_bytes() == (runs / "one" / scores_path(run, v).relative_to(out)).read_bytes(), v

@@ -277,3 +277,37 @@ def test_expert_below_the_accuracy_floor_is_trained_again(tiny_run, tmp_path, mo
     run_study(cfg, out=out, steps=["experts"])
     assert (out / "adapters" / below[0] / "adapter_model.safetensors").read_bytes() == before
     pd.testing.assert_frame_equal(pd.read_csv(out / "results" / "experts.csv").set_index("expert"), floor)
+
+
+def test_evaluate_caches_the_merges_the_subspace_step_reads(tiny_run):
+    """The merged ΔW the evaluate step loaded (``hm.info["deltas"]``) is cached once per config and
+    is bit for bit what the subspace step would compute from the experts' factors; a damaged
+    file is an error naming it, not a silent recompute."""
+    from interp.adapters.factors import read_adapter
+    from interp.study.merge_cache import load_merge, merge_path, same_merge
+    from interp.study.runner import Run, resolve_config
+    from interp.study.variants import LIBRARY, VARIANTS
+
+    cfg = resolve_config(TINY, {})
+    run = Run(cfg, tiny_run, timings={})
+    pair = [read_adapter(run.expert_dir(e)) for e in LIBRARY]
+    checked = []
+    for v in ("uniform", "ties"):
+        assert v in cfg.methods.variants
+        cached = load_merge(run, v)
+        assert cached is not None, v
+        # written by the evaluate step (from the loaded model), before its marker
+        assert merge_path(run, v).stat().st_mtime <= (tiny_run / "steps" / "evaluate.json").stat().st_mtime, v
+        assert same_merge(cached, dict(VARIANTS[v].merge_deltas(pair, cfg.methods))), v
+        checked.append(v)
+    assert checked == ["uniform", "ties"]
+    other = Run(resolve_config(TINY, {"methods.ties_density": 0.3}), tiny_run, timings={})
+    assert merge_path(other, "ties") != merge_path(run, "ties") and load_merge(other, "ties") is None
+    path = merge_path(run, "ties")
+    good = path.read_bytes()
+    try:
+        path.write_bytes(good[:100])
+        with pytest.raises(StudyError, match="damaged"):
+            load_merge(run, "ties")
+    finally:
+        path.write_bytes(good)

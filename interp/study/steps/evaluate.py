@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pandas as pd
 from tqdm.auto import tqdm
 
@@ -45,6 +47,10 @@ def score_variant(run, variant: str, sets: dict[str, list]) -> pd.DataFrame:
 
     with run.stage(variant, "load"):
         hm = run.load_variant(variant)
+    if VARIANTS[variant].merge_deltas is not None and hm.info.get("deltas") is not None:
+        from interp.study.merge_cache import save_merge
+
+        save_merge(run, variant, hm.info["deltas"])  # the subspace step reads it back (a TIES merge: ~40 s)
     bs = run.cfg.evaluation.batch_size
     frames = []
     hop1 = sets.get("hop1", [])
@@ -70,33 +76,61 @@ def score_variant(run, variant: str, sets: dict[str, list]) -> pd.DataFrame:
     return out
 
 
+def query_sets(run, world) -> dict[str, list]:
+    """The query sets of this run's task: :func:`eval_sets`, or the world's own (math skills:
+    composed, skill_a, skill_b)."""
+    return world.eval_sets(run.cfg) if hasattr(world, "eval_sets") else eval_sets(run, world)
+
+
+def scores_path(run, variant: str) -> Path:
+    """The cache file of ``variant``'s scores under this run's config."""
+    key = run.cfg.section_hash("study", "world", "training", "methods", "evaluation")
+    return run.cache / "scores" / f"{variant}.{key}.csv"
+
+
+def scoring_cost(run, variant: str) -> float:
+    """Relative cost of scoring ``variant`` (the work queue hands out the dearest first): 0 when
+    cached; a TIES/DARE/SVD merge ~2 (its dense merge), a router ~1.4 (per-token routing), else 1
+    (the demo's stages: 122 s, 89-93 s and 62-73 s)."""
+    if scores_path(run, variant).is_file():
+        return 0.0
+    combine = VARIANTS[variant].combine
+    return 2.0 if combine in ("ties", "dare", "svd") else 1.4 if combine in ("arrow", "mixture") else 1.0
+
+
+def score_cached(run, variant: str, sets: dict[str, list]) -> pd.DataFrame:
+    """``variant``'s scores, from its cache file or computed (:func:`score_variant`) and cached."""
+    return cached_csv(scores_path(run, variant), lambda: score_variant(run, variant, sets))
+
+
 def run(run) -> None:
     """Write ``scores`` (one row per variant × query) and ``accuracy``; per-variant scores are
     cached in ``DIR/cache/scores`` (a derived variant, the oracle, from its inputs' scores).
-    Sharded by variant: in a distributed run each rank scores its variants into their cache
-    files, and rank 0 derives the oracle and writes the tables from those files."""
+    Sharded by variant: in a distributed run the ranks take variants from a queue
+    (:meth:`World.claim`, dearest first; cached ones, e.g. those a rank scored while the
+    experts step waited on another, cost nothing) and score them into their cache files, and
+    rank 0 derives the oracle and writes the tables from those files."""
     from interp.evaluate import accuracy_table
 
     world = run.world()
-    # a task's world may bring its own query sets (math skills: composed, skill_a, skill_b)
-    sets = world.eval_sets(run.cfg) if hasattr(world, "eval_sets") else eval_sets(run, world)
+    sets = query_sets(run, world)
     variants = list(run.cfg.methods.variants)
-    scored_dir = run.cache / "scores"
-    key = run.cfg.section_hash("study", "world", "training", "methods", "evaluation")
     scored = evaluated_inputs(variants)
+    costs = {v: scoring_cost(run, v) for v in scored}  # before any rank writes: every rank's the same
     frames: dict[str, pd.DataFrame] = {}
-    for v in tqdm(run.dist.shard(scored), desc="variants"):
-        frames[v] = cached_csv(scored_dir / f"{v}.{key}.csv", lambda v=v: score_variant(run, v, sets))
+    for v in tqdm(run.dist.claim(scored, costs.get, run.cache / "claims"), desc="variants"):
+        frames[v] = score_cached(run, v, sets)
     run.dist.barrier()
+    run.dist.release_claims()
     if not run.dist.is_main:
         return
     for v in scored:
         if v not in frames:  # another rank's: read back from its cache file, as cached_csv does
-            frames[v] = pd.read_csv(scored_dir / f"{v}.{key}.csv")
+            frames[v] = pd.read_csv(scores_path(run, v))
     for v in variants:
         spec = VARIANTS[v]
         if spec.derive is not None:
-            frames[v] = cached_csv(scored_dir / f"{v}.{key}.csv", lambda spec=spec: spec.derive(
+            frames[v] = cached_csv(scores_path(run, v), lambda spec=spec: spec.derive(
                 run, sets, [frames[u] for u in spec.scored_from], spec.scored_from))
     rows = [frames[v].assign(method=v, library=VARIANTS[v].library) for v in variants]
     scored = pd.concat(rows, ignore_index=True)

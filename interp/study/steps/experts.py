@@ -33,6 +33,48 @@ def retrained_meta(out: Path, tc) -> dict | None:
     return {**meta, "retrained": True, "first_attempt_acc": attempt["train_first_token_acc"]}
 
 
+def finished(run, name: str, tc) -> bool:
+    """Expert ``name`` is trained for good: complete in its directory, and over the floor or
+    already trained again under it (one still in training, or being trained on, is not)."""
+    from interp.adapters.train import META
+
+    out = run.expert_dir(name)
+    if not ((out / META).is_file() and verify_manifest(out)[0]):
+        return False
+    acc = json.loads((out / META).read_text()).get("train_first_token_acc", 0.0)
+    return acc >= tc.min_accuracy or retrained_meta(out, tc) is not None
+
+
+def score_while_waiting(run, names: list[str], tc) -> list[str]:
+    """In a distributed run, a rank whose queue of experts ran dry while another still trains
+    scores, for the evaluate step, the variants whose experts are all trained (the base model
+    first: it needs none), cheapest first, until every expert is trained. The scores go to the
+    evaluate step's cache files (the same key and computation; that step's queue then hands
+    out only the rest), so the wait at the end of this step is spent on work of the next one.
+    Returns the variants it scored."""
+    from interp.devices import analysis_precision
+    from interp.study.steps import evaluate
+    from interp.study.variants import VARIANTS, evaluated_inputs
+
+    done: list[str] = []
+    if not any(not finished(run, n, tc) for n in names):
+        return done
+    world = run.world()
+    sets = evaluate.query_sets(run, world)
+    todo = sorted(evaluated_inputs(list(run.cfg.methods.variants)), key=lambda v: evaluate.scoring_cost(run, v))
+    for v in todo:
+        pending = [n for n in names if not finished(run, n, tc)]
+        if not pending:
+            break
+        if evaluate.scoring_cost(run, v) == 0 or set(VARIANTS[v].experts) & set(pending):
+            continue  # cached, or waiting for an expert still in training
+        # as the evaluate step runs it: in the analysis precision (evaluation.dtype)
+        with run.stage(v, "score_while_waiting"), analysis_precision(run.analysis_dtype, run.device):
+            evaluate.score_cached(run, v, sets)
+        done.append(v)
+    return done
+
+
 def run(run) -> None:
     """Train (or reuse) each expert of :func:`needed_experts`; write the ``experts`` table.
     Training itself resumes mid-way (``train_expert`` checkpoints). Sharded: in a distributed
@@ -77,6 +119,8 @@ def run(run) -> None:
     # gets min_steps): an expert trained again under the floor is known to cost twice only then
     steps = {n: tc.total_steps(sum(len(world.train_pairs(s)) for s in EXPERT_DATA[n])) for n in names}
     metas = {name: timed(name) for name in run.dist.claim(names, steps.get, run.out / "cache" / "claims")}
+    if run.dist.size > 1:
+        score_while_waiting(run, names, tc)
     run.dist.barrier()
     run.dist.release_claims()
     if not run.dist.is_main:

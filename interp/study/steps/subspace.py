@@ -8,13 +8,15 @@ import pandas as pd
 
 from interp import subspace as S
 from interp.errors import SubspaceError
+from interp.study.merge_cache import cached_merge
 from interp.study.variants import LIBRARY, SPAN_DEFICIT_ORACLES, VARIANTS, expert_label, needed_experts
 
 
 def merged_deltas(run, lib: dict) -> dict[str, dict]:
     """ΔW of every merge the registry can analyse: rebuilt from the library's factors
-    (``Variant.merge_deltas``, always) or read from the loaded model (``deltas_from_model``,
-    when the variant is evaluated)."""
+    (``Variant.merge_deltas``, always; read from :mod:`interp.study.merge_cache` where the
+    evaluate step cached it) or read from the loaded model (``deltas_from_model``, when the
+    variant is evaluated)."""
     merges: dict[str, dict] = {}
     if len(lib) != len(LIBRARY):
         return merges
@@ -24,8 +26,9 @@ def merged_deltas(run, lib: dict) -> dict[str, dict]:
     # and Gram products in float64 took minutes on the host at Qwen2.5-1.5B widths
     pair = [{m: d.to(dev) for m, d in lib[e].items()} for e in LIBRARY]
     for v in VARIANTS.values():
-        if v.merge_deltas is not None:
-            merges[v.name] = {m: d.to(dev) for m, d in v.merge_deltas(pair, run.cfg.methods).items()}
+        if v.merge_deltas is not None:  # as the evaluate step loaded it, when it did
+            merged = cached_merge(run, v.name, lambda v=v: v.merge_deltas(pair, run.cfg.methods))
+            merges[v.name] = {m: d.to(dev) for m, d in merged.items()}
         elif v.deltas_from_model and v.name in run.cfg.methods.variants:
             hm = run.load_variant(v.name)
             merges[v.name] = {m: d.to(dev) for m, d in hm.info["deltas"].items()}
