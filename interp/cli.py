@@ -143,7 +143,7 @@ def run_cmd(
         check_device(cfg.study.device)  # before the run directory is created
         import os
 
-        from interp.study.distributed import launch_command, resolve_procs
+        from interp.study.distributed import launch_command, resolve_procs, terminate_with_parent
 
         n = resolve_procs(_int_option("--procs", procs), cfg.study.device) if "RANK" not in os.environ else 1
         if n > 1:  # the same command, every option checked above, as n torchrun processes
@@ -153,13 +153,25 @@ def run_cmd(
                 if value:
                     args += [flag, str(value)]
             print(f"interp run: {n} processes (torchrun)", flush=True)
-            proc = subprocess.Popen(launch_command(n, args))
+            # torchrun dies with this launcher, even by SIGKILL (the ranks watch torchrun in turn)
+            proc = subprocess.Popen(launch_command(n, args), preexec_fn=terminate_with_parent)
+            terminated = []
+
+            def forward(signum, _frame):  # SIGTERM (kill, timeout, a CI cancel): stop the ranks too
+                terminated.append(signum)
+                proc.send_signal(signum)
+
+            previous = signal.signal(signal.SIGTERM, forward)
             try:
                 code = proc.wait()
             except KeyboardInterrupt:  # torchrun passes the signal on to every rank, which saves its units
                 proc.send_signal(signal.SIGINT)
                 proc.wait()
                 raise
+            finally:
+                signal.signal(signal.SIGTERM, previous)
+            if terminated:
+                raise typer.Exit(128 + terminated[0])
             if code:
                 raise typer.Exit(code)
             return

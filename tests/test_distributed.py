@@ -309,3 +309,51 @@ def test_a_rank_waiting_on_an_expert_scores_what_is_ready(runs, tmp_path):
     assert not {"expert_ac", "uniform+ac"} & set(done)
     for v in done:
         assert scores_path(run, v).read_bytes() == (runs / "one" / scores_path(run, v).relative_to(out)).read_bytes(), v
+
+
+def _processes_of(out: Path) -> list[int]:
+    """PIDs whose command line names the run directory ``out`` (launcher, torchrun, ranks)."""
+    pids = []
+    for p in Path("/proc").iterdir():
+        try:
+            if p.name.isdigit() and str(out).encode() in (p / "cmdline").read_bytes():
+                pids.append(int(p.name))
+        except OSError:  # ended meanwhile
+            pass
+    return pids
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGKILL"])
+def test_stopping_the_launcher_stops_every_rank(tmp_path, sig):
+    """``interp run --procs 2`` stopped by SIGTERM (kill, timeout, a CI cancel) or SIGKILL leaves
+    no torchrun or rank behind writing the run directory (torchrun starts ranks in sessions of
+    their own, so neither signal reached them before)."""
+    import signal
+    import time
+
+    out = tmp_path / "run"
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    launcher = subprocess.Popen([sys.executable, "-m", "interp.cli", "run", "-c", TINY, "--out", str(out),
+                                 "--procs", "2"], env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while len(_processes_of(out)) < 4:  # the launcher, torchrun and both ranks
+            assert launcher.poll() is None, launcher.stderr.read()[-2000:]
+            assert time.monotonic() < deadline, _processes_of(out)
+            time.sleep(0.2)
+        time.sleep(2.0)  # the ranks past their imports, watching their parent
+        launcher.send_signal(getattr(signal, sig))
+        code = launcher.wait(timeout=60)
+        assert code == (143 if sig == "SIGTERM" else -9), code
+        deadline = time.monotonic() + 15  # the whole study would take minutes more
+        while _processes_of(out):
+            assert time.monotonic() < deadline, f"left running: {_processes_of(out)}"
+            time.sleep(0.2)
+        assert not (out / "steps" / "evaluate.json").exists()
+    finally:
+        for pid in _processes_of(out):
+            os.kill(pid, signal.SIGKILL)
+        if launcher.poll() is None:
+            launcher.kill()

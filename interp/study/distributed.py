@@ -227,6 +227,7 @@ def init_world(configured_device: str = "cpu") -> World:
     if size <= 1:
         return World()
     rank, local_rank = _env_int("RANK"), _env_int("LOCAL_RANK")
+    watch_parent()
     world = World(rank=rank, size=size, local_rank=local_rank, local_size=_env_int("LOCAL_WORLD_SIZE", size))
     import torch
     import torch.distributed as dist
@@ -292,6 +293,39 @@ def launch_command(procs: int, cli_args: Sequence[str]) -> list[str]:
 
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(procs),
             "-m", "interp.cli", *cli_args]
+
+
+def watch_parent(interval_s: float = 1.0) -> None:
+    """End this process (SIGTERM to itself) once its parent is gone. torchrun starts each rank in a
+    session of its own, so a rank outlives a torchrun killed with SIGKILL (or a kill of the
+    launcher's process group) and would go on writing the run directory while the user believes
+    the run stopped. A daemon thread polls ``os.getppid()``: a ``prctl(PR_SET_PDEATHSIG)`` would
+    fire when the spawning *thread* ends, which torchrun does not promise to keep alive."""
+    import os
+    import signal
+    import threading
+    import time
+
+    parent = os.getppid()
+
+    def poll() -> None:
+        while os.getppid() == parent:
+            time.sleep(interval_s)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=poll, name="interp-watch-parent", daemon=True).start()
+
+
+def terminate_with_parent() -> None:
+    """``preexec_fn`` for a child started by the main thread of a launcher: the child gets SIGTERM
+    when the launcher dies, even by SIGKILL (Linux ``prctl(PR_SET_PDEATHSIG)``; a no-op elsewhere)."""
+    import ctypes
+    import signal
+    import sys
+
+    if sys.platform.startswith("linux"):
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
 
 
 def _destroy() -> None:
