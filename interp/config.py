@@ -135,8 +135,10 @@ class Config:
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-#: keys that never enter a cache key: torch's thread count changes the speed, not the results
-#: (--threads 1 then --threads 2 on one run directory would otherwise recompute every step)
+#: keys that never enter a cache key: torch's thread count changes the speed, and a matmul's
+#: summation order, so results move in the last bits (answer log-probs by up to ~0.1 nats on the
+#: tiny model, bf16 experts by a few tenths of a point); a resume under another thread count
+#: reuses what was computed under the first rather than recomputing every step (README, "Several GPUs")
 NOT_HASHED: dict[tuple[str, str], Any] = {("study", "threads"): 0}
 
 #: (section, key) -> default of keys that enter a cache key only when changed from the default

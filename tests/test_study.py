@@ -311,3 +311,45 @@ def test_evaluate_caches_the_merges_the_subspace_step_reads(tiny_run):
             load_merge(run, "ties")
     finally:
         path.write_bytes(good)
+
+
+def test_a_damaged_score_cache_is_an_error_naming_it(tiny_run, tmp_path):
+    """A cached score table cut short (whole lines or mid-line) or edited is refused with its
+    path, instead of silently giving the accuracy table fewer rows or a parser traceback; a
+    deleted one is recomputed to the same bytes."""
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_run, copy)
+    path = next((copy / "cache" / "scores").glob("ties.*.csv"))
+    assert path.with_name(path.name + ".sha256").is_file()
+    good = path.read_bytes()
+    lines = good.splitlines(keepends=True)
+    assert len(lines) > 20
+    for bad in (b"".join(lines[:12]), good[: len(good) // 2], good.replace(b",", b";", 1)):
+        path.write_bytes(bad)
+        (copy / "steps" / "evaluate.json").unlink(missing_ok=True)  # the step runs again, reading its cache
+        with pytest.raises(StudyError, match=f"cached table .*{re.escape(path.name)} is damaged"):
+            run_study(TINY, out=copy, steps=["evaluate"])
+    path.unlink()
+    (copy / "steps" / "evaluate.json").unlink(missing_ok=True)
+    run_study(TINY, out=copy, steps=["evaluate"])
+    assert path.read_bytes() == good
+    assert (copy / "results" / "scores.csv").read_bytes() == (tiny_run / "results" / "scores.csv").read_bytes()
+
+
+def test_cached_csv_checks_legacy_files_by_parsing():
+    """A cache file from before checksums (no ``.sha256`` beside it) is read if it parses, and a
+    cut one that no longer parses is an error naming it."""
+    import tempfile
+
+    from interp.study.runner import cached_csv, read_cached_csv
+
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "t.csv"
+        df = cached_csv(path, lambda: pd.DataFrame({"a": [1, 2], "b": ['x "y"', "z"]}))
+        assert df["a"].tolist() == [1, 2]
+        path.with_name("t.csv.sha256").unlink()
+        assert read_cached_csv(path).equals(df)
+        text = path.read_bytes()
+        path.write_bytes(text[: text.index(b'"y') + 2])  # cut inside the quoted field
+        with pytest.raises(StudyError, match="t.csv is damaged"):
+            read_cached_csv(path)

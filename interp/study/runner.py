@@ -18,6 +18,7 @@ import contextlib
 import csv
 import gc
 import hashlib
+import io
 import json
 import os
 import platform
@@ -58,16 +59,45 @@ def csv_text(df: pd.DataFrame, significant: int | None = None) -> str:
     return df.to_csv(index=False, quoting=csv.QUOTE_NONNUMERIC)
 
 
-def cached_csv(path: Path, compute: Callable[[], pd.DataFrame]) -> pd.DataFrame:
-    """The table cached at ``path``: computed and written (atomically) first if absent.
+def _digest_path(path: Path) -> Path:
+    return path.with_name(path.name + ".sha256")
 
-    Always returned as read back from the file, so a fresh run and a resumed one see the same
-    values (CSV round-trips floats and types; tables downstream are byte-identical either way).
+
+def read_cached_csv(path: Path) -> pd.DataFrame:
+    """A table :func:`cached_csv` wrote, checked against the SHA-256 written beside it
+    (``{path}.sha256``; a file from before checksums, without one, is only parsed).
+
+    Raises:
+        StudyError: the file differs from its checksum or does not parse (a disk error or a
+            hand edit: a cut file would otherwise give a table with rows missing), naming it.
+    """
+    path = Path(path)
+    data = path.read_bytes()
+    digest = _digest_path(path)
+    if digest.is_file() and digest.read_text().strip() != hashlib.sha256(data).hexdigest():
+        raise StudyError(f"cached table {path} is damaged (its SHA-256 differs from {digest.name}); "
+                         f"delete it and run again")
+    try:
+        return pd.read_csv(io.BytesIO(data))
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+        raise StudyError(f"cached table {path} is damaged ({e}); delete it and run again") from None
+
+
+def cached_csv(path: Path, compute: Callable[[], pd.DataFrame]) -> pd.DataFrame:
+    """The table cached at ``path``: computed and written (atomically, then its SHA-256 beside
+    it) first if absent.
+
+    Always returned as read back from the file (:func:`read_cached_csv`, which checks it), so a
+    fresh run and a resumed one see the same values (CSV round-trips floats and types; tables
+    downstream are byte-identical either way).
     """
     path = Path(path)
     if not path.is_file():
-        atomic_write_text(path, csv_text(compute()))
-    return pd.read_csv(path)
+        _digest_path(path).unlink(missing_ok=True)  # a stale checksum must not outlive its table
+        text = csv_text(compute())
+        atomic_write_text(path, text)
+        atomic_write_text(_digest_path(path), hashlib.sha256(path.read_bytes()).hexdigest())
+    return read_cached_csv(path)
 
 
 def write_unit_tables(cache: Path, unit: str, key: str, parts: dict[str, pd.DataFrame]) -> None:
@@ -86,7 +116,7 @@ def read_unit_tables(cache: Path, unit: str, key: str) -> dict[str, pd.DataFrame
     done = cache / f"{unit}.{key}.json"
     if not done.is_file():
         return None
-    return {name: pd.read_csv(cache / f"{unit}.{name}.{key}.csv") for name in json.loads(done.read_text())}
+    return {name: read_cached_csv(cache / f"{unit}.{name}.{key}.csv") for name in json.loads(done.read_text())}
 
 
 def unit_key(inputs: Any) -> str:

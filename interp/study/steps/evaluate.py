@@ -8,7 +8,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from interp.adapters.hooks import fold_static_update
-from interp.study.runner import cached_csv
+from interp.study.runner import cached_csv, read_cached_csv
 from interp.study.variants import VARIANTS, evaluated_inputs
 
 
@@ -126,7 +126,7 @@ def run(run) -> None:
         return
     for v in scored:
         if v not in frames:  # another rank's: read back from its cache file, as cached_csv does
-            frames[v] = pd.read_csv(scores_path(run, v))
+            frames[v] = read_cached_csv(scores_path(run, v))
     for v in variants:
         spec = VARIANTS[v]
         if spec.derive is not None:
