@@ -106,6 +106,28 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         raise
 
 
+def digest_path(path: str | os.PathLike) -> Path:
+    """Where :func:`write_checked` keeps ``path``'s SHA-256: ``{path}.sha256``."""
+    path = Path(path)
+    return path.with_name(path.name + ".sha256")
+
+
+def write_checked(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` atomically, then its SHA-256 beside it (a stale checksum is removed first,
+    so an interruption between the two leaves a file without one, never a wrong one)."""
+    digest_path(path).unlink(missing_ok=True)
+    atomic_write_bytes(path, data)
+    atomic_write_text(digest_path(path), hashlib.sha256(data).hexdigest())
+
+
+def read_checked(path: str | os.PathLike) -> tuple[bytes, bool]:
+    """``path``'s bytes and whether they match the SHA-256 :func:`write_checked` wrote beside them
+    (``True`` also for a file written without one: callers still parse it)."""
+    data = Path(path).read_bytes()
+    digest = digest_path(path)
+    return data, not digest.is_file() or digest.read_text().strip() == hashlib.sha256(data).hexdigest()
+
+
 @contextlib.contextmanager
 def atomic_directory(target: str | os.PathLike):
     """Yield a temporary sibling directory; on success it replaces ``target`` in one rename.

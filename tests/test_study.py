@@ -305,12 +305,16 @@ def test_evaluate_caches_the_merges_the_subspace_step_reads(tiny_run):
     assert merge_path(other, "ties") != merge_path(run, "ties") and load_merge(other, "ties") is None
     path = merge_path(run, "ties")
     good = path.read_bytes()
+    flipped = bytearray(good)
+    flipped[-9] ^= 0x40  # inside the last tensor's data: still a valid safetensors file
     try:
-        path.write_bytes(good[:100])
-        with pytest.raises(StudyError, match="damaged"):
-            load_merge(run, "ties")
+        for bad in (good[:100], bytes(flipped)):
+            path.write_bytes(bad)
+            with pytest.raises(StudyError, match="damaged"):
+                load_merge(run, "ties")
     finally:
         path.write_bytes(good)
+    assert same_merge(load_merge(run, "ties"), cached)
 
 
 def test_a_damaged_score_cache_is_an_error_naming_it(tiny_run, tmp_path):

@@ -5,7 +5,8 @@ A TIES merge of SmolLM2's two experts costs ~40 s on one CPU thread (dense float
 module, top-k trim, an SVD to re-factor it); the demo computed it three times (evaluate, then the
 subspace step on each rank). Files: ``DIR/cache/merges/{variant}.{key}.safetensors``, ``key`` the
 hash of the config sections the experts and the merge options come from, so a run with other
-experts or options never reads them. Tensors only (safetensors, no pickle); written atomically.
+experts or options never reads them. Tensors only (safetensors, no pickle); written atomically,
+with the file's SHA-256 beside it (``.sha256``), checked on every read.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch
 
 from interp.adapters.factors import LoraDelta
 from interp.errors import StudyError
-from interp.files import atomic_write_bytes
+from interp.files import read_checked, write_checked
 
 #: the config sections a merge of the study's experts depends on (experts: study, world, training;
 #: merge options: methods)
@@ -41,7 +42,7 @@ def save_merge(run, variant: str, deltas: dict[str, LoraDelta]) -> None:
         if d.bias is not None:
             tensors[f"{m}.bias"] = d.bias.detach().cpu().contiguous()
         scales[m] = float(d.scale)
-    atomic_write_bytes(merge_path(run, variant), save(tensors, metadata={"scales": json.dumps(scales)}))
+    write_checked(merge_path(run, variant), save(tensors, metadata={"scales": json.dumps(scales)}))
 
 
 def load_merge(run, variant: str) -> dict[str, LoraDelta] | None:
@@ -59,9 +60,12 @@ def load_merge(run, variant: str) -> dict[str, LoraDelta] | None:
     try:
         from safetensors import safe_open
 
+        data, intact = read_checked(path)
+        if not intact:
+            raise ValueError("its SHA-256 differs from the one written beside it")
         with safe_open(str(path), "pt") as f:
             scales = json.loads((f.metadata() or {})["scales"])
-        tensors = load(path.read_bytes())
+        tensors = load(data)
         return {m: LoraDelta(tensors[f"{m}.A"], tensors[f"{m}.B"], s, tensors.get(f"{m}.bias"))
                 for m, s in scales.items()}
     except (SafetensorError, KeyError, ValueError, OSError) as e:

@@ -32,6 +32,7 @@ from rich.console import Console
 
 from interp.config import Config, ConfigError, load_config
 from interp.errors import StudyError
+from interp.files import read_checked, write_checked
 from interp.models import atomic_write_text
 from interp.study.distributed import World, init_world
 from interp.study.tables import check_table
@@ -59,10 +60,6 @@ def csv_text(df: pd.DataFrame, significant: int | None = None) -> str:
     return df.to_csv(index=False, quoting=csv.QUOTE_NONNUMERIC)
 
 
-def _digest_path(path: Path) -> Path:
-    return path.with_name(path.name + ".sha256")
-
-
 def read_cached_csv(path: Path) -> pd.DataFrame:
     """A table :func:`cached_csv` wrote, checked against the SHA-256 written beside it
     (``{path}.sha256``; a file from before checksums, without one, is only parsed).
@@ -71,12 +68,10 @@ def read_cached_csv(path: Path) -> pd.DataFrame:
         StudyError: the file differs from its checksum or does not parse (a disk error or a
             hand edit: a cut file would otherwise give a table with rows missing), naming it.
     """
-    path = Path(path)
-    data = path.read_bytes()
-    digest = _digest_path(path)
-    if digest.is_file() and digest.read_text().strip() != hashlib.sha256(data).hexdigest():
-        raise StudyError(f"cached table {path} is damaged (its SHA-256 differs from {digest.name}); "
-                         f"delete it and run again")
+    data, intact = read_checked(path)
+    if not intact:
+        raise StudyError(f"cached table {path} is damaged (its SHA-256 differs from the one written "
+                         f"beside it); delete it and run again")
     try:
         return pd.read_csv(io.BytesIO(data))
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
@@ -93,10 +88,7 @@ def cached_csv(path: Path, compute: Callable[[], pd.DataFrame]) -> pd.DataFrame:
     """
     path = Path(path)
     if not path.is_file():
-        _digest_path(path).unlink(missing_ok=True)  # a stale checksum must not outlive its table
-        text = csv_text(compute())
-        atomic_write_text(path, text)
-        atomic_write_text(_digest_path(path), hashlib.sha256(path.read_bytes()).hexdigest())
+        write_checked(path, csv_text(compute()).encode())
     return read_cached_csv(path)
 
 
