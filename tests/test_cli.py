@@ -170,7 +170,11 @@ def test_procs_relaunches_the_same_run_under_torchrun(tmp_path, monkeypatch):
     seen = []
 
     class Fake:
-        def __init__(self, cmd):
+        def __init__(self, cmd, **kwargs):
+            from interp.study.distributed import terminate_with_parent
+
+            # torchrun must die with the launcher (tests/test_distributed.py stops it for real)
+            assert kwargs == {"preexec_fn": terminate_with_parent}, kwargs
             seen.append(cmd)
 
         def wait(self):
