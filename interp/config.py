@@ -29,7 +29,7 @@ class StudySection:
     model: str = "smollm2-135m"
     seed: int = 0
     device: str = "cpu"
-    threads: int = 0  # torch intra-op threads; 0: the cores not busy with other work (interp.hardware)
+    threads: int = 0  # torch intra-op threads; 0 or "auto": the cores not busy with other work (interp.hardware)
     # several seeds: one sub-run per seed in DIR/seed-S (its study.seed and training.seed = S), then
     # tables and findings over seeds (interp.study.seeds); empty or one seed: a single run in DIR
     seeds: list[int] = dataclasses.field(default_factory=list)
@@ -189,6 +189,8 @@ def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
             kwargs[name] = None
             continue
         tp = optional[0] if optional else tp
+        if key == "study.threads" and value == "auto":  # as --threads and $INTERP_THREADS take it
+            value = 0
         if dataclasses.is_dataclass(tp):
             if not isinstance(value, dict):
                 raise ConfigError(f"config key {key!r} must be a table [{key}]")

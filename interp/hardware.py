@@ -198,17 +198,18 @@ def resolve_threads(value: int | str | None = None) -> int:
     Raises:
         HardwareError: not a positive integer or ``"auto"``.
     """
+    name = "threads"
     if value in (None, 0, "0", "auto", ""):
         env = os.environ.get("INTERP_THREADS", "").strip()
         if env in ("", "0", "auto"):
             return free_cores()
-        value = env
+        value, name = env, "$INTERP_THREADS"
     try:
         n = value if isinstance(value, int) and not isinstance(value, bool) else int(str(value).strip())
     except (TypeError, ValueError):
-        raise HardwareError(f"threads must be a positive integer or 'auto', got {value!r}") from None
+        raise HardwareError(f"{name} must be a positive integer or 'auto', got {value!r}") from None
     if n < 1:
-        raise HardwareError(f"threads must be a positive integer or 'auto', got {value!r}")
+        raise HardwareError(f"{name} must be a positive integer or 'auto', got {value!r}")
     return n
 
 

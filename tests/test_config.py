@@ -55,3 +55,7 @@ def test_thread_count_does_not_enter_cache_keys():
         assert cfg.study.threads == n
         assert cfg.section_hash("study", "world") == default.section_hash("study", "world")
     assert load_config(None, {"study.seed": 1}).section_hash("study") != default.section_hash("study")
+    auto = load_config(None, {"study.threads": "auto"})  # as --threads and $INTERP_THREADS take it
+    assert auto.study.threads == 0 and auto.section_hash("study") == default.section_hash("study")
+    with pytest.raises(ConfigError, match="study.threads"):
+        load_config(None, {"study.threads": "two"})

@@ -59,6 +59,9 @@ def test_threads_resolution(monkeypatch):
     for bad in (-1, "two", 1.5):
         with pytest.raises(hardware.HardwareError, match="threads"):
             hardware.resolve_threads(bad)
+    monkeypatch.setenv("INTERP_THREADS", "two")
+    with pytest.raises(hardware.HardwareError, match=r"\$INTERP_THREADS .*'two'"):
+        hardware.resolve_threads("auto")
     monkeypatch.setattr(hardware, "_busy_cores", lambda window_s=0.5: 64.0)
     monkeypatch.delenv("INTERP_THREADS")
     assert hardware.free_cores() == 1  # never zero

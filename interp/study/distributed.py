@@ -269,7 +269,7 @@ def resolve_procs(value: int, device: str) -> int:
     from interp.hardware import free_cores
 
     if value < 0:
-        raise StudyError(f"--procs must be a positive integer or 'auto', got {value}")
+        raise StudyError(f"--procs must be a positive integer, or 0 or 'auto' for automatic, got {value}")
     on_gpu = device.startswith("cuda")
     if on_gpu:
         import torch
