@@ -332,9 +332,17 @@ def test_study_end_to_end_on_tiny_model(tiny_llama, tmp_path):
     for f in ("separation_auc_pooled.html", "separation_auc_within_pair.html", "entrec_by_outcome_final.html", "swap.csv", "scores.csv"):
         assert (tmp_path / f).is_file()
     # a second call resumes from the files; another configuration is refused
-    run_real_chains(tiny_llama, tmp_path, layer_step=2, chains=chains, verifier=stub, n_boot=50,
-                    progress=False)
+    again = run_real_chains(tiny_llama, tmp_path, layer_step=2, chains=chains, verifier=stub, n_boot=50,
+                            progress=False)
+    pd.testing.assert_frame_equal(again["separation"], res["separation"])
     from interp.errors import StudyError
+
+    # a cached table cut short (a full disk, a killed copy) is an error naming it, not fewer rows
+    cached = tmp_path / "scores_entrec.csv"
+    cached.write_bytes(cached.read_bytes()[: len(cached.read_bytes()) // 2])
+    with pytest.raises(StudyError, match="scores_entrec.csv is damaged"):
+        run_real_chains(tiny_llama, tmp_path, layer_step=2, chains=chains, verifier=stub, n_boot=50,
+                        progress=False)
 
     with pytest.raises(StudyError, match="another configuration"):
         run_real_chains(tiny_llama, tmp_path, layer_step=1, chains=chains, verifier=stub,

@@ -69,13 +69,15 @@ def measured_layers(n_layers: int, step: int) -> list[int]:
 
 
 def _csv(path: Path, compute: Callable[[], pd.DataFrame]) -> pd.DataFrame:
-    from interp.files import atomic_write_text
+    """The table cached at ``path`` (computed first if absent), written with its SHA-256 and
+    read back checked, so a cut or edited cache is an error naming it and a fresh run and a
+    resumed one see the same values."""
+    from interp.files import write_checked
+    from interp.study.runner import read_cached_csv
 
-    if path.is_file():
-        return pd.read_csv(path)
-    df = compute()
-    atomic_write_text(path, df.to_csv(index=False))
-    return df
+    if not path.is_file():
+        write_checked(path, compute().to_csv(index=False).encode())
+    return read_cached_csv(path)
 
 
 def _with_max(df: pd.DataFrame) -> pd.DataFrame:
