@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
-from interp.errors import ModelLoadError
+from interp.errors import ModelLoadError, StudyError
 
 MANIFEST = "manifest.json"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -152,6 +152,48 @@ def atomic_directory(target: str | os.PathLike):
             os.replace(old, target)
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+LOCK = ".lock"
+
+
+@contextlib.contextmanager
+def directory_lock(directory: str | os.PathLike):
+    """Hold ``directory`` for one process for the block: an exclusive ``fcntl.flock`` on
+    ``directory/.lock``, which records the holder's process id. The kernel drops the lock when
+    its process ends, however it ends, so a killed run leaves no stale lock behind. Where
+    ``fcntl`` does not exist (Windows) or the file system refuses locks (a warning) the block
+    runs unlocked.
+
+    Raises:
+        StudyError: another process holds the directory (naming its process id).
+    """
+    try:
+        import fcntl
+    except ImportError:  # no advisory locks here: run as before
+        yield
+        return
+    path = Path(directory) / LOCK
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        locked = True
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:  # EWOULDBLOCK: held by another open of the file
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            raise StudyError(f"{directory} is in use by another interp run (process {holder}); wait for it "
+                             f"to finish or stop it, or write to another directory") from None
+        except OSError as e:  # a file system without flock (some network mounts): run as before
+            import warnings
+
+            warnings.warn(f"{directory} cannot be locked ({e}); a second run on it would not be refused")
+            locked = False
+        if locked:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, str(os.getpid()).encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def smollm2_gguf_path() -> Path:

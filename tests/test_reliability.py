@@ -170,3 +170,47 @@ def test_atomic_directory_interrupted_between_renames_keeps_the_old(tmp_path, mo
     monkeypatch.undo()
     assert (target / "w").read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]
+
+
+def test_a_second_run_on_a_busy_directory_is_refused_until_its_holder_ends(tmp_path):
+    from interp.errors import StudyError
+    from interp.study.runner import Step, resolve_config, run_pipeline
+
+    out = tmp_path / "run"
+    out.mkdir()
+    hold = "import sys, time\nfrom interp.files import directory_lock\nwith directory_lock(sys.argv[1]):\n" \
+           "    print('held', flush=True)\n    time.sleep(120)\n"
+    holder = subprocess.Popen([sys.executable, "-c", hold, str(out)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        ran = []
+        cfg = resolve_config("experiments/tiny.toml", {})
+        pipeline = (Step("a", lambda run: ran.append("a")),)
+        with pytest.raises(StudyError, match=rf"in use by another interp run \(process {holder.pid}\)"):
+            run_pipeline(pipeline, cfg, out)
+        assert ran == [] and not (out / "run.json").exists()  # refused before any step
+    finally:
+        holder.kill()  # SIGKILL: the kernel drops its lock, nothing is left to clean up
+        holder.wait()
+    (out / "cache" / "claims" / "f00d").mkdir(parents=True)  # a killed distributed run's claims
+    with pytest.raises(RuntimeError, match="boom"):  # a run that fails lets go of the directory too
+        run_pipeline((Step("a", lambda run: (_ for _ in ()).throw(RuntimeError("boom"))),), cfg, out)
+    assert not (out / "cache" / "claims").exists()
+    run_pipeline(pipeline, cfg, out)
+    assert ran == ["a"]
+
+
+def test_a_file_system_without_locks_runs_unlocked_with_a_warning(tmp_path, monkeypatch):
+    import fcntl
+
+    from interp.files import directory_lock
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    ran = []
+    with pytest.warns(UserWarning, match="cannot be locked"):
+        with directory_lock(tmp_path):
+            ran.append(1)
+    assert ran == [1]

@@ -32,7 +32,7 @@ from rich.console import Console
 
 from interp.config import Config, ConfigError, load_config
 from interp.errors import StudyError
-from interp.files import read_checked, write_checked
+from interp.files import directory_lock, read_checked, write_checked
 from interp.models import atomic_write_text
 from interp.study.distributed import World, init_world
 from interp.study.tables import check_table
@@ -352,6 +352,33 @@ def run_pipeline(pipeline: Sequence[Step], cfg: Config, out: str | Path,
     if not world.is_main:
         console.quiet = True  # rank 0 tells the story; the others show only their units' progress
     _check_writable(out)
+    with _holding(out, world):
+        return _run_steps(pipeline, cfg, out, steps, world)
+
+
+@contextlib.contextmanager
+def _holding(out: Path, world: World):
+    """Rank 0 holds ``out`` for the run (:func:`interp.files.directory_lock`: a second run on the
+    same directory, whose experts would train into the same checkpoints, is refused on every
+    rank), and clears the claim files a killed run left (no other run can be using them now)."""
+    import shutil
+
+    with contextlib.ExitStack() as held:
+        busy = None
+        if world.is_main:
+            try:
+                held.enter_context(directory_lock(out))
+                shutil.rmtree(out / "cache" / "claims", ignore_errors=True)
+            except StudyError as e:
+                busy = str(e)
+        busy = world.broadcast(busy)
+        if busy is not None:
+            raise StudyError(busy)
+        yield
+
+
+def _run_steps(pipeline: Sequence[Step], cfg: Config, out: Path, steps: list[str] | None,
+               world: World) -> Path:
     machine = _resolve_machine(cfg, world)
     run = Run(cfg, out, timings={}, machine=machine, dist=world)
     prev = {}
