@@ -155,15 +155,17 @@ def atomic_directory(target: str | os.PathLike):
 
 
 LOCK = ".lock"
+_HELD: set[str] = set()  # directories this process holds: holding one again is a no-op
 
 
 @contextlib.contextmanager
 def directory_lock(directory: str | os.PathLike):
     """Hold ``directory`` for one process for the block: an exclusive ``fcntl.flock`` on
     ``directory/.lock``, which records the holder's process id. The kernel drops the lock when
-    its process ends, however it ends, so a killed run leaves no stale lock behind. Where
-    ``fcntl`` does not exist (Windows) or the file system refuses locks (a warning) the block
-    runs unlocked.
+    its process ends, however it ends, so a killed run leaves no stale lock behind. A process
+    that already holds ``directory`` holds it again for free (a run over seeds holds its ``DIR``
+    while the aggregate step's own run in it starts). Where ``fcntl`` does not exist (Windows) or
+    the file system refuses locks (a warning) the block runs unlocked.
 
     Raises:
         StudyError: another process holds the directory (naming its process id).
@@ -174,6 +176,10 @@ def directory_lock(directory: str | os.PathLike):
         yield
         return
     path = Path(directory) / LOCK
+    held = str(Path(directory).resolve())
+    if held in _HELD:  # a second flock on another open of the file would block on our own
+        yield
+        return
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
     try:
         locked = True
@@ -191,8 +197,10 @@ def directory_lock(directory: str | os.PathLike):
         if locked:
             os.ftruncate(fd, 0)
             os.pwrite(fd, str(os.getpid()).encode(), 0)
+            _HELD.add(held)
         yield
     finally:
+        _HELD.discard(held)
         os.close(fd)  # releases the lock
 
 

@@ -214,3 +214,41 @@ def test_a_file_system_without_locks_runs_unlocked_with_a_warning(tmp_path, monk
         with directory_lock(tmp_path):
             ran.append(1)
     assert ran == [1]
+
+
+def _lock_from_another_process(directory) -> str:
+    """What a second process gets when it tries to hold ``directory``: 'held' or the refusal."""
+    probe = "import sys\nfrom interp.errors import StudyError\nfrom interp.files import directory_lock\n" \
+            "try:\n    with directory_lock(sys.argv[1]):\n        print('held')\n" \
+            "except StudyError as e:\n    print(e)\n"
+    return subprocess.run([sys.executable, "-c", probe, str(directory)], capture_output=True, text=True,
+                          check=True).stdout.strip()
+
+
+def test_a_run_over_seeds_holds_its_directory_between_and_during_the_seeds(tmp_path):
+    from interp.study.runner import Step, resolve_config, run_over_seeds
+
+    out = tmp_path / "run"
+    cfg = resolve_config("experiments/tiny.toml", {"study.seeds": [0, 1]})
+    seen = []
+
+    def look(run):  # inside one seed's run: its seed-S and the parent DIR are both held
+        seen.append((run.out.name, _lock_from_another_process(run.out), _lock_from_another_process(out)))
+
+    run_over_seeds((Step("look", look),), cfg, out, None, Step("aggregate", look))
+    assert [s[0] for s in seen] == ["seed-0", "seed-1", "run"]
+    pid = str(os.getpid())
+    for name, own, parent in seen:
+        assert f"in use by another interp run (process {pid})" in own
+        assert f"in use by another interp run (process {pid})" in parent
+    assert _lock_from_another_process(out) == "held"  # let go at the end
+
+
+def test_holding_a_directory_again_in_the_same_process_is_free_and_the_outer_hold_lets_go(tmp_path):
+    from interp.files import directory_lock
+
+    with directory_lock(tmp_path):
+        with directory_lock(tmp_path / "."):  # the same directory under another spelling
+            assert "in use" in _lock_from_another_process(tmp_path)
+        assert "in use" in _lock_from_another_process(tmp_path)  # the inner exit kept the lock
+    assert _lock_from_another_process(tmp_path) == "held"

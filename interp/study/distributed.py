@@ -227,7 +227,6 @@ def init_world(configured_device: str = "cpu") -> World:
     if size <= 1:
         return World()
     rank, local_rank = _env_int("RANK"), _env_int("LOCAL_RANK")
-    watch_parent()
     world = World(rank=rank, size=size, local_rank=local_rank, local_size=_env_int("LOCAL_WORLD_SIZE", size))
     import torch
     import torch.distributed as dist
@@ -241,7 +240,8 @@ def init_world(configured_device: str = "cpu") -> World:
                                 f"{n} GPU(s) are visible; use --nproc_per_node {n} or fewer, or "
                                 f"{SHARE_GPUS_ENV}=1 to share them")
         torch.cuda.set_device(idx)
-    if not dist.is_initialized():
+    if not dist.is_initialized():  # first call in this process (a run over seeds makes several)
+        watch_parent()
         timeout = _env_int("INTERP_DIST_TIMEOUT_S", DEFAULT_TIMEOUT_S)
         dist.init_process_group("gloo", init_method="env://", rank=rank, world_size=size,
                                 timeout=timedelta(seconds=timeout))

@@ -448,10 +448,12 @@ def run_over_seeds(pipeline: Sequence[Step], cfg: Config, out: str | Path, steps
     from interp.study.seeds import seed_config, seed_dir_name
 
     out = Path(out)
-    for seed in cfg.study.seeds:
-        console.rule(f"[bold]seed {seed}[/bold] → {out / seed_dir_name(seed)}")
-        run_pipeline(pipeline, seed_config(cfg, seed), out / seed_dir_name(seed), steps)
-    return run_pipeline([aggregate], cfg, out, [aggregate.name])
+    _check_writable(out)
+    with _holding(out, init_world(cfg.study.device)):  # DIR too, not only each seed-S in turn
+        for seed in cfg.study.seeds:
+            console.rule(f"[bold]seed {seed}[/bold] → {out / seed_dir_name(seed)}")
+            run_pipeline(pipeline, seed_config(cfg, seed), out / seed_dir_name(seed), steps)
+        return run_pipeline([aggregate], cfg, out, [aggregate.name])
 
 
 def torch_device_type(device: str) -> str:
