@@ -120,12 +120,22 @@ def write_checked(path: str | os.PathLike, data: bytes) -> None:
     atomic_write_text(digest_path(path), hashlib.sha256(data).hexdigest())
 
 
+def is_checked(path: str | os.PathLike) -> bool:
+    """Whether ``path`` and the SHA-256 :func:`write_checked` writes beside it both exist. A cache
+    file without one (cut off before its checksum, the checksum deleted, or from before
+    checksums) cannot be vouched for: callers recompute it rather than read it."""
+    return Path(path).is_file() and digest_path(path).is_file()
+
+
 def read_checked(path: str | os.PathLike) -> tuple[bytes, bool]:
     """``path``'s bytes and whether they match the SHA-256 :func:`write_checked` wrote beside them
-    (``True`` also for a file written without one: callers still parse it)."""
+    (``False`` also where there is none)."""
     data = Path(path).read_bytes()
     digest = digest_path(path)
-    return data, not digest.is_file() or digest.read_text().strip() == hashlib.sha256(data).hexdigest()
+    try:
+        return data, digest.read_text().strip() == hashlib.sha256(data).hexdigest()
+    except (OSError, UnicodeDecodeError):
+        return data, False
 
 
 @contextlib.contextmanager

@@ -195,3 +195,14 @@ def test_procs_relaunches_the_same_run_under_torchrun(tmp_path, monkeypatch):
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "2 processes" in proc.stdout and (out / "world.json").is_file()
+
+
+@pytest.mark.parametrize("procs", ["1", "2"])
+def test_a_bad_interp_threads_is_one_line_before_the_directory_or_the_ranks(tmp_path, procs):
+    out = tmp_path / "run"
+    res = CliRunner().invoke(app, ["run", "--config", "experiments/tiny.toml", "--out", str(out), "--threads", "0",
+                                   "--procs", procs], env={"INTERP_THREADS": "bad"})
+    assert res.exit_code == 2, res.output
+    lines = [l for l in res.output.splitlines() if l.strip()]
+    assert len(lines) == 1 and "$INTERP_THREADS must be a positive integer or 'auto', got 'bad'" in lines[0], res.output
+    assert not out.exists()

@@ -315,6 +315,13 @@ def test_evaluate_caches_the_merges_the_subspace_step_reads(tiny_run):
     finally:
         path.write_bytes(good)
     assert same_merge(load_merge(run, "ties"), cached)
+    digest = path.with_name(path.name + ".sha256")
+    kept = digest.read_bytes()
+    digest.unlink()  # a merge without its checksum is not one we can vouch for: not cached
+    try:
+        assert load_merge(run, "ties") is None
+    finally:
+        digest.write_bytes(kept)
 
 
 def test_a_damaged_score_cache_is_an_error_naming_it(tiny_run, tmp_path):
@@ -333,27 +340,69 @@ def test_a_damaged_score_cache_is_an_error_naming_it(tiny_run, tmp_path):
         (copy / "steps" / "evaluate.json").unlink(missing_ok=True)  # the step runs again, reading its cache
         with pytest.raises(StudyError, match=f"cached table .*{re.escape(path.name)} is damaged"):
             run_study(TINY, out=copy, steps=["evaluate"])
-    path.unlink()
-    (copy / "steps" / "evaluate.json").unlink(missing_ok=True)
-    run_study(TINY, out=copy, steps=["evaluate"])
-    assert path.read_bytes() == good
-    assert (copy / "results" / "scores.csv").read_bytes() == (tiny_run / "results" / "scores.csv").read_bytes()
+    for gone in ("table", "checksum"):  # deleted, or cut and its checksum deleted: computed again
+        path.write_bytes(b"".join(lines[:12]))
+        (path if gone == "table" else path.with_name(path.name + ".sha256")).unlink()
+        (copy / "steps" / "evaluate.json").unlink(missing_ok=True)
+        run_study(TINY, out=copy, steps=["evaluate"])
+        assert path.read_bytes() == good
+        assert (copy / "results" / "scores.csv").read_bytes() == (tiny_run / "results" / "scores.csv").read_bytes()
 
 
-def test_cached_csv_checks_legacy_files_by_parsing():
-    """A cache file from before checksums (no ``.sha256`` beside it) is read if it parses, and a
-    cut one that no longer parses is an error naming it."""
-    import tempfile
-
+def test_a_cache_file_without_its_checksum_is_computed_again_not_trusted(tmp_path):
+    """A cached table whose ``.sha256`` is gone (cut off before it was written, deleted, or from
+    before checksums) cannot be vouched for: ``cached_csv`` computes it again (a table cut to
+    fewer rows was otherwise read as the whole), and reading it as checked is an error."""
     from interp.study.runner import cached_csv, read_cached_csv
 
-    with tempfile.TemporaryDirectory() as d:
-        path = Path(d) / "t.csv"
-        df = cached_csv(path, lambda: pd.DataFrame({"a": [1, 2], "b": ['x "y"', "z"]}))
-        assert df["a"].tolist() == [1, 2]
-        path.with_name("t.csv.sha256").unlink()
-        assert read_cached_csv(path).equals(df)
-        text = path.read_bytes()
-        path.write_bytes(text[: text.index(b'"y') + 2])  # cut inside the quoted field
-        with pytest.raises(StudyError, match="t.csv is damaged"):
-            read_cached_csv(path)
+    path = tmp_path / "t.csv"
+    make = lambda: pd.DataFrame({"a": [1, 2, 3], "b": ['x "y"', "z", "w"]})  # noqa: E731
+    df = cached_csv(path, make)
+    good = path.read_bytes()
+    path.with_name("t.csv.sha256").unlink()
+    path.write_bytes(good[: good.index(b'"z"')])  # a whole row cut off: still parses
+    with pytest.raises(StudyError, match="t.csv is damaged"):
+        read_cached_csv(path)
+    assert cached_csv(path, make).equals(df) and path.read_bytes() == good
+
+
+def test_unit_tables_are_recomputed_without_checksums_and_refused_when_edited(tmp_path):
+    """The per-variant mechanism tables: a marker edited to list fewer tables (which silently
+    dropped that variant's rows from the others) is an error naming it; a marker or table
+    without its checksum makes the unit count as not finished."""
+    from interp.study.runner import read_unit_tables, write_unit_tables
+
+    parts = {"lens": pd.DataFrame({"x": [1, 2]}), "patching": pd.DataFrame({"y": [3.5]})}
+    write_unit_tables(tmp_path, "base", "k", parts)
+    got = read_unit_tables(tmp_path, "base", "k")
+    assert sorted(got) == ["lens", "patching"] and got["patching"]["y"].tolist() == [3.5]
+    assert got["lens"]["method"].tolist() == ["base", "base"]
+    marker = tmp_path / "base.k.json"
+    good = marker.read_bytes()
+    for bad in (b'["lens"]', b"garbage", b"[1]"):
+        marker.write_bytes(bad)
+        with pytest.raises(StudyError, match="base.k.json is damaged"):
+            read_unit_tables(tmp_path, "base", "k")
+    marker.write_bytes(good)
+    (tmp_path / "base.patching.k.csv.sha256").unlink()
+    assert read_unit_tables(tmp_path, "base", "k") is None
+    write_unit_tables(tmp_path, "base", "k", parts)
+    (tmp_path / "base.k.json.sha256").unlink()
+    assert read_unit_tables(tmp_path, "base", "k") is None
+
+
+def test_run_json_and_step_markers_that_are_not_objects_are_set_aside(tiny_run, tmp_path):
+    """A run.json or step marker edited into valid JSON of another shape (``[]``, ``null``, a list
+    where a table of timings goes) reads as absent instead of a traceback: the step whose marker
+    it was runs again, and run.json is written anew."""
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_run, copy)
+    (copy / "steps" / "report.json").write_text("[1]")
+    (copy / "run.json").write_text('{"timings": [1, 2], "stages": 5}')
+    run_study(TINY, out=copy)
+    assert isinstance(json.loads((copy / "steps" / "report.json").read_text()), dict)
+    run = json.loads((copy / "run.json").read_text())
+    assert isinstance(run["timings"], dict) and "report" in run["timings"]
+    (copy / "run.json").write_bytes(b"\xff\xfe{")
+    run_study(TINY, out=copy)
+    assert isinstance(json.loads((copy / "run.json").read_text()), dict)

@@ -349,22 +349,26 @@ def cached_variant(run: Any, v: DVariant, queries: Sequence[Query], pairs: list,
     """:func:`variant_tables`, cached in ``DIR/cache/variants/<name>.<key>/`` (a ``done`` marker
     written last, so a variant interrupted mid-way is recomputed whole), with the stages' wall
     seconds in ``seconds.json`` there (:func:`variant_seconds`)."""
+    from interp.files import is_checked, read_checked, write_checked
     from interp.models import atomic_write_text
-    from interp.study.runner import csv_text
+    from interp.study.runner import csv_text, read_cached_csv
 
     d = variant_cache_dir(run, v, key)
-    if not (d / "done").is_file():
+    # each table carries its SHA-256: one without it (cut off, or from before checksums) means
+    # the variant is computed again; one that differs from it is an error naming it
+    if not ((d / "done").is_file() and all(is_checked(d / f"{n}.csv") for n in TABLE_NAMES)):
         seconds: dict[str, float] = {}
         t0 = time.perf_counter()
         tables = variant_tables(run, v, queries, pairs, target, seconds)
         seconds["total"] = round(time.perf_counter() - t0, 3)
         for n in TABLE_NAMES:
             df = tables.get(n)
-            atomic_write_text(d / f"{n}.csv", csv_text(df) if df is not None and len(df) else "")
+            write_checked(d / f"{n}.csv", (csv_text(df) if df is not None and len(df) else "").encode())
         atomic_write_text(d / "seconds.json", json.dumps(seconds, indent=1))
         atomic_write_text(d / "done", "ok")
     out = {}
     for n in TABLE_NAMES:
         p = d / f"{n}.csv"
-        out[n] = pd.read_csv(p) if p.is_file() and p.stat().st_size else pd.DataFrame()
+        empty = p.stat().st_size == 0 and read_checked(p)[1]  # written empty (not cut to nothing)
+        out[n] = pd.DataFrame() if empty else read_cached_csv(p)
     return out

@@ -18,7 +18,7 @@ import torch
 
 from interp.adapters.factors import LoraDelta
 from interp.errors import StudyError
-from interp.files import read_checked, write_checked
+from interp.files import is_checked, read_checked, write_checked
 
 #: the config sections a merge of the study's experts depends on (experts: study, world, training;
 #: merge options: methods)
@@ -46,7 +46,8 @@ def save_merge(run, variant: str, deltas: dict[str, LoraDelta]) -> None:
 
 
 def load_merge(run, variant: str) -> dict[str, LoraDelta] | None:
-    """``variant``'s cached merged ΔW on the CPU, or ``None`` if this config has none cached.
+    """``variant``'s cached merged ΔW on the CPU, or ``None`` if this config has none cached (or
+    the file has no SHA-256 beside it).
 
     Raises:
         StudyError: the file is there but is not a merge this module wrote (damaged).
@@ -55,7 +56,7 @@ def load_merge(run, variant: str) -> dict[str, LoraDelta] | None:
     from safetensors.torch import load
 
     path = merge_path(run, variant)
-    if not path.is_file():
+    if not is_checked(path):  # absent, or without its SHA-256: not a merge we can vouch for
         return None
     try:
         from safetensors import safe_open

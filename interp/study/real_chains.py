@@ -72,10 +72,10 @@ def _csv(path: Path, compute: Callable[[], pd.DataFrame]) -> pd.DataFrame:
     """The table cached at ``path`` (computed first if absent), written with its SHA-256 and
     read back checked, so a cut or edited cache is an error naming it and a fresh run and a
     resumed one see the same values."""
-    from interp.files import write_checked
+    from interp.files import is_checked, write_checked
     from interp.study.runner import read_cached_csv
 
-    if not path.is_file():
+    if not is_checked(path):
         write_checked(path, compute().to_csv(index=False).encode())
     return read_cached_csv(path)
 

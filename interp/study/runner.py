@@ -32,7 +32,7 @@ from rich.console import Console
 
 from interp.config import Config, ConfigError, load_config
 from interp.errors import StudyError
-from interp.files import directory_lock, read_checked, write_checked
+from interp.files import digest_path, directory_lock, is_checked, read_checked, write_checked
 from interp.models import atomic_write_text
 from interp.study.distributed import World, init_world
 from interp.study.tables import check_table
@@ -62,16 +62,17 @@ def csv_text(df: pd.DataFrame, significant: int | None = None) -> str:
 
 def read_cached_csv(path: Path) -> pd.DataFrame:
     """A table :func:`cached_csv` wrote, checked against the SHA-256 written beside it
-    (``{path}.sha256``; a file from before checksums, without one, is only parsed).
+    (``{path}.sha256``).
 
     Raises:
-        StudyError: the file differs from its checksum or does not parse (a disk error or a
-            hand edit: a cut file would otherwise give a table with rows missing), naming it.
+        StudyError: the file differs from its checksum, has none, or does not parse (a disk
+            error or a hand edit: a cut file would otherwise give a table with rows missing),
+            naming it.
     """
     data, intact = read_checked(path)
     if not intact:
-        raise StudyError(f"cached table {path} is damaged (its SHA-256 differs from the one written "
-                         f"beside it); delete it and run again")
+        raise StudyError(f"cached table {path} is damaged (its SHA-256 is missing or differs from the "
+                         f"one written beside it); delete it and run again")
     try:
         return pd.read_csv(io.BytesIO(data))
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
@@ -80,14 +81,14 @@ def read_cached_csv(path: Path) -> pd.DataFrame:
 
 def cached_csv(path: Path, compute: Callable[[], pd.DataFrame]) -> pd.DataFrame:
     """The table cached at ``path``: computed and written (atomically, then its SHA-256 beside
-    it) first if absent.
+    it) first if absent or without its SHA-256 (:func:`interp.files.is_checked`).
 
     Always returned as read back from the file (:func:`read_cached_csv`, which checks it), so a
     fresh run and a resumed one see the same values (CSV round-trips floats and types; tables
     downstream are byte-identical either way).
     """
     path = Path(path)
-    if not path.is_file():
+    if not is_checked(path):
         write_checked(path, csv_text(compute()).encode())
     return read_cached_csv(path)
 
@@ -99,16 +100,34 @@ def write_unit_tables(cache: Path, unit: str, key: str, parts: dict[str, pd.Data
     for name, df in parts.items():
         df = df.copy()
         df.insert(0, "method", unit)
-        cached_csv(cache / f"{unit}.{name}.{key}.csv", lambda df=df: df)
-    atomic_write_text(cache / f"{unit}.{key}.json", json.dumps(sorted(parts)))
+        path = cache / f"{unit}.{name}.{key}.csv"
+        digest_path(path).unlink(missing_ok=True)  # a fresh computation replaces what is there
+        cached_csv(path, lambda df=df: df)
+    write_checked(cache / f"{unit}.{key}.json", json.dumps(sorted(parts)).encode())
 
 
 def read_unit_tables(cache: Path, unit: str, key: str) -> dict[str, pd.DataFrame] | None:
-    """The tables :func:`write_unit_tables` cached for ``unit``, or None if it has not finished."""
+    """The tables :func:`write_unit_tables` cached for ``unit``, or None if it has not finished
+    (no marker, or a marker or table without its SHA-256: the unit is computed again).
+
+    Raises:
+        StudyError: the marker or a table differs from its checksum, or the marker is not a
+            list of table names (naming the file).
+    """
     done = cache / f"{unit}.{key}.json"
-    if not done.is_file():
+    if not is_checked(done):
         return None
-    return {name: read_cached_csv(cache / f"{unit}.{name}.{key}.csv") for name in json.loads(done.read_text())}
+    data, intact = read_checked(done)
+    try:
+        names = json.loads(data) if intact else None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        names = None
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise StudyError(f"cached unit marker {done} is damaged; delete it and run again")
+    paths = {name: cache / f"{unit}.{name}.{key}.csv" for name in names}
+    if not all(is_checked(p) for p in paths.values()):
+        return None
+    return {name: read_cached_csv(p) for name, p in paths.items()}
 
 
 def unit_key(inputs: Any) -> str:
@@ -292,9 +311,10 @@ def _done(out: Path, step: str) -> dict | None:
     if not p.is_file():
         return None
     try:
-        return json.loads(p.read_text())
-    except json.JSONDecodeError:
+        marker = json.loads(p.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
         return None
+    return marker if isinstance(marker, dict) else None  # an edited marker: the step runs again
 
 
 def versions() -> dict[str, str]:
@@ -348,6 +368,9 @@ def run_pipeline(pipeline: Sequence[Step], cfg: Config, out: str | Path,
     if unknown:
         raise ConfigError(f"unknown step {unknown[0]!r}; steps are {', '.join(names)}")
     out = Path(out)
+    from interp.hardware import resolve_threads
+
+    resolve_threads(cfg.study.threads)  # a bad $INTERP_THREADS is refused before DIR is made
     world = init_world(cfg.study.device)
     if not world.is_main:
         console.quiet = True  # rank 0 tells the story; the others show only their units' progress
@@ -386,12 +409,15 @@ def _run_steps(pipeline: Sequence[Step], cfg: Config, out: Path, steps: list[str
     if runjson.is_file():
         try:
             prev = json.loads(runjson.read_text())
-        except json.JSONDecodeError:
-            prev = {}
-    timings = dict(prev.get("timings", {}))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            prev = None
+    kept = {k: v for k, v in prev.items() if isinstance(v, dict)} if isinstance(prev, dict) else {}
+    timings = dict(kept.get("timings", {}))
     if torch_device_type(cfg.study.device) == "cuda":
-        run.gpu = dict(prev.get("gpu") or {})
-    run.stages = dict(prev.get("stages") or {})  # each step's entry is replaced when it runs again
+        run.gpu = dict(kept.get("gpu") or {})
+    run.stages = dict(kept.get("stages") or {})  # each step's entry is replaced when it runs again
+    if runjson.is_file() and world.is_main and (not isinstance(prev, dict) or kept.keys() != prev.keys()):
+        _write_runjson(run, {}, timings)  # an edited run.json, rewritten before a step reads it
     keys: dict[str, str] = {}
     t_all = time.perf_counter()
     for i, step in enumerate(pipeline):

@@ -8,6 +8,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from interp.adapters.hooks import fold_static_update
+from interp.files import is_checked
 from interp.study.runner import cached_csv, read_cached_csv
 from interp.study.variants import VARIANTS, evaluated_inputs
 
@@ -92,7 +93,7 @@ def scoring_cost(run, variant: str) -> float:
     """Relative cost of scoring ``variant`` (the work queue hands out the dearest first): 0 when
     cached; a TIES/DARE/SVD merge ~2 (its dense merge), a router ~1.4 (per-token routing), else 1
     (the demo's stages: 122 s, 89-93 s and 62-73 s)."""
-    if scores_path(run, variant).is_file():
+    if is_checked(scores_path(run, variant)):
         return 0.0
     combine = VARIANTS[variant].combine
     return 2.0 if combine in ("ties", "dare", "svd") else 1.4 if combine in ("arrow", "mixture") else 1.0
