@@ -150,6 +150,11 @@ def run_cmd(
 
         n = resolve_procs(_int_option("--procs", procs), cfg.study.device) if "RANK" not in os.environ else 1
         if n > 1:  # the same command, every option checked above, as n torchrun processes
+            if Path(out).is_dir():  # a busy DIR in one line here, not in every rank's torchrun traceback
+                from interp.files import directory_lock
+
+                with directory_lock(out):
+                    pass
             args = (["--debug"] if _state["debug"] else []) + ["run", "--config", str(config), "--out", str(out)]
             for flag, value in (("--model", model), ("--steps", steps), ("--device", device),
                                 ("--threads", threads), ("--precision", precision), ("--dtype", dtype)):

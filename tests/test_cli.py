@@ -206,3 +206,26 @@ def test_a_bad_interp_threads_is_one_line_before_the_directory_or_the_ranks(tmp_
     lines = [l for l in res.output.splitlines() if l.strip()]
     assert len(lines) == 1 and "$INTERP_THREADS must be a positive integer or 'auto', got 'bad'" in lines[0], res.output
     assert not out.exists()
+
+
+def test_procs_on_a_busy_directory_is_one_line_from_the_launcher(tmp_path, monkeypatch):
+    """Checked before torchrun starts: from the ranks it came twice, inside torchrun's traceback."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    out.mkdir()
+    hold = "import sys, time\nfrom interp.files import directory_lock\nwith directory_lock(sys.argv[1]):\n" \
+           "    print('held', flush=True)\n    time.sleep(120)\n"
+    holder = subprocess.Popen([sys.executable, "-c", hold, str(out)], stdout=subprocess.PIPE, text=True)
+    started = []
+    monkeypatch.setattr(subprocess, "Popen", lambda *a, **k: started.append(a))
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        res = CliRunner().invoke(app, ["run", "--config", "experiments/tiny.toml", "--out", str(out), "--procs", "2"])
+    finally:
+        holder.kill()
+        holder.wait()
+    assert res.exit_code == 2 and started == [], res.output
+    lines = [l for l in res.output.splitlines() if l.strip()]
+    assert len(lines) == 1 and f"in use by another interp run (process {holder.pid})" in lines[0], res.output
