@@ -141,9 +141,9 @@ def run_cmd(
         from interp.hardware import check_device
 
         check_device(cfg.study.device)  # before the run directory is created
-        from interp.hardware import resolve_threads
+        from interp.hardware import check_threads
 
-        resolve_threads(cfg.study.threads)  # a bad $INTERP_THREADS, before the directory (and the ranks)
+        check_threads(cfg.study.threads)  # a bad $INTERP_THREADS, before the directory (and the ranks)
         import os
 
         from interp.study.distributed import launch_command, resolve_procs, terminate_with_parent

@@ -198,11 +198,23 @@ def resolve_threads(value: int | str | None = None) -> int:
     Raises:
         HardwareError: not a positive integer or ``"auto"``.
     """
+    n = check_threads(value)
+    return free_cores() if n is None else n
+
+
+def check_threads(value: int | str | None = None) -> int | None:
+    """What :func:`resolve_threads` would give without sampling the free cores: the thread count,
+    or ``None`` for automatic. For checking input before any work (sampling takes a pause).
+
+    Raises:
+        HardwareError: ``value``, or ``$INTERP_THREADS`` where it is used, is not a positive
+            integer or ``"auto"``.
+    """
     name = "threads"
     if value in (None, 0, "0", "auto", ""):
         env = os.environ.get("INTERP_THREADS", "").strip()
         if env in ("", "0", "auto"):
-            return free_cores()
+            return None
         value, name = env, "$INTERP_THREADS"
     try:
         n = value if isinstance(value, int) and not isinstance(value, bool) else int(str(value).strip())

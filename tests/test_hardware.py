@@ -109,3 +109,19 @@ def test_oversubscription_warns_beyond_the_cores():
     assert oversubscription(2, cores=2) is None and oversubscription(1, cores=2) is None
     msg = oversubscription(64, cores=2)
     assert "64 torch threads on 2 core(s)" in msg and "--threads 2" in msg
+
+
+def test_check_threads_checks_without_sampling_the_cores(monkeypatch):
+    def no_sampling(window_s=0.5):
+        raise AssertionError("sampled the cores")
+
+    monkeypatch.setattr(hardware, "_busy_cores", no_sampling)
+    monkeypatch.delenv("INTERP_THREADS", raising=False)
+    assert hardware.check_threads("auto") is None and hardware.check_threads(0) is None
+    assert hardware.check_threads(3) == 3
+    monkeypatch.setenv("INTERP_THREADS", "5")
+    assert hardware.check_threads(None) == 5
+    monkeypatch.setenv("INTERP_THREADS", "two")
+    with pytest.raises(hardware.HardwareError, match=r"\$INTERP_THREADS .*'two'"):
+        hardware.check_threads("auto")
+    assert hardware.check_threads(2) == 2  # an explicit count does not read the environment

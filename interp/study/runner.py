@@ -32,7 +32,7 @@ from rich.console import Console
 
 from interp.config import Config, ConfigError, load_config
 from interp.errors import StudyError
-from interp.files import digest_path, directory_lock, is_checked, read_checked, write_checked
+from interp.files import directory_lock, is_checked, read_checked, write_checked
 from interp.models import atomic_write_text
 from interp.study.distributed import World, init_world
 from interp.study.tables import check_table
@@ -100,9 +100,7 @@ def write_unit_tables(cache: Path, unit: str, key: str, parts: dict[str, pd.Data
     for name, df in parts.items():
         df = df.copy()
         df.insert(0, "method", unit)
-        path = cache / f"{unit}.{name}.{key}.csv"
-        digest_path(path).unlink(missing_ok=True)  # a fresh computation replaces what is there
-        cached_csv(path, lambda df=df: df)
+        write_checked(cache / f"{unit}.{name}.{key}.csv", csv_text(df).encode())
     write_checked(cache / f"{unit}.{key}.json", json.dumps(sorted(parts)).encode())
 
 
@@ -368,9 +366,9 @@ def run_pipeline(pipeline: Sequence[Step], cfg: Config, out: str | Path,
     if unknown:
         raise ConfigError(f"unknown step {unknown[0]!r}; steps are {', '.join(names)}")
     out = Path(out)
-    from interp.hardware import resolve_threads
+    from interp.hardware import check_threads
 
-    resolve_threads(cfg.study.threads)  # a bad $INTERP_THREADS is refused before DIR is made
+    check_threads(cfg.study.threads)  # a bad $INTERP_THREADS is refused before DIR is made
     world = init_world(cfg.study.device)
     if not world.is_main:
         console.quiet = True  # rank 0 tells the story; the others show only their units' progress
